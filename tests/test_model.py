@@ -1,0 +1,323 @@
+"""The MicroLM decoder: sizes, causality, KV cache, padding, GQA, MoE, YaRN, generate()."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import make_model, random_ids
+from transformers import TextIteratorStreamer
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from model import MicroLMConfig, MicroLMForCausalLM, yarn_rope_parameters
+from model.model import MoEFeedForward, rope_inv_freq
+
+# ---------------------------------------------------------------------------------------------------------- sizes
+
+@pytest.mark.parametrize("preset,total,active", [
+    ("26m", 25.83, 25.83),
+    ("104m", 104.03, 104.03),
+    ("moe-145m", 145.03, 91.95),  # active: 2 of 4 routed experts + the shared one
+])
+def test_preset_parameter_counts_match_minimind2(preset, total, active):
+    with torch.device("meta"):  # count without allocating 145M parameters
+        model = MicroLMForCausalLM(MicroLMConfig.from_preset(preset))
+    counts = model.param_counts()
+    assert round(counts["total"] / 1e6, 2) == total
+    assert round(counts["active"] / 1e6, 2) == active
+
+
+def test_tied_embeddings_share_one_tensor(tiny_model):
+    assert tiny_model.lm_head.weight is tiny_model.model.embed_tokens.weight
+
+
+def test_init_std_is_0_02():
+    model = make_model("26m")
+    w = model.model.layers[0].mlp.up_proj.weight
+    assert abs(w.std().item() - 0.02) < 1e-3
+    assert torch.equal(model.model.layers[0].input_layernorm.weight, torch.ones(512))
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(hidden_size=100, num_attention_heads=8), "hidden_size=100"),
+    (dict(num_attention_heads=8, num_key_value_heads=3), "num_key_value_heads=3"),
+    (dict(use_moe=True, num_experts=4, num_experts_per_tok=5), "num_experts_per_tok=5"),
+    (dict(rope_parameters={"rope_type": "linear", "factor": 2.0}), "rope_type='linear'"),
+])
+def test_bad_config_names_the_offending_value(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        MicroLMConfig(**kwargs)
+
+
+def test_unknown_preset_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown preset '7b'.*26m"):
+        MicroLMConfig.from_preset("7b")
+
+
+# ---------------------------------------------------------------------------------------------------------- forward
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
+def test_causality_future_tokens_never_change_past_logits(preset):
+    model = make_model(preset)
+    x = random_ids(1, 16)
+    t = 9
+    y = x.clone()
+    y[0, t] = (x[0, t] + 1) % 6400
+    with torch.no_grad():
+        a, b = model(x).logits, model(y).logits
+    torch.testing.assert_close(a[:, :t], b[:, :t], rtol=0, atol=1e-6)
+    assert (a[:, t] - b[:, t]).abs().max() > 1e-4  # ... and the changed position itself does change
+
+
+def test_loss_is_shifted_cross_entropy_ignoring_minus_100(tiny_model):
+    x = random_ids(2, 10)
+    labels = x.clone()
+    labels[0, :4] = -100
+    out = tiny_model(x, labels=labels)
+    logits = out.logits[:, :-1]
+    expected = F.cross_entropy(logits.reshape(-1, 6400), labels[:, 1:].reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(out.loss, expected)
+    # an untrained model's loss is about ln(vocab)
+    assert abs(out.loss.item() - math.log(6400)) < 0.5
+
+
+@pytest.mark.parametrize("preset,overrides", [
+    ("tiny", {}),                                              # GQA 4 q / 2 kv
+    ("tiny", dict(num_key_value_heads=4)),                     # plain MHA
+    ("tiny", dict(num_key_value_heads=1)),                     # MQA
+    ("tiny-moe", {}),
+    ("tiny", dict(rope_parameters=yarn_rope_parameters(4.0, 16))),
+])
+def test_cached_decoding_equals_full_forward(preset, overrides):
+    model = make_model(preset, **overrides)
+    x = random_ids(2, 20)
+    with torch.no_grad():
+        full = model(x).logits
+        out = model(x[:, :7], use_cache=True)
+        pieces, cache = [out.logits], out.cache
+        pieces.append(model(x[:, 7:11], cache=cache, use_cache=True).logits)  # several new tokens on a cache
+        for t in range(11, 20):
+            pieces.append(model(x[:, t:t + 1], cache=cache, use_cache=True).logits)
+    assert cache.get_seq_length() == 20
+    assert (torch.cat(pieces, dim=1) - full).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
+def test_left_padded_batch_matches_each_row_alone(preset):
+    model = make_model(preset)
+    short, long = random_ids(1, 5, seed=1), random_ids(1, 11, seed=2)
+    batch = torch.cat([F.pad(short, (6, 0), value=0), long])
+    mask = torch.ones_like(batch)
+    mask[0, :6] = 0
+    with torch.no_grad():
+        logits = model(batch, attention_mask=mask).logits[:, -1]
+        alone = [model(short).logits[0, -1], model(long).logits[0, -1]]
+    for row in range(2):
+        assert (logits[row] - alone[row]).abs().max().item() <= 1e-4
+    assert torch.isfinite(model(batch, attention_mask=mask).logits).all()  # padding queries do not produce NaN
+
+
+def _reference_attention(attn, x, cos, sin):
+    """Textbook multi-head attention with explicit repeat of kv heads, softmax(QK^T / sqrt(d)) with a causal mask."""
+    B, T, _ = x.shape
+    q = attn.q_proj(x).view(B, T, attn.n_heads, attn.head_dim).transpose(1, 2)
+    k = attn.k_proj(x).view(B, T, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
+    v = attn.v_proj(x).view(B, T, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
+    rot = lambda t: torch.cat((-t[..., attn.head_dim // 2:], t[..., :attn.head_dim // 2]), -1)  # noqa: E731
+    q, k = q * cos[:, None] + rot(q) * sin[:, None], k * cos[:, None] + rot(k) * sin[:, None]
+    rep = attn.n_heads // attn.n_kv_heads
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(attn.head_dim)
+    scores = scores.masked_fill(torch.triu(torch.ones(T, T, dtype=torch.bool), 1), float("-inf"))
+    return attn.o_proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, -1))
+
+
+@pytest.mark.parametrize("n_kv", [4, 2, 1])
+def test_attention_equals_textbook_multi_head_attention(n_kv):
+    model = make_model("tiny", num_key_value_heads=n_kv)
+    attn = model.model.layers[0].self_attn
+    x = torch.randn(2, 9, 64)
+    pos = torch.arange(9).expand(2, 9)
+    cos, sin = model.model.rotary_emb(pos, x.dtype)
+    with torch.no_grad():
+        torch.testing.assert_close(attn(x, cos, sin), _reference_attention(attn, x, cos, sin), atol=1e-5, rtol=1e-4)
+
+
+def test_gqa_equals_mha_with_repeated_kv_weights():
+    gqa = make_model("tiny", num_key_value_heads=2)
+    mha = make_model("tiny", num_key_value_heads=4)
+    sd = gqa.state_dict()
+    hd = gqa.config.head_dim
+    for name, tensor in list(sd.items()):
+        if name.endswith(("k_proj.weight", "v_proj.weight")):  # each kv head serves 2 query heads
+            sd[name] = tensor.view(2, hd, -1).repeat_interleave(2, dim=0).reshape(4 * hd, -1)
+    mha.load_state_dict(sd)
+    x = random_ids(2, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(gqa(x).logits, mha(x).logits, atol=1e-5, rtol=1e-4)
+
+
+def test_bf16_autocast_forward_is_close_to_fp32(tiny_model):
+    x = random_ids(2, 16)
+    with torch.no_grad():
+        ref = tiny_model(x).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = tiny_model(x).logits
+    assert low.dtype == torch.bfloat16
+    assert (low.float() - ref).abs().max() < 0.1
+
+
+# ---------------------------------------------------------------------------------------------------------- MoE
+
+def _naive_moe(moe: MoEFeedForward, x):
+    """Route each token on its own, in a Python loop: the reference the batched dispatch must equal."""
+    out = torch.zeros_like(x)
+    for i, token in enumerate(x):
+        probs = F.softmax(moe.gate(token).float(), -1)
+        w, idx = probs.topk(moe.top_k)
+        w = w / w.sum() if moe.norm_topk_prob else w
+        for weight, e in zip(w, idx):
+            out[i] += weight * moe.experts[int(e)](token)
+        for shared in moe.shared_experts:
+            out[i] += shared(token)
+    return out
+
+
+@pytest.mark.parametrize("norm_topk_prob", [True, False])
+def test_moe_dispatch_equals_naive_per_token_reference(norm_topk_prob):
+    model = make_model("tiny-moe", norm_topk_prob=norm_topk_prob)
+    moe = model.model.layers[0].mlp
+    x = torch.randn(3, 7, 64)
+    with torch.no_grad():
+        y, _ = moe(x)
+        torch.testing.assert_close(y.view(-1, 64), _naive_moe(moe, x.view(-1, 64)), atol=1e-5, rtol=1e-4)
+
+
+def test_moe_aux_loss_positive_and_every_expert_gets_a_gradient():
+    model = make_model("tiny-moe").train()
+    x = random_ids(4, 32)
+    out = model(x, labels=x)
+    assert out.aux_loss.item() > 0
+    ce = F.cross_entropy(out.logits[:, :-1].reshape(-1, 6400), x[:, 1:].reshape(-1))
+    torch.testing.assert_close(out.loss, ce + out.aux_loss)  # the balance loss is part of the training loss
+    out.loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        if ".experts." in name or ".gate." in name:
+            assert p.grad.abs().sum() > 0, f"{name} got an all-zero gradient over 128 tokens"
+
+
+def test_moe_expert_with_no_tokens_still_joins_the_backward_graph():
+    # DDP waits for a gradient of every parameter; an expert that routed no token must still produce one
+    model = make_model("tiny-moe").train()
+    moe = model.model.layers[0].mlp
+    with torch.no_grad():
+        moe.gate.weight.zero_()
+        moe.gate.weight[0] += 5.0  # one direction dominates ...
+    x = torch.ones(1, 3, 64)        # ... and every token points along it: experts 0 and 1 only
+    y, aux = moe(x)
+    (y.sum() + aux).backward()
+    assert moe.experts[3].up_proj.weight.grad is not None
+    assert moe.experts[3].up_proj.weight.grad.abs().sum() == 0
+
+
+# ---------------------------------------------------------------------------------------------------------- RoPE / YaRN
+
+def test_yarn_frequencies_equal_transformers_reference():
+    config = MicroLMConfig.from_preset("tiny", max_position_embeddings=8192,
+                                       rope_parameters=yarn_rope_parameters(factor=4.0,
+                                                                            original_max_position_embeddings=2048))
+    ours, ours_scale = rope_inv_freq(config)
+    ref, ref_scale = ROPE_INIT_FUNCTIONS["yarn"](config)
+    torch.testing.assert_close(ours, ref)
+    assert ours_scale == pytest.approx(ref_scale)
+
+
+def test_yarn_changes_long_positions_and_factor_1_changes_nothing():
+    x = random_ids(1, 160)
+    plain = make_model("tiny")
+    with torch.no_grad():
+        base = plain(x).logits
+        for factor, should_change in [(1.0, False), (8.0, True)]:
+            yarn = make_model("tiny", rope_parameters=yarn_rope_parameters(factor, original_max_position_embeddings=32))
+            yarn.load_state_dict(plain.state_dict())
+            diff = (yarn(x).logits - base).abs()
+            if should_change:
+                assert diff[:, 100:].max() > 1e-3
+            else:
+                assert diff.max() <= 1e-5
+
+
+def test_positions_beyond_configured_length_extend_the_tables():
+    model = make_model("tiny", max_position_embeddings=8)
+    x = random_ids(1, 12)
+    with torch.no_grad():
+        full = model(x).logits
+    assert model.model.rotary_emb.cos.shape[0] >= 12
+    ref = make_model("tiny", max_position_embeddings=64)
+    with torch.no_grad():
+        torch.testing.assert_close(full, ref(x).logits)
+
+
+# ---------------------------------------------------------------------------------------------------------- generate()
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
+def test_greedy_generate_equals_manual_argmax_loop(preset):
+    model = make_model(preset)
+    prompt = random_ids(2, 6)
+    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False,
+                         use_cache=True, eos_token_id=None, pad_token_id=0)
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(12):
+            seq = torch.cat([seq, model(seq).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, seq)
+
+
+def test_sampling_with_cache_equals_sampling_without_cache(tiny_model):
+    prompt = random_ids(1, 5)
+    kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=15, do_sample=True, temperature=0.9,
+                  top_k=50, top_p=0.9, repetition_penalty=1.3, eos_token_id=None, pad_token_id=0)
+    torch.manual_seed(123)
+    cached = tiny_model.generate(prompt, use_cache=True, **kwargs)
+    torch.manual_seed(123)
+    uncached = tiny_model.generate(prompt, use_cache=False, **kwargs)
+    assert torch.equal(cached, uncached)
+    assert cached.shape[1] == 20
+
+
+def test_repetition_penalty_changes_greedy_output():
+    # a fresh tiny model repeats itself under greedy decoding; the penalty must steer it elsewhere
+    model = make_model("tiny")
+    prompt = random_ids(1, 4)
+    kwargs = dict(max_new_tokens=30, do_sample=False, eos_token_id=None, pad_token_id=0)
+    plain = model.generate(prompt, **kwargs)[0, 4:]
+    penalised = model.generate(prompt, repetition_penalty=5.0, **kwargs)[0, 4:]
+    assert len(set(penalised.tolist())) > len(set(plain.tolist()))
+
+
+def test_streamer_receives_exactly_the_generated_tokens(tiny_model):
+    class Collect:
+        def __init__(self):
+            self.chunks = []
+
+        def put(self, value):
+            self.chunks.append(value.reshape(-1))
+
+        def end(self):
+            self.ended = True
+
+    prompt = random_ids(1, 5)
+    streamer = Collect()
+    out = tiny_model.generate(prompt, max_new_tokens=8, do_sample=False, streamer=streamer, eos_token_id=None,
+                              pad_token_id=0)
+    assert streamer.ended
+    assert torch.equal(torch.cat(streamer.chunks[1:]), out[0, 5:])  # first put() is the prompt
+    assert TextIteratorStreamer  # the text streamer used by eval_model.py is importable in this transformers
+
+
+def test_generation_stops_at_eos(tiny_model):
+    prompt = random_ids(1, 5)
+    first = tiny_model.generate(prompt, max_new_tokens=1, do_sample=False)[0, -1].item()
+    out = tiny_model.generate(prompt, max_new_tokens=10, do_sample=False, eos_token_id=first, pad_token_id=0)
+    assert out.shape[1] == 6 and out[0, -1].item() == first
