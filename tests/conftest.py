@@ -23,3 +23,38 @@ def tiny_model():
 def random_ids(batch, length, seed=0, vocab=6400):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, vocab, (batch, length), generator=g)  # skip the special ids 0-2
+
+
+def load_script(filename):
+    """Import a stage script such as 1-pretrain.py (not a valid module name) as a module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(filename.replace("-", "_").removesuffix(".py"), ROOT / filename)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_jsonl(path, rows):
+    import json
+
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write((row if isinstance(row, str) else json.dumps(row, ensure_ascii=False)) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from model import TOKENIZER_DIR
+
+    return AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+
+
+def tiny_args(tmp_path, data_path, *extra):
+    """Command-line flags for a fast, deterministic CPU run of a stage script."""
+    return ["--data_path", str(data_path), "--out_dir", str(tmp_path / "out"), "--preset", "tiny",
+            "--image_dir", str(tmp_path / "images"), "--num_workers", "0", "--dtype", "float32",
+            "--log_interval", "1", *map(str, extra)]

@@ -1,0 +1,32 @@
+"""Stage 2 -- supervised fine-tuning on {"conversations": [...]} jsonl; loss only on the assistant replies.
+
+    python 2-sft.py --data_path dataset/sft_mini_512.jsonl
+    torchrun --nproc_per_node 4 2-sft.py --data_path dataset/sft_mini_512.jsonl
+"""
+
+import argparse
+from functools import partial
+
+from dataset import SFTDataset, pad_collate
+from trainer import add_train_args, stage_main
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_train_args(parser, epochs=2, batch_size=32, learning_rate=5e-5, max_seq_len=512,
+                   data_path="dataset/sft_mini_512.jsonl", init_from="pretrain")
+    return parser
+
+
+def run(trainer, args):
+    model = trainer.build_model()
+    data = SFTDataset(args.data_path, trainer.tokenizer, args.max_seq_len, strict=args.strict)
+    return trainer.fit(model, data, collate_fn=partial(pad_collate, pad_id=trainer.tokenizer.pad_token_id or 0))
+
+
+def main(argv=None):
+    return stage_main("sft", build_parser, run, argv)
+
+
+if __name__ == "__main__":
+    main()

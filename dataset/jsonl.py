@@ -1,0 +1,98 @@
+"""Lazy, validated access to jsonl files: index line offsets once, parse a line only when it is read.
+
+A 1.6 GB pretraining file is never held in memory: the index keeps one int64 offset per good line. Lines that are
+not valid JSON or fail the stage's schema are reported with file:line and skipped, or stop the run under strict.
+"""
+
+import json
+import logging
+import os
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+MAX_REPORTED = 10
+
+
+class BadLineError(ValueError):
+    pass
+
+
+def check_text(obj) -> None:
+    """Schema of pretraining lines: {"text": non-empty string}."""
+    if not isinstance(obj, dict) or "text" not in obj:
+        raise BadLineError('missing key "text"')
+    if not isinstance(obj["text"], str) or not obj["text"].strip():
+        raise BadLineError('"text" is not a non-empty string')
+
+
+def check_messages(messages, key="conversations") -> None:
+    """A chat: optional system turn, then user/assistant alternating, ending with assistant, no empty content."""
+    if not isinstance(messages, list) or not messages:
+        raise BadLineError(f'"{key}" is not a non-empty list')
+    roles = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise BadLineError(f'{key}[{i}] is not {{"role": str, "content": str}}')
+        if not m["content"].strip():
+            raise BadLineError(f"{key}[{i}] ({m['role']}) has empty content")
+        roles.append(m["role"])
+    body = roles[1:] if roles[0] == "system" else roles
+    expected = ["user", "assistant"] * (len(body) // 2 + 1)
+    if not body or body != expected[:len(body)] or body[-1] != "assistant":
+        raise BadLineError(f"{key} roles {roles} are not [system] user, assistant, user, assistant, ...")
+
+
+def check_conversations(obj) -> None:
+    if not isinstance(obj, dict) or "conversations" not in obj:
+        raise BadLineError('missing key "conversations"')
+    check_messages(obj["conversations"])
+
+
+class JsonlFile:
+    """Index of the good lines of a jsonl file; `[i]` parses the i-th good line from disk."""
+
+    def __init__(self, path, check=None, strict: bool = False, verbose: bool = True):
+        self.path = os.fspath(path)
+        if not os.path.isfile(self.path):
+            raise FileNotFoundError(f"data file not found: {self.path}")
+        offsets, self.bad_lines = [], []
+        with open(self.path, "rb") as f:
+            offset = 0
+            for lineno, raw in enumerate(f, start=1):
+                if raw.strip():
+                    try:
+                        obj = json.loads(raw)
+                        if check is not None:
+                            check(obj)
+                        offsets.append(offset)
+                    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError and BadLineError are ValueErrors
+                        reason = f"{self.path}:{lineno}: {e}"
+                        if strict:
+                            raise BadLineError(f"bad line (--strict): {reason}") from None
+                        self.bad_lines.append(reason)
+                        if verbose and len(self.bad_lines) <= MAX_REPORTED:
+                            log.warning("skipping bad line %s", reason)
+                offset += len(raw)
+        self.offsets = np.asarray(offsets, dtype=np.int64)
+        if verbose and self.bad_lines:
+            log.warning("%s: skipped %d bad line(s) of %d", self.path, len(self.bad_lines),
+                        len(self.offsets) + len(self.bad_lines))
+        if len(self.offsets) == 0:
+            raise BadLineError(f"{self.path} has no usable lines ({len(self.bad_lines)} bad)")
+        self._file = None
+
+    def __len__(self):
+        return len(self.offsets)
+
+    def __getitem__(self, i):
+        if self._file is None:  # opened lazily so that the object pickles into DataLoader workers
+            self._file = open(self.path, "rb")
+        self._file.seek(int(self.offsets[i]))
+        return json.loads(self._file.readline())
+
+    def __getstate__(self):
+        return {**self.__dict__, "_file": None}
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))

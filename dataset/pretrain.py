@@ -1,0 +1,87 @@
+"""PretrainDataset: {"text": ...} jsonl for stage 1, packed (default) or one padded document per row."""
+
+import hashlib
+import logging
+import math
+import os
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from .jsonl import JsonlFile, check_text
+
+log = logging.getLogger(__name__)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    return hashlib.sha1(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()[:12]
+
+
+def document_ids(tokenizer, texts) -> list[list[int]]:
+    """Each document as bos + text + eos: the separators tell the model where one document ends."""
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    return [[bos, *ids, eos] for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+def build_token_stream(docs: JsonlFile, tokenizer, out_path: str, chunk: int = 2048) -> None:
+    """Tokenize every document once into one flat array on disk (uint16 for vocabularies below 65536)."""
+    dtype = np.uint16 if len(tokenizer) < 2 ** 16 else np.uint32
+    tmp = f"{out_path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        for start in tqdm(range(0, len(docs), chunk), desc=f"tokenizing {os.path.basename(docs.path)}",
+                          unit_scale=chunk, disable=None):
+            texts = [docs[i]["text"] for i in range(start, min(start + chunk, len(docs)))]
+            for ids in document_ids(tokenizer, texts):
+                f.write(np.asarray(ids, dtype=dtype).tobytes())
+    os.replace(tmp, out_path)  # a half-written cache never looks complete
+
+
+class PretrainDataset(Dataset):
+    """Rows of `max_seq_len` tokens with `labels` (the model shifts them by one).
+
+    packed=True: all documents (bos + text + eos) concatenated and cut into full blocks -- no compute spent on
+    padding; each token is seen once per epoch, only the last block is padded. The token stream is built once and
+    cached beside the data file (`<file>.<tokenizer hash>.u16`), then memory-mapped.
+    packed=False: one document per row, truncated and padded to max_seq_len (MiniMind's way).
+    Padding is labelled -100.
+    """
+
+    def __init__(self, path, tokenizer, max_seq_len: int = 512, packed: bool = True, strict: bool = False,
+                 cache_dir=None):
+        self.tokenizer, self.max_seq_len, self.packed = tokenizer, max_seq_len, packed
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        distributed = dist.is_available() and dist.is_initialized()
+        main = not distributed or dist.get_rank() == 0
+        self.docs = JsonlFile(path, check_text, strict=strict, verbose=main)
+        if not packed:
+            return
+        stat = os.stat(path)
+        key = hashlib.sha1(f"{stat.st_size}:{stat.st_mtime_ns}:{tokenizer_fingerprint(tokenizer)}".encode())
+        dtype = np.uint16 if len(tokenizer) < 2 ** 16 else np.uint32
+        self.cache_path = os.path.join(cache_dir or os.path.dirname(os.path.abspath(path)),
+                                       f"{os.path.basename(path)}.{key.hexdigest()[:12]}.{np.dtype(dtype).name}")
+        if main and not os.path.exists(self.cache_path):
+            build_token_stream(self.docs, tokenizer, self.cache_path)
+        if distributed:
+            dist.barrier()  # the other ranks wait for rank 0's cache
+        self.tokens = np.memmap(self.cache_path, dtype=dtype, mode="r")
+        self.n_blocks = math.ceil(len(self.tokens) / max_seq_len)
+
+    def __len__(self):
+        return self.n_blocks if self.packed else len(self.docs)
+
+    def __getitem__(self, i):
+        L = self.max_seq_len
+        if self.packed:
+            ids = torch.from_numpy(self.tokens[i * L:(i + 1) * L].astype(np.int64))
+        else:
+            ids = torch.tensor(document_ids(self.tokenizer, [self.docs[i]["text"]])[0][:L])
+        n = len(ids)
+        input_ids = torch.full((L,), self.pad_id, dtype=torch.long)
+        input_ids[:n] = ids
+        labels = torch.full((L,), -100, dtype=torch.long)
+        labels[:n] = ids
+        return {"input_ids": input_ids, "labels": labels}

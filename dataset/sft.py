@@ -1,0 +1,66 @@
+"""SFTDataset: {"conversations": [...]} jsonl rendered with the tokenizer's chat template, loss on assistant tokens."""
+
+import torch
+from torch.utils.data import Dataset
+
+from .jsonl import JsonlFile, check_conversations
+
+
+def assistant_char_spans(tokenizer, messages, text: str) -> list[tuple[int, int]]:
+    """Character spans of each assistant reply plus its closing eos token within the rendered `text`.
+
+    Template-agnostic: a reply starts where the rendering of the conversation before it, with the generation
+    prompt, ends. Falls back to searching the reply text for templates that rewrite earlier turns.
+    """
+    eos = tokenizer.eos_token
+    spans, cursor = [], 0
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prefix = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+        start = len(prefix) if text.startswith(prefix) else text.find(m["content"], cursor)
+        if start < 0 or text[start:start + len(m["content"])] != m["content"]:
+            raise ValueError(f"chat template does not render assistant turn {i} verbatim")
+        end = text.find(eos, start + len(m["content"]))
+        end = start + len(m["content"]) if end < 0 else end + len(eos)
+        spans.append((start, end))
+        cursor = end
+    return spans
+
+
+def encode_chat(tokenizer, messages, max_seq_len: int) -> dict:
+    """input_ids and labels (-100 everywhere but assistant replies and their eos), truncated to max_seq_len."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans = assistant_char_spans(tokenizer, messages, text)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    labels, span = [], 0
+    for tok, (start, _) in zip(enc["input_ids"], enc["offset_mapping"]):
+        while span < len(spans) and start >= spans[span][1]:
+            span += 1
+        inside = span < len(spans) and spans[span][0] <= start < spans[span][1]
+        labels.append(tok if inside else -100)
+    return {"input_ids": torch.tensor(enc["input_ids"][:max_seq_len]),
+            "labels": torch.tensor(labels[:max_seq_len])}
+
+
+class SFTDataset(Dataset):
+    def __init__(self, path, tokenizer, max_seq_len: int = 512, strict: bool = False, verbose: bool = True):
+        self.tokenizer, self.max_seq_len = tokenizer, max_seq_len
+        self.rows = JsonlFile(path, check_conversations, strict=strict, verbose=verbose)
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return encode_chat(self.tokenizer, self.rows[i]["conversations"], self.max_seq_len)
+
+
+def pad_collate(rows, pad_id: int = 0) -> dict:
+    """Right-pad a list of {input_ids, labels} to the longest row of the batch (not to max_seq_len)."""
+    n = max(len(r["input_ids"]) for r in rows)
+    input_ids = torch.full((len(rows), n), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), n), -100, dtype=torch.long)
+    for i, r in enumerate(rows):
+        input_ids[i, :len(r["input_ids"])] = r["input_ids"]
+        labels[i, :len(r["labels"])] = r["labels"]
+    return {"input_ids": input_ids, "labels": labels}

@@ -1,0 +1,220 @@
+"""The training engine through the stage scripts: loss falls, resume is exact, accumulation and DDP are equivalent,
+checkpoints and logs are written, bad data is handled."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, load_script, tiny_args, write_jsonl
+from safetensors.torch import load_file
+
+from model import MicroLMForCausalLM
+from trainer import lr_at
+
+pretrain = load_script("1-pretrain.py")
+sft = load_script("2-sft.py")
+
+
+def _pretrain_rows(n=300, seed=0):
+    rng = random.Random(seed)
+    subjects = ["北京", "巴黎", "The cat", "The dog", "小明", "Alice"]
+    facts = ["是一个城市。", "喜欢吃鱼。", " likes to sleep.", " runs fast.", "每天学习。", " reads books."]
+    return [{"text": "".join(rng.choice(subjects) + rng.choice(facts) for _ in range(rng.randint(2, 12)))}
+            for _ in range(n)]
+
+
+def _sft_rows(n=64, seed=0):
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(0, 20), rng.randint(0, 20)
+        conv = [{"role": "user", "content": f"{a}加{b}等于多少？"},
+                {"role": "assistant", "content": f"{a}加{b}等于{a + b}。" + "好的。" * rng.randint(0, 6)}]
+        if rng.random() < 0.3:
+            conv += [{"role": "user", "content": "谢谢"}, {"role": "assistant", "content": "不客气！"}]
+        rows.append({"conversations": conv})
+    return rows
+
+
+@pytest.fixture
+def pretrain_file(tmp_path):
+    return write_jsonl(tmp_path / "pretrain.jsonl", _pretrain_rows())
+
+
+@pytest.fixture
+def sft_file(tmp_path):
+    return write_jsonl(tmp_path / "sft.jsonl", _sft_rows())
+
+
+def _weights(folder):
+    return load_file(os.path.join(folder, "model.safetensors"))
+
+
+def test_pretrain_loss_falls_well_below_its_start(tmp_path, pretrain_file):
+    result = pretrain.main(tiny_args(tmp_path, pretrain_file, "--max_seq_len", 64, "--batch_size", 8,
+                                     "--max_steps", 60, "--learning_rate", 3e-3))
+    first, last = result["first_loss"], result["last_loss"]
+    assert first > 8.0  # ~ln(6400) at random init
+    assert last < first - 4.0, (first, last)
+    out = tmp_path / "out" / "pretrain"
+    model = MicroLMForCausalLM.from_pretrained(out)  # a from_pretrained-loadable checkpoint with its tokenizer
+    assert model.config.hidden_size == 64 and (out / "tokenizer.json").exists()
+    png = tmp_path / "images" / "pretrain_loss.png"
+    assert png.exists() and png.stat().st_size > 5000
+
+
+def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path, pretrain_file):
+    common = ("--max_seq_len", 32, "--batch_size", 4, "--max_steps", 10, "--save_interval", 100,
+              "--learning_rate", 1e-3)
+    pretrain.main(tiny_args(tmp_path / "a", pretrain_file, *common))
+    pretrain.main(tiny_args(tmp_path / "b", pretrain_file, *common, "--stop_at_step", 4))
+    stopped = json.loads((tmp_path / "b/out/pretrain/resume/state.json").read_text())
+    assert stopped["step"] == 4 and stopped["row"] == 16
+    resumed = pretrain.main(tiny_args(tmp_path / "b", pretrain_file, *common, "--resume"))
+    assert resumed["steps"] == 10
+    a, b = _weights(tmp_path / "a/out/pretrain"), _weights(tmp_path / "b/out/pretrain")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    full = json.loads((tmp_path / "a/out/pretrain/resume/state.json").read_text())["history"]
+    assert [round(v, 6) for _, v in resumed["history"]] == [round(v, 6) for _, v in full]
+
+
+def test_accumulation_matches_a_larger_batch(tmp_path, sft_file):
+    # SFT rows differ in length and padding: only a token-normalised loss makes these equal
+    common = ("--max_seq_len", 64, "--max_steps", 3, "--learning_rate", 1e-3, "--grad_clip", 0)
+    pretrain.main(tiny_args(tmp_path / "init", pretrain_file_for(tmp_path), "--max_steps", 1, "--max_seq_len", 16,
+                            "--batch_size", 2))
+    base = str(tmp_path / "init/out/pretrain")
+    sft.main(tiny_args(tmp_path / "acc", sft_file, *common, "--from", base, "--batch_size", 2,
+                       "--accumulation_steps", 2))
+    sft.main(tiny_args(tmp_path / "big", sft_file, *common, "--from", base, "--batch_size", 4))
+    a, b = _weights(tmp_path / "acc/out/sft"), _weights(tmp_path / "big/out/sft")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+    assert max((a[k] - _weights(base)[k]).abs().max().item() for k in a) > 1e-4  # and training did move them
+
+
+def pretrain_file_for(tmp_path):
+    return write_jsonl(tmp_path / "p.jsonl", _pretrain_rows(40))
+
+
+def test_sft_starts_from_pretrain_and_a_missing_checkpoint_names_its_stage(tmp_path, sft_file):
+    with pytest.raises(FileNotFoundError, match=r"out/pretrain.*1-pretrain\.py"):
+        sft.main(tiny_args(tmp_path, sft_file, "--max_steps", 1))
+    pretrain.main(tiny_args(tmp_path, pretrain_file_for(tmp_path), "--max_steps", 2, "--max_seq_len", 16,
+                            "--batch_size", 2))
+    result = sft.main(tiny_args(tmp_path, sft_file, "--max_steps", 20, "--batch_size", 8, "--learning_rate", 3e-3,
+                                "--max_seq_len", 64))
+    assert result["last_loss"] < result["first_loss"] - 1.0
+    assert (tmp_path / "out/sft/model.safetensors").exists()
+
+
+def test_malformed_lines_are_counted_and_strict_stops(tmp_path, capsys):
+    rows = _pretrain_rows(40)
+    lines = [json.dumps(r, ensure_ascii=False) for r in rows]
+    lines[3] = "{broken"
+    lines[10] = json.dumps({"txt": "wrong key"})
+    path = write_jsonl(tmp_path / "pre.jsonl", lines)
+    pretrain.main(tiny_args(tmp_path, path, "--max_steps", 2, "--max_seq_len", 16, "--batch_size", 2))
+    captured = capsys.readouterr()
+    assert f"{path}:4:" in captured.err and f"{path}:11:" in captured.err  # each reported with file:line
+    assert "2 malformed line(s) were skipped" in captured.out + captured.err
+    with pytest.raises(ValueError, match=rf"{path}:4:"):
+        pretrain.main(tiny_args(tmp_path, path, "--max_steps", 2, "--strict"))
+
+
+def test_wandb_offline_writes_a_run_resumed_under_the_same_id_and_disabled_writes_nothing(tmp_path, pretrain_file,
+                                                                                         monkeypatch):
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    common = ("--max_steps", 4, "--max_seq_len", 16, "--batch_size", 2, "--use_wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    pretrain.main(tiny_args(tmp_path / "offline", pretrain_file, *common, "--stop_at_step", 2))
+    pretrain.main(tiny_args(tmp_path / "offline", pretrain_file, *common, "--resume"))
+    runs = sorted((tmp_path / "offline/out/pretrain/wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(any(r.rglob("*.wandb")) for r in runs)
+    run_id = json.loads((tmp_path / "offline/out/pretrain/resume/state.json").read_text())["run_id"]
+    assert run_id and all(r.name.endswith(run_id) for r in runs)  # the resumed run continues the same wandb run
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    pretrain.main(tiny_args(tmp_path / "disabled", pretrain_file, *common))
+    assert not (tmp_path / "disabled/out/pretrain/wandb").exists()
+
+
+def test_swanlab_offline_writes_a_run(tmp_path, pretrain_file, monkeypatch):
+    monkeypatch.setenv("SWANLAB_MODE", "offline")
+    pretrain.main(tiny_args(tmp_path, pretrain_file, "--max_steps", 2, "--max_seq_len", 16, "--batch_size", 2,
+                            "--logger", "swanlab"))
+    assert len(list((tmp_path / "out/pretrain/swanlog").glob("run-*/*.swanlab"))) == 1
+
+
+def _nan_trainer(tmp_path, pretrain_file, *extra):
+    from dataset import PretrainDataset
+    from trainer import Trainer
+
+    args = pretrain.build_parser().parse_args(tiny_args(tmp_path, pretrain_file, "--max_seq_len", 16,
+                                                        "--batch_size", 2, *extra))
+    trainer = Trainer(args, "pretrain")
+    return trainer, trainer.build_model(), PretrainDataset(args.data_path, trainer.tokenizer, 16)
+
+
+def _loss_nan_on(bad_calls):
+    from trainer import lm_loss
+
+    calls = []
+
+    def loss_fn(model, batch):
+        loss, metrics = lm_loss(model, batch)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) in bad_calls else loss), metrics
+    return loss_fn
+
+
+def test_non_finite_steps_are_skipped_and_too_many_in_a_row_stop_the_run(tmp_path, pretrain_file, capsys):
+    trainer, model, data = _nan_trainer(tmp_path / "skip", pretrain_file, "--max_steps", 6)
+    result = trainer.fit(model, data, loss_fn=_loss_nan_on({2, 4}))
+    assert result["steps"] == 6 and "update skipped (1 in a row)" in capsys.readouterr().out
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+    trainer, model, data = _nan_trainer(tmp_path / "stop", pretrain_file, "--max_steps", 20, "--save_interval", 1,
+                                        "--max_bad_steps", 3)
+    with pytest.raises(RuntimeError, match="3 non-finite steps in a row at step 4"):
+        trainer.fit(model, data, loss_fn=_loss_nan_on(set(range(2, 100))))
+    # the kept checkpoint is the last good one: skipped steps never touched the weights
+    trainer, model, data = _nan_trainer(tmp_path / "one", pretrain_file, "--max_steps", 1)
+    trainer.fit(model, data)
+    kept, good = _weights(tmp_path / "stop/out/pretrain"), _weights(tmp_path / "one/out/pretrain")
+    assert all(torch.equal(kept[k], good[k]) for k in good)
+
+
+def test_unwritable_output_is_an_error_before_training(tmp_path, pretrain_file):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(SystemExit, match="cannot write checkpoints"):
+        pretrain.main(tiny_args(tmp_path, pretrain_file, "--out_dir", blocker))
+
+
+def test_lr_warms_up_then_decays_to_the_floor():
+    lrs = [lr_at(s, 100, 1e-3, 10, 0.1) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    assert lrs[-1] == pytest.approx(1e-4, rel=0.01)
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_match_one_process_on_the_same_global_batch(tmp_path, pretrain_file):
+    common = ["--max_seq_len", "32", "--max_steps", "4", "--learning_rate", "1e-3", "--save_interval", "100"]
+    script = str(ROOT / "1-pretrain.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script,
+                    *tiny_args(tmp_path / "ddp", pretrain_file, *common, "--batch_size", 2)],
+                   check=True, env=env, cwd=ROOT, timeout=300)
+    pretrain.main(tiny_args(tmp_path / "single", pretrain_file, *common, "--batch_size", 4))
+    ddp, single = _weights(tmp_path / "ddp/out/pretrain"), _weights(tmp_path / "single/out/pretrain")
+    assert max((ddp[k] - single[k]).abs().max().item() for k in ddp) <= 1e-5
+    # each rank wrote its own RNG stream, rank 0 the rest: both ranks ended on the same step
+    resume = tmp_path / "ddp/out/pretrain/resume"
+    assert (resume / "rng_rank0.pt").exists() and (resume / "rng_rank1.pt").exists()
+    assert json.loads((resume / "state.json").read_text())["step"] == 4

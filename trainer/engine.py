@@ -1,0 +1,389 @@
+"""The one training engine: every stage script builds a dataset and (optionally) a loss, then calls Trainer.fit.
+
+What lives here, once: process group and device, precision (autocast + GradScaler for fp16), AdamW with decay
+groups, warmup + cosine LR per optimizer step, gradient accumulation with no_sync, clipping, NaN/Inf step skipping,
+exact resume (weights, optimizer, scaler, RNG, data position), checkpoints, tqdm / wandb / SwanLab logging and the
+loss-curve PNG.
+"""
+
+import argparse
+import logging
+import math
+import time
+from contextlib import nullcontext
+from itertools import islice
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+from transformers import AutoTokenizer
+from transformers.utils import logging as hf_logging
+
+from model import TOKENIZER_DIR, MicroLMConfig, MicroLMForCausalLM
+
+from . import checkpoint as ckpt
+from .distributed import barrier, cleanup, init_distributed
+from .tracking import Tracker, plot_loss
+
+log = logging.getLogger("trainer")
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def add_train_args(parser: argparse.ArgumentParser, *, epochs: int, batch_size: int, learning_rate: float,
+                   max_seq_len: int, data_path: str, init_from: str | None = None, preset: str = "26m",
+                   accumulation_steps: int = 1, save_interval: int = 1000) -> argparse.ArgumentParser:
+    """The flags every stage shares (MiniMind's spellings where they exist); defaults are the stage's own."""
+    a = parser.add_argument
+    a("--data_path", default=data_path, help="jsonl file of this stage's format")
+    a("--out_dir", default="out", help="checkpoints go to <out_dir>/<stage>/, resume state to .../resume/")
+    a("--from", dest="init_from", default=init_from,
+      help="initialise from a stage's output (pretrain, sft, ...) or a checkpoint folder; none = random init")
+    a("--preset", default=preset, help="model size when starting from scratch: 26m, 104m, moe-145m, tiny, ...")
+    a("--use_moe", action="store_true", help="mixture-of-experts feed-forward layers (from scratch only)")
+    a("--tokenizer", default=str(TOKENIZER_DIR), help="tokenizer folder (ours, or MiniMind's official one)")
+    a("--epochs", type=int, default=epochs)
+    a("--max_steps", type=int, default=0, help="stop after this many optimizer steps (0 = run all epochs)")
+    a("--batch_size", type=int, default=batch_size, help="rows per micro-batch per process")
+    a("--accumulation_steps", type=int, default=accumulation_steps)
+    a("--learning_rate", type=float, default=learning_rate)
+    a("--min_lr_ratio", type=float, default=0.1, help="cosine schedule ends at learning_rate * this")
+    a("--warmup_steps", type=int, default=-1, help="linear warmup steps (-1 = 1%% of the run)")
+    a("--weight_decay", type=float, default=0.01)
+    a("--grad_clip", type=float, default=1.0, help="max gradient norm (0 = no clipping)")
+    a("--max_seq_len", type=int, default=max_seq_len)
+    a("--dtype", default="bfloat16", choices=sorted(DTYPES), help="autocast dtype; float16 adds a GradScaler")
+    a("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
+    a("--num_workers", type=int, default=1, help="DataLoader worker processes")
+    a("--seed", type=int, default=42)
+    a("--log_interval", type=int, default=10)
+    a("--save_interval", type=int, default=save_interval, help="optimizer steps between checkpoints")
+    a("--resume", action="store_true", help="continue from <out_dir>/<stage>/resume/ if it exists")
+    a("--stop_at_step", type=int, default=0, help="save and exit after this step, as a preempted run would")
+    a("--strict", action="store_true", help="stop at the first malformed data line instead of skipping it")
+    a("--max_bad_steps", type=int, default=5, help="stop after this many non-finite steps in a row")
+    a("--compile", action="store_true", help="torch.compile the model (slow start, faster steps)")
+    a("--logger", default="none", choices=["none", "wandb", "swanlab"], help="experiment tracker")
+    a("--use_wandb", action="store_true", help="same as --logger wandb")
+    a("--wandb_project", default="LLM_implementation", help="wandb / SwanLab project name")
+    a("--image_dir", default="images", help="where the loss-curve PNG is written")
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# pieces that the stages reuse
+
+def lm_loss(model, batch):
+    """Summed next-token cross-entropy over labelled positions (+ MoE balance loss); the engine normalises."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
+    labels = batch["labels"][:, 1:]
+    loss = F.cross_entropy(out.logits[:, :-1].reshape(-1, out.logits.size(-1)), labels.reshape(-1),
+                           ignore_index=-100, reduction="sum")
+    if out.aux_loss is not None:
+        loss = loss + out.aux_loss * (labels != -100).sum()
+    return loss, {}
+
+
+def count_label_tokens(batch) -> torch.Tensor:
+    return (batch["labels"][:, 1:] != -100).sum()
+
+
+def lr_at(step: int, total_steps: int, base_lr: float, warmup: int, min_ratio: float) -> float:
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def param_groups(model, weight_decay: float):
+    """Decay matrices; never norms, biases or embeddings (decaying them only hurts)."""
+    decay, no_decay = [], []
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class ShardedBatchSampler:
+    """Global, seeded order per epoch; each optimizer micro-step takes the next world*batch rows and rank r its
+    slice. The position is counted in global rows, so a resumed run (even with another world size) continues
+    at the same row."""
+
+    def __init__(self, n: int, batch_size: int, world_size: int, rank: int, seed: int, shuffle: bool = True):
+        self.n, self.batch_size, self.world_size, self.rank = n, batch_size, world_size, rank
+        self.seed, self.shuffle = seed, shuffle
+        self.rows_per_micro = batch_size * world_size
+        self.micro_per_epoch = n // self.rows_per_micro
+        self.epoch, self.start_row = 0, 0
+
+    def set_epoch(self, epoch: int, start_row: int = 0):
+        self.epoch, self.start_row = epoch, start_row
+
+    def __len__(self):
+        return self.micro_per_epoch - self.start_row // self.rows_per_micro
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)
+        G, B = self.rows_per_micro, self.batch_size
+        for k in range(self.start_row // G, self.micro_per_epoch):
+            yield order[k * G + self.rank * B: k * G + (self.rank + 1) * B].tolist()
+
+
+def to_device(batch, device):
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+
+class Trainer:
+    def __init__(self, args, stage: str):
+        self.args, self.stage = args, stage
+        if args.use_wandb:
+            args.logger = "wandb"
+        self.env = init_distributed(args.device)
+        logging.basicConfig(level=logging.INFO if self.env.is_main else logging.WARNING, format="%(message)s",
+                            force=True)
+        hf_logging.disable_progress_bar()  # our own bar is the one that matters
+        self.device = self.env.device
+        self.dtype = DTYPES[args.dtype]
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: ~free speed, fp32 checkpoints unchanged
+            torch.backends.cudnn.allow_tf32 = True
+        self.autocast = (nullcontext() if self.dtype == torch.float32
+                         else torch.autocast(self.device.type, dtype=self.dtype))
+        self.stage_dir = Path(args.out_dir) / stage
+        self._check_writable()
+        self.tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+        torch.manual_seed(args.seed)
+
+    def _check_writable(self):
+        """Fail now, not after an hour of training, if checkpoints cannot be written."""
+        try:
+            self.stage_dir.mkdir(parents=True, exist_ok=True)
+            probe = self.stage_dir / f".write_probe{self.env.rank}"
+            probe.write_bytes(b"0" * 4096)
+            probe.unlink()
+        except OSError as e:
+            raise SystemExit(f"cannot write checkpoints to {self.stage_dir}: {e}") from None
+
+    def log(self, msg: str):
+        if self.env.is_main:
+            tqdm.write(msg)
+
+    # -- model --------------------------------------------------------------------------------------------------------
+    def build_model(self, **overrides) -> MicroLMForCausalLM:
+        """From `--from` (a stage name or folder; strict: any mismatch is an error) or a fresh `--preset`."""
+        args = self.args
+        if args.init_from:
+            path = ckpt.resolve_checkpoint(args.init_from, args.out_dir)
+            model = MicroLMForCausalLM.from_pretrained(path)
+            self.log(f"initialised from {path}")
+        else:
+            if args.use_moe:
+                overrides.setdefault("use_moe", True)
+            model = MicroLMForCausalLM(MicroLMConfig.from_preset(args.preset, **overrides))
+        if len(self.tokenizer) > model.config.vocab_size:
+            raise ValueError(f"tokenizer {args.tokenizer} has {len(self.tokenizer)} tokens but the model's "
+                             f"vocab_size is {model.config.vocab_size}")
+        counts = model.param_counts()
+        self.log(f"model: {counts['total'] / 1e6:.2f}M parameters ({counts['active'] / 1e6:.2f}M active)")
+        return model.to(self.device)
+
+    # -- training -----------------------------------------------------------------------------------------------------
+    def fit(self, model, dataset, collate_fn=None, loss_fn=lm_loss, count_fn=count_label_tokens, save_fn=None,
+            shuffle: bool = True) -> dict:
+        """Train `model` on `dataset`; returns a summary (steps, losses, seconds) for the demo runner.
+
+        loss_fn(model, batch) -> (summed loss, {name: tensor}); count_fn(batch) -> how many units that sum covers
+        (label tokens by default, pairs for DPO). The engine divides by the count over the whole optimizer step
+        and all ranks, so batch 2 x accumulation 2 == batch 4 x accumulation 1 == 2 ranks x batch 2, whatever the
+        padding. save_fn(model, folder) replaces the default save_pretrained (LoRA saves only its adapter).
+        """
+        args, env = self.args, self.env
+        A, B, W = args.accumulation_steps, args.batch_size, env.world_size
+        sampler = ShardedBatchSampler(len(dataset), B, W, env.rank, args.seed, shuffle)
+        steps_per_epoch = sampler.micro_per_epoch // A
+        if steps_per_epoch == 0:
+            raise ValueError(f"{len(dataset)} rows are fewer than one optimizer step needs "
+                             f"({W} ranks x batch {B} x accumulation {A})")
+        total_steps = min(args.max_steps or 10 ** 12, args.epochs * steps_per_epoch)
+        warmup = args.warmup_steps if args.warmup_steps >= 0 else max(1, total_steps // 100)
+        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=args.num_workers,
+                            pin_memory=self.device.type == "cuda", persistent_workers=False)
+
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        fused = self.device.type == "cuda"
+        optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.learning_rate,
+                                      betas=(0.9, 0.95), fused=fused or None)
+        scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
+
+        state = {"step": 0, "epoch": 0, "row": 0, "history": [], "run_id": None, "bad_steps": 0}
+        resume_path = ckpt.find_resume(self.stage_dir) if args.resume else None
+        if resume_path is not None:
+            state = ckpt.load_resume(resume_path, model, optimizer, scaler, env.rank)
+            if state["row"] % (W * B):
+                log.warning("resume position %d is not a multiple of %d rows per micro-step: rounding down",
+                            state["row"], W * B)
+            self.log(f"resumed from {resume_path} at step {state['step']} (epoch {state['epoch']}, "
+                     f"row {state['row']})")
+        elif args.resume:
+            self.log(f"no resume state in {self.stage_dir / 'resume'}; starting from the beginning")
+
+        net = model
+        if args.compile:
+            net = torch.compile(net)
+        if W > 1:
+            net = DistributedDataParallel(net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+        tracker = None
+        if env.is_main:
+            tracker = Tracker(args.logger, args.wandb_project, f"{self.stage}-{time.strftime('%m%d-%H%M')}",
+                              vars(args), self.stage_dir, state.get("run_id"))
+            state["run_id"] = tracker.run_id
+        bar = tqdm(total=total_steps, initial=state["step"], desc=self.stage, disable=not env.is_main,
+                   dynamic_ncols=True)
+
+        first_step, t0, tokens_seen = state["step"], time.time(), 0
+        pending, empty_rows, consecutive_bad = [], torch.zeros((), device=self.device), state["bad_steps"]
+        done = state["step"] >= total_steps
+        model.train()
+        for epoch in range(state["epoch"], args.epochs):
+            if done:
+                break
+            sampler.set_epoch(epoch, state["row"] if epoch == state["epoch"] else 0)
+            state["epoch"], state["row"] = epoch, state["row"] if epoch == state["epoch"] else 0
+            batches = iter(loader)
+            while state["step"] < total_steps:
+                micro = [to_device(b, self.device) for b in islice(batches, A)]
+                if len(micro) < A:
+                    break  # an incomplete accumulation window at the end of the epoch is dropped
+                counts = torch.stack([count_fn(b) for b in micro]).float()
+                total = counts.sum()
+                if W > 1:
+                    dist.all_reduce(total)
+                step_loss = torch.zeros((), device=self.device)
+                for i, b in enumerate(micro):
+                    sync = nullcontext() if W == 1 or i == A - 1 else net.no_sync()
+                    with sync:
+                        with self.autocast:
+                            loss_sum, _ = loss_fn(net, b)
+                        loss = loss_sum / total.clamp(min=1)
+                        step_loss += loss.detach()
+                        loss = loss * W  # DDP averages gradients over ranks; the normaliser is already global
+                        (scaler.scale(loss) if scaler else loss).backward()
+                    if "labels" in b:
+                        empty_rows += ((b["labels"] != -100).sum(1) == 0).sum()
+                    tokens_seen += b["input_ids"].numel() if "input_ids" in b else 0
+
+                lr = lr_at(state["step"], total_steps, args.learning_rate, warmup, args.min_lr_ratio)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                if scaler:
+                    scaler.unscale_(optimizer)
+                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip or float("inf"))
+                finite = bool(torch.isfinite(grad_norm))  # one host sync per optimizer step; same on every rank
+                if finite or scaler:
+                    (scaler.step(optimizer) if scaler else optimizer.step())
+                    if scaler:
+                        scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                consecutive_bad = 0 if finite else consecutive_bad + 1
+                state["step"] += 1
+                state["row"] += A * W * B
+                state["bad_steps"] = consecutive_bad
+                pending.append(step_loss)
+                bar.update(1)
+                if not finite:
+                    self.log(f"step {state['step']}: non-finite loss or gradient, update skipped "
+                             f"({consecutive_bad} in a row)")
+                    limit = args.max_bad_steps if not scaler else max(args.max_bad_steps, 30)
+                    if consecutive_bad >= limit:
+                        raise RuntimeError(f"{consecutive_bad} non-finite steps in a row at step {state['step']}: "
+                                           f"stopping; the last good checkpoint in {self.stage_dir} is kept. Lower "
+                                           f"--learning_rate or check the data.")
+
+                last = state["step"] >= total_steps
+                if state["step"] % args.log_interval == 0 or last or state["step"] == args.stop_at_step:
+                    self._flush(pending, state, lr, grad_norm, tracker, bar, t0, tokens_seen, first_step)
+                if state["step"] % args.save_interval == 0 or last or state["step"] == args.stop_at_step:
+                    self._save(model, optimizer, scaler, state, save_fn)
+                if state["step"] == args.stop_at_step:
+                    self.log(f"stopping at step {state['step']} (--stop_at_step)")
+                    done = True
+                    break
+            else:
+                done = True
+            if not done:
+                state["epoch"], state["row"] = epoch + 1, 0
+        bar.close()
+
+        empty = int(empty_rows.item())
+        if W > 1:
+            t = torch.tensor(empty, device=self.device)
+            dist.all_reduce(t)
+            empty = int(t)
+        bad_lines = len(getattr(getattr(dataset, "rows", getattr(dataset, "docs", None)), "bad_lines", []))
+        if bad_lines:
+            self.log(f"{args.data_path}: {bad_lines} malformed line(s) were skipped (see the warnings above)")
+        if empty:
+            self.log(f"{empty} row(s) had no trainable token (e.g. the reply was truncated away) and taught nothing")
+        history = state["history"]
+        seconds = time.time() - t0
+        if env.is_main and history:
+            png = Path(args.image_dir) / f"{self.stage}_loss.png"
+            plot_loss(history, png, f"{self.stage} loss")
+            self.log(f"loss {history[0][1]:.3f} -> {history[-1][1]:.3f} over {state['step']} steps; curve: {png}")
+        if tracker:
+            tracker.finish()
+        barrier()
+        return {"steps": state["step"], "history": history, "seconds": seconds,
+                "first_loss": history[0][1] if history else None, "last_loss": history[-1][1] if history else None}
+
+    def _flush(self, pending, state, lr, grad_norm, tracker, bar, t0, tokens_seen, first_step):
+        """Move the per-step losses to the host (the only regular sync besides the finite check) and log them."""
+        losses = torch.stack(pending)
+        if self.env.world_size > 1:
+            dist.all_reduce(losses)
+        values = losses.tolist()
+        start = state["step"] - len(values) + 1
+        state["history"].extend([s, v] for s, v in zip(range(start, state["step"] + 1), values))
+        pending.clear()
+        elapsed = time.time() - t0
+        tok_s = tokens_seen * self.env.world_size / max(elapsed, 1e-9)
+        bar.set_postfix(loss=f"{values[-1]:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
+        if tracker:
+            tracker.log({"loss": values[-1], "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tok_s,
+                         "epoch": state["epoch"]}, step=state["step"])
+
+    def _save(self, model, optimizer, scaler, state, save_fn):
+        ckpt.write_rank_rng(self.stage_dir, self.env.rank)
+        barrier()
+        if self.env.is_main:
+            if save_fn is not None:
+                save_fn(model, self.stage_dir)
+            else:
+                ckpt.save_pretrained_atomic(model, self.tokenizer, self.stage_dir)
+            ckpt.commit_resume(self.stage_dir, model, optimizer, scaler, state)
+        barrier()
+
+    def close(self):
+        cleanup()
+
+
+def stage_main(stage: str, build_parser, run, argv=None) -> dict:
+    """Shared entry point: parse args, build the Trainer, run the stage, tear the process group down."""
+    args = build_parser().parse_args(argv)
+    trainer = Trainer(args, stage)
+    try:
+        return run(trainer, args)
+    finally:
+        trainer.close()
+
+
+__all__ = ["Trainer", "add_train_args", "lm_loss", "count_label_tokens", "lr_at", "param_groups",
+           "ShardedBatchSampler", "stage_main"]
