@@ -4,6 +4,7 @@ Presets reproduce MiniMind2's published sizes (tied embeddings counted once):
     26m       512 hidden,  8 layers, 8 q / 2 kv heads, FFN 1408                       -> 25.83M
     104m      768 hidden, 16 layers, 8 q / 2 kv heads, FFN 2048                       -> 104.03M
     moe-145m  640 hidden,  8 layers, 8 q / 2 kv heads, FFN 1728, 4 routed top-2 + 1 shared -> 145.03M
+    demo      ~1.6M parameters: the embedded demo pipeline on a laptop CPU
     tiny      a few-hundred-thousand-parameter model for CPU tests
 """
 
@@ -19,6 +20,8 @@ PRESETS = {
     "moe-145m": dict(hidden_size=640, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
                      intermediate_size=1728, use_moe=True, num_experts=4, num_experts_per_tok=2,
                      n_shared_experts=1),
+    "demo": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=384, max_position_embeddings=2048),
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                  intermediate_size=192, max_position_embeddings=2048),
     "tiny-moe": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
