@@ -1,6 +1,7 @@
 """The demo curriculum (dataset/demo/): generator determinism, exact schemas, no held-out leaks, and the metrics."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -47,12 +48,13 @@ def texts_of(rows):
 # ---------------------------------------------------------------------------------------------------- generator
 
 def test_generator_is_deterministic_and_the_seed_matters(tmp_path):
-    def run(out, *args):
+    def run(out, *args, hash_seed="0"):  # different string hashing per run: iterating a set would show
         subprocess.run([sys.executable, str(ROOT / "dataset" / "demo_data.py"), "--out_dir", str(out), *args],
-                       check=True, capture_output=True)
+                       check=True, capture_output=True, env={**os.environ, "PYTHONHASHSEED": hash_seed})
         return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
 
-    first, again, other = run(tmp_path / "a"), run(tmp_path / "b", "--seed", "0"), run(tmp_path / "c", "--seed", "1")
+    first, again = run(tmp_path / "a"), run(tmp_path / "b", "--seed", "0", hash_seed="1")
+    other = run(tmp_path / "c", "--seed", "1")
     assert first == again
     assert first.keys() == other.keys()
     assert all(first[name] != other[name] for name in first if name.endswith(".jsonl"))
