@@ -172,6 +172,19 @@ def _loss_nan_on(bad_calls):
     return loss_fn
 
 
+def test_loss_fn_metrics_are_normalised_like_the_loss_and_returned(tmp_path, pretrain_file):
+    from trainer import count_label_tokens, lm_loss
+
+    def loss_fn(model, batch):
+        loss, _ = lm_loss(model, batch)
+        return loss, {"double_loss": 2 * loss.detach(), "label_tokens": count_label_tokens(batch).float()}
+
+    trainer, model, data = _nan_trainer(tmp_path, pretrain_file, "--max_steps", 3, "--accumulation_steps", 2)
+    result = trainer.fit(model, data, loss_fn=loss_fn)
+    assert result["metrics"]["double_loss"] == pytest.approx(2 * result["last_loss"], rel=1e-5)
+    assert result["metrics"]["label_tokens"] == pytest.approx(1.0)  # a per-unit mean of the count itself
+
+
 def test_non_finite_steps_are_skipped_and_too_many_in_a_row_stop_the_run(tmp_path, pretrain_file, capsys):
     trainer, model, data = _nan_trainer(tmp_path / "skip", pretrain_file, "--max_steps", 6)
     result = trainer.fit(model, data, loss_fn=_loss_nan_on({2, 4}))

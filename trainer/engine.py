@@ -199,8 +199,8 @@ class Trainer:
             shuffle: bool = True) -> dict:
         """Train `model` on `dataset`; returns a summary (steps, losses, seconds) for the demo runner.
 
-        loss_fn(model, batch) -> (summed loss, {name: tensor}); count_fn(batch) -> how many units that sum covers
-        (label tokens by default, pairs for DPO). The engine divides by the count over the whole optimizer step
+        loss_fn(model, batch) -> (summed loss, {name: summed metric}); count_fn(batch) -> how many units those
+        sums cover (label tokens by default, pairs for DPO); metrics are logged as per-unit means. The engine divides by the count over the whole optimizer step
         and all ranks, so batch 2 x accumulation 2 == batch 4 x accumulation 1 == 2 ranks x batch 2, whatever the
         padding. save_fn(model, folder) replaces the default save_pretrained (LoRA saves only its adapter).
         """
@@ -248,7 +248,7 @@ class Trainer:
         bar = tqdm(total=total_steps, initial=state["step"], desc=self.stage, disable=not env.is_main,
                    dynamic_ncols=True)
 
-        first_step, t0, tokens_seen = state["step"], time.time(), 0
+        t0, tokens_seen, last_metrics = time.time(), 0, {}
         pending, empty_rows, consecutive_bad = [], torch.zeros((), device=self.device), state["bad_steps"]
         done = state["step"] >= total_steps
         model.train()
@@ -266,14 +266,16 @@ class Trainer:
                 total = counts.sum()
                 if W > 1:
                     dist.all_reduce(total)
-                step_loss = torch.zeros((), device=self.device)
+                step_loss, step_metrics = torch.zeros((), device=self.device), {}
                 for i, b in enumerate(micro):
                     sync = nullcontext() if W == 1 or i == A - 1 else net.no_sync()
                     with sync:
                         with self.autocast:
-                            loss_sum, _ = loss_fn(net, b)
+                            loss_sum, metrics = loss_fn(net, b)
                         loss = loss_sum / total.clamp(min=1)
                         step_loss += loss.detach()
+                        for k, v in metrics.items():  # summed like the loss, so normalised the same way
+                            step_metrics[k] = step_metrics.get(k, 0) + v.detach().float() / total.clamp(min=1)
                         loss = loss * W  # DDP averages gradients over ranks; the normaliser is already global
                         (scaler.scale(loss) if scaler else loss).backward()
                     if "labels" in b:
@@ -296,7 +298,7 @@ class Trainer:
                 state["step"] += 1
                 state["row"] += A * W * B
                 state["bad_steps"] = consecutive_bad
-                pending.append(step_loss)
+                pending.append((step_loss, step_metrics))
                 bar.update(1)
                 if not finite:
                     self.log(f"step {state['step']}: non-finite loss or gradient, update skipped "
@@ -309,7 +311,7 @@ class Trainer:
 
                 last = state["step"] >= total_steps
                 if state["step"] % args.log_interval == 0 or last or state["step"] == args.stop_at_step:
-                    self._flush(pending, state, lr, grad_norm, tracker, bar, t0, tokens_seen, first_step)
+                    last_metrics = self._flush(pending, state, lr, grad_norm, tracker, bar, t0, tokens_seen)
                 if state["step"] % args.save_interval == 0 or last or state["step"] == args.stop_at_step:
                     self._save(model, optimizer, scaler, state, save_fn)
                 if state["step"] == args.stop_at_step:
@@ -341,15 +343,22 @@ class Trainer:
         if tracker:
             tracker.finish()
         barrier()
-        return {"steps": state["step"], "history": history, "seconds": seconds,
+        return {"steps": state["step"], "history": history, "seconds": seconds, "metrics": last_metrics,
                 "first_loss": history[0][1] if history else None, "last_loss": history[-1][1] if history else None}
 
-    def _flush(self, pending, state, lr, grad_norm, tracker, bar, t0, tokens_seen, first_step):
-        """Move the per-step losses to the host (the only regular sync besides the finite check) and log them."""
-        losses = torch.stack(pending)
+    def _flush(self, pending, state, lr, grad_norm, tracker, bar, t0, tokens_seen) -> dict:
+        """Move the per-step losses and the loss_fn's metrics to the host (the only regular sync besides the finite
+        check), log them, and return the metrics' means over the interval."""
+        losses = torch.stack([loss for loss, _ in pending])
+        names = sorted({k for _, m in pending for k in m})
+        means = torch.stack([torch.stack([m.get(k, torch.zeros((), device=self.device)) for _, m in pending]).mean()
+                             for k in names]) if names else None
         if self.env.world_size > 1:
             dist.all_reduce(losses)
+            if means is not None:
+                dist.all_reduce(means)  # each rank's share is already divided by the global count
         values = losses.tolist()
+        metrics = dict(zip(names, means.tolist())) if names else {}
         start = state["step"] - len(values) + 1
         state["history"].extend([s, v] for s, v in zip(range(start, state["step"] + 1), values))
         pending.clear()
@@ -358,7 +367,8 @@ class Trainer:
         bar.set_postfix(loss=f"{values[-1]:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
         if tracker:
             tracker.log({"loss": values[-1], "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tok_s,
-                         "epoch": state["epoch"]}, step=state["step"])
+                         "epoch": state["epoch"], **metrics}, step=state["step"])
+        return metrics
 
     def _save(self, model, optimizer, scaler, state, save_fn):
         ckpt.write_rank_rng(self.stage_dir, self.env.rank)
