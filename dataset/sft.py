@@ -28,10 +28,13 @@ def assistant_char_spans(tokenizer, messages, text: str) -> list[tuple[int, int]
     return spans
 
 
-def encode_chat(tokenizer, messages, max_seq_len: int) -> dict:
-    """input_ids and labels (-100 everywhere but assistant replies and their eos), truncated to max_seq_len."""
+def encode_chat(tokenizer, messages, max_seq_len: int, last_reply_only: bool = False) -> dict:
+    """input_ids and labels (-100 everywhere but assistant replies and their eos), truncated to max_seq_len.
+    last_reply_only: label only the final reply (the response a preference pair compares)."""
     text = tokenizer.apply_chat_template(messages, tokenize=False)
     spans = assistant_char_spans(tokenizer, messages, text)
+    if last_reply_only:
+        spans = spans[-1:]
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     labels, span = [], 0
     for tok, (start, _) in zip(enc["input_ids"], enc["offset_mapping"]):

@@ -33,6 +33,10 @@ STAGES = {
                                    "--batch_size", 16, "--max_seq_len", 256, "--learning_rate", 1e-2]),
     "sft": ("2-sft.py", ["--data_path", DEMO / "sft.jsonl", "--from", "pretrain", "--epochs", 2,
                          "--batch_size", 16, "--max_seq_len", 256, "--learning_rate", 5e-4]),
+    "kd": ("3-KD.py", ["--data_path", DEMO / "kd.jsonl", "--from", "sft", "--epochs", 1, "--batch_size", 8,
+                       "--max_seq_len", 512, "--learning_rate", 5e-4]),
+    "dpo": ("4-RLHF.py", ["--data_path", DEMO / "dpo.jsonl", "--from", "kd", "--epochs", 1, "--batch_size", 8,
+                          "--max_seq_len", 256, "--learning_rate", 5e-4, "--precompute_ref"]),
 }
 
 
@@ -59,8 +63,14 @@ def held_out_metric(stage, out_dir, tokenizer) -> dict:
         ppl = metrics.pretrain_perplexity(model, tokenizer, [r["text"] for r in metrics.load_jsonl(
             DEMO / "pretrain_eval.jsonl")])
         return {"held-out perplexity": ppl["perplexity"], **chat_metrics(model, tokenizer)}
-    if stage == "sft":
+    if stage in ("sft", "kd"):
         return chat_metrics(model, tokenizer)
+    if stage == "dpo":
+        pairs = metrics.load_jsonl(DEMO / "dpo_eval.jsonl")
+        start = MicroLMForCausalLM.from_pretrained(out_dir / "kd").eval()
+        return {"held-out preference accuracy": metrics.preference_accuracy(model, tokenizer, pairs)["accuracy"],
+                "held-out preference accuracy before DPO": metrics.preference_accuracy(start, tokenizer,
+                                                                                        pairs)["accuracy"]}
     raise ValueError(stage)
 
 

@@ -262,7 +262,7 @@ class Trainer:
                 micro = [to_device(b, self.device) for b in islice(batches, A)]
                 if len(micro) < A:
                     break  # an incomplete accumulation window at the end of the epoch is dropped
-                counts = torch.stack([count_fn(b) for b in micro]).float()
+                counts = torch.stack([torch.as_tensor(count_fn(b), device=self.device) for b in micro]).float()
                 total = counts.sum()
                 if W > 1:
                     dist.all_reduce(total)

@@ -1,0 +1,87 @@
+"""Stage 3 -- knowledge distillation into the SFT model.
+
+Black-box (no --teacher): SFT on dialogues a larger teacher wrote, e.g. MiniMind's sft_1024.jsonl.
+    python 3-KD.py --data_path dataset/sft_1024.jsonl
+White-box (--teacher DIR): also match the teacher's next-token distribution on the assistant tokens,
+    loss = alpha * CE + (1 - alpha) * T^2 * KL(teacher || student)   at temperature T.
+    python 3-KD.py --data_path dataset/sft_1024.jsonl --teacher out/sft_104m
+    torchrun --nproc_per_node 4 3-KD.py --data_path dataset/sft_1024.jsonl --teacher out/sft_104m
+The teacher is any causal LM with the same tokenizer (our model of another preset, or a Hugging Face one); it is
+frozen, in eval mode, runs without gradients in the compute dtype.
+"""
+
+import argparse
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
+
+import model as _registers_microlm  # noqa: F401  (AutoModelForCausalLM must know our model type)
+from dataset import SFTDataset, pad_collate
+from trainer import add_train_args, stage_main
+from trainer.checkpoint import resolve_checkpoint
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_train_args(parser, epochs=2, batch_size=64, learning_rate=5e-5, max_seq_len=1024,
+                   data_path="dataset/sft_1024.jsonl", init_from="sft")
+    parser.add_argument("--teacher", default=None, help="teacher checkpoint folder or stage name (white-box KD)")
+    parser.add_argument("--alpha", type=float, default=0.5, help="weight of the cross-entropy on the labels")
+    parser.add_argument("--temperature", type=float, default=2.0, help="softmax temperature of the KL term")
+    return parser
+
+
+def kd_loss(student_logits, teacher_logits, labels, alpha: float, temperature: float):
+    """Summed alpha * CE + (1 - alpha) * T^2 * KL(teacher || student) over the labelled (assistant) positions."""
+    logits, targets = student_logits[:, :-1].float(), labels[:, 1:]
+    mask = targets != -100
+    ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100, reduction="sum")
+    t = temperature
+    teacher_logp = F.log_softmax(teacher_logits[:, :-1].float()[mask] / t, dim=-1)
+    student_logp = F.log_softmax(logits[mask] / t, dim=-1)
+    kl = (teacher_logp.exp() * (teacher_logp - student_logp)).sum()
+    return alpha * ce + (1 - alpha) * t * t * kl, ce, kl
+
+
+def load_teacher(trainer, name_or_path, student_vocab: int):
+    path = resolve_checkpoint(name_or_path, trainer.args.out_dir)
+    teacher = AutoModelForCausalLM.from_pretrained(path).to(trainer.device).eval().requires_grad_(False)
+    vocab = teacher.config.vocab_size
+    if vocab < student_vocab:
+        raise ValueError(f"teacher {path} has vocab_size {vocab} < the student's {student_vocab}: "
+                         f"they do not share a tokenizer")
+    if vocab > student_vocab:
+        trainer.log(f"teacher vocab {vocab} > student vocab {student_vocab}: using the teacher's first "
+                    f"{student_vocab} logits (the tokenizers must share those ids)")
+    return teacher, vocab
+
+
+def run(trainer, args):
+    model = trainer.build_model()
+    data = SFTDataset(args.data_path, trainer.tokenizer, args.max_seq_len, strict=args.strict)
+    collate = partial(pad_collate, pad_id=trainer.tokenizer.pad_token_id or 0)
+    if not args.teacher:
+        return trainer.fit(model, data, collate_fn=collate)  # black-box: plain SFT on the teacher's text
+    teacher, _ = load_teacher(trainer, args.teacher, model.config.vocab_size)
+    vocab = model.config.vocab_size
+
+    def loss_fn(net, batch):
+        out = net(input_ids=batch["input_ids"])
+        with torch.no_grad():
+            teacher_logits = teacher(input_ids=batch["input_ids"]).logits[..., :vocab]
+        loss, ce, kl = kd_loss(out.logits, teacher_logits, batch["labels"], args.alpha, args.temperature)
+        if out.aux_loss is not None:
+            loss = loss + out.aux_loss * (batch["labels"][:, 1:] != -100).sum()
+        return loss, {"ce": ce.detach(), "kl": kl.detach()}
+
+    return trainer.fit(model, data, collate_fn=collate, loss_fn=loss_fn)
+
+
+def main(argv=None):
+    return stage_main("kd", build_parser, run, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""Stage 4 -- DPO preference training on {"chosen": [...], "rejected": [...]} jsonl.
+
+    python 4-RLHF.py --data_path dataset/dpo.jsonl
+    torchrun --nproc_per_node 4 4-RLHF.py --data_path dataset/dpo.jsonl --precompute_ref
+
+Loss (Rafailov et al. 2023): -log sigmoid(beta * [(log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))]),
+where log pi(y) is the SUM of the reply's token log-probs (never a mean over padded length). The reference is the
+starting model, frozen; --precompute_ref scores every pair with it once before training and keeps the scores in
+out/dpo/ref_logps.pt, so the reference model does not stay in memory.
+"""
+
+import argparse
+import copy
+from functools import partial
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from dataset import DPODataset, dpo_collate
+from trainer import add_train_args, stage_main
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_train_args(parser, epochs=1, batch_size=8, learning_rate=1e-6, max_seq_len=1024,
+                   data_path="dataset/dpo.jsonl", init_from="sft")
+    parser.add_argument("--beta", type=float, default=0.1, help="strength of the pull towards the reference")
+    parser.add_argument("--precompute_ref", action="store_true",
+                        help="score all pairs with the reference once, then free it (saved in out/dpo/)")
+    return parser
+
+
+def sequence_logps(model, input_ids, labels) -> torch.Tensor:
+    """Summed log-probability of the labelled tokens of each row (labels shifted inside, -100 ignored)."""
+    logits = model(input_ids=input_ids).logits[:, :-1].float()
+    targets = labels[:, 1:]
+    logps = torch.gather(F.log_softmax(logits, dim=-1), 2, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (logps * (targets != -100)).sum(-1)
+
+
+def dpo_terms(policy_logps, ref_logps, beta: float):
+    """Per-pair loss and implicit rewards from [chosen; rejected] stacked log-probs."""
+    pc, pr = policy_logps.chunk(2)
+    rc, rr = ref_logps.chunk(2)
+    chosen_reward, rejected_reward = beta * (pc - rc), beta * (pr - rr)
+    margin = chosen_reward - rejected_reward
+    return -F.logsigmoid(margin), chosen_reward, rejected_reward, margin
+
+
+@torch.no_grad()
+def precompute_ref_logps(trainer, ref_model, dataset, collate) -> torch.Tensor:
+    """(N, 2) reference log-probs of every pair's chosen and rejected reply; ranks share the work."""
+    env = trainer.env
+    table = torch.zeros(len(dataset), 2, dtype=torch.float64, device=trainer.device)
+    shard = list(range(env.rank, len(dataset), env.world_size))
+    loader = DataLoader(torch.utils.data.Subset(dataset, shard), batch_size=trainer.args.batch_size,
+                        collate_fn=collate)
+    for batch in loader:
+        with trainer.autocast:
+            logps = sequence_logps(ref_model, batch["input_ids"].to(trainer.device),
+                                   batch["labels"].to(trainer.device))
+        table[batch["index"].to(trainer.device)] = torch.stack(logps.double().chunk(2), dim=1)
+    if env.distributed:
+        dist.all_reduce(table)
+    return table.float()
+
+
+def run(trainer, args):
+    model = trainer.build_model()
+    data = DPODataset(args.data_path, trainer.tokenizer, args.max_seq_len, strict=args.strict)
+    collate = partial(dpo_collate, pad_id=trainer.tokenizer.pad_token_id or 0)
+    ref = copy.deepcopy(model).eval().requires_grad_(False)
+    ref_table = None
+    if args.precompute_ref:
+        path = trainer.stage_dir / "ref_logps.pt"
+        if args.resume and path.exists():
+            ref_table = torch.load(path, weights_only=True).to(trainer.device)
+        else:
+            ref_table = precompute_ref_logps(trainer, ref, data, collate)
+            if trainer.env.is_main:
+                torch.save(ref_table.cpu(), path)
+        del ref  # the point of precomputing: no second model in memory while training
+
+    def loss_fn(net, batch):
+        policy = sequence_logps(net, batch["input_ids"], batch["labels"])
+        if ref_table is not None:
+            ref_logps = ref_table[batch["index"]].T.reshape(-1)  # [chosen...; rejected...]
+        else:
+            with torch.no_grad():
+                ref_logps = sequence_logps(ref, batch["input_ids"], batch["labels"])
+        losses, chosen, rejected, margin = dpo_terms(policy, ref_logps.to(policy.dtype), args.beta)
+        return losses.sum(), {"reward_chosen": chosen.detach().sum(), "reward_rejected": rejected.detach().sum(),
+                              "reward_margin": margin.detach().sum(), "accuracy": (margin > 0).float().sum()}
+
+    return trainer.fit(model, data, collate_fn=collate, loss_fn=loss_fn, count_fn=lambda b: b["index"].numel())
+
+
+def main(argv=None):
+    return stage_main("dpo", build_parser, run, argv)
+
+
+if __name__ == "__main__":
+    main()
