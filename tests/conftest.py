@@ -58,3 +58,21 @@ def tiny_args(tmp_path, data_path, *extra):
     return ["--data_path", str(data_path), "--out_dir", str(tmp_path / "out"), "--preset", "tiny",
             "--image_dir", str(tmp_path / "images"), "--num_workers", "0", "--dtype", "float32",
             "--log_interval", "1", *map(str, extra)]
+
+
+def torchrun_2(script, argv):
+    """Run a stage script as 2 gloo ranks: `torchrun --standalone --nproc_per_node 2 <script> <argv>`."""
+    import os
+    import subprocess
+
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    str(ROOT / script), *map(str, argv)],
+                   check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=ROOT, timeout=300)
+
+
+def max_weight_diff(folder_a, folder_b) -> float:
+    from safetensors.torch import load_file
+
+    a, b = load_file(Path(folder_a) / "model.safetensors"), load_file(Path(folder_b) / "model.safetensors")
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)

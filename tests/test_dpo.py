@@ -3,7 +3,7 @@ accuracy rises on held-out demo pairs, every trainable parameter moves."""
 
 import pytest
 import torch
-from conftest import ROOT, load_script, make_model, tiny_args, write_jsonl
+from conftest import ROOT, load_script, make_model, max_weight_diff, tiny_args, torchrun_2, write_jsonl
 from safetensors.torch import load_file
 
 from dataset import DPODataset, dpo_collate
@@ -93,20 +93,11 @@ def test_pairs_with_different_prompts_are_reported_and_skipped(tmp_path, tokeniz
 
 @pytest.mark.slow
 def test_dpo_under_two_gloo_ranks_matches_one_process(tmp_path, base):
-    import os
-    import subprocess
-    import sys
-
-    common = ["--from", str(base), "--max_steps", "3", "--learning_rate", "1e-3", "--max_seq_len", "128",
-              "--precompute_ref", "--save_interval", "100"]
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    str(ROOT / "4-RLHF.py"), *tiny_args(tmp_path / "ddp", DEMO / "dpo_eval.jsonl", *common,
-                                                        "--batch_size", 2)],
-                   check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=ROOT, timeout=300)
+    common = ["--from", base, "--max_steps", 3, "--learning_rate", 1e-3, "--max_seq_len", 128, "--precompute_ref",
+              "--save_interval", 100]
+    torchrun_2("4-RLHF.py", tiny_args(tmp_path / "ddp", DEMO / "dpo_eval.jsonl", *common, "--batch_size", 2))
     dpo.main(tiny_args(tmp_path / "one", DEMO / "dpo_eval.jsonl", *common, "--batch_size", 4))
-    a = load_file(tmp_path / "ddp/out/dpo/model.safetensors")
-    b = load_file(tmp_path / "one/out/dpo/model.safetensors")
-    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+    assert max_weight_diff(tmp_path / "ddp/out/dpo", tmp_path / "one/out/dpo") <= 1e-5
     # the reference table was split over the ranks and summed back: both runs scored every pair identically
     torch.testing.assert_close(torch.load(tmp_path / "ddp/out/dpo/ref_logps.pt", weights_only=True),
                                torch.load(tmp_path / "one/out/dpo/ref_logps.pt", weights_only=True))

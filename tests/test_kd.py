@@ -1,14 +1,11 @@
 """Stage 3, knowledge distillation: the loss reduces to SFT at alpha=1, white-box KL falls on held-out items,
 black-box trains on 1024-token rows, vocab mismatches are errors, 2 gloo ranks == 1 process."""
 
-import os
-import subprocess
-import sys
 from functools import partial
 
 import pytest
 import torch
-from conftest import ROOT, load_script, make_model, tiny_args, write_jsonl
+from conftest import ROOT, load_script, make_model, max_weight_diff, tiny_args, torchrun_2, write_jsonl
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
@@ -105,13 +102,8 @@ def test_teacher_with_a_smaller_vocabulary_is_an_error(tmp_path, tokenizer):
 @pytest.mark.slow
 def test_kd_under_two_gloo_ranks_matches_one_process(tmp_path, models):
     student, teacher = models
-    common = ["--from", str(student), "--teacher", str(teacher), "--max_steps", "3", "--learning_rate", "1e-3",
-              "--max_seq_len", "128", "--save_interval", "100"]
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    str(ROOT / "3-KD.py"), *tiny_args(tmp_path / "ddp", DEMO / "sft_eval.jsonl", *common,
-                                                      "--batch_size", 2)],
-                   check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=ROOT, timeout=300)
+    common = ["--from", student, "--teacher", teacher, "--max_steps", 3, "--learning_rate", 1e-3, "--max_seq_len", 128,
+              "--save_interval", 100]
+    torchrun_2("3-KD.py", tiny_args(tmp_path / "ddp", DEMO / "sft_eval.jsonl", *common, "--batch_size", 2))
     kd.main(tiny_args(tmp_path / "one", DEMO / "sft_eval.jsonl", *common, "--batch_size", 4))
-    a = load_file(tmp_path / "ddp/out/kd/model.safetensors")
-    b = load_file(tmp_path / "one/out/kd/model.safetensors")
-    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+    assert max_weight_diff(tmp_path / "ddp/out/kd", tmp_path / "one/out/kd") <= 1e-5

@@ -4,12 +4,10 @@ checkpoints and logs are written, bad data is handled."""
 import json
 import os
 import random
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import ROOT, load_script, tiny_args, write_jsonl
+from conftest import load_script, max_weight_diff, tiny_args, torchrun_2, write_jsonl
 from safetensors.torch import load_file
 
 from model import MicroLMForCausalLM
@@ -219,14 +217,9 @@ def test_lr_warms_up_then_decays_to_the_floor():
 @pytest.mark.slow
 def test_ddp_two_ranks_match_one_process_on_the_same_global_batch(tmp_path, pretrain_file):
     common = ["--max_seq_len", "32", "--max_steps", "4", "--learning_rate", "1e-3", "--save_interval", "100"]
-    script = str(ROOT / "1-pretrain.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script,
-                    *tiny_args(tmp_path / "ddp", pretrain_file, *common, "--batch_size", 2)],
-                   check=True, env=env, cwd=ROOT, timeout=300)
+    torchrun_2("1-pretrain.py", tiny_args(tmp_path / "ddp", pretrain_file, *common, "--batch_size", 2))
     pretrain.main(tiny_args(tmp_path / "single", pretrain_file, *common, "--batch_size", 4))
-    ddp, single = _weights(tmp_path / "ddp/out/pretrain"), _weights(tmp_path / "single/out/pretrain")
-    assert max((ddp[k] - single[k]).abs().max().item() for k in ddp) <= 1e-5
+    assert max_weight_diff(tmp_path / "ddp/out/pretrain", tmp_path / "single/out/pretrain") <= 1e-5
     # each rank wrote its own RNG stream, rank 0 the rest: both ranks ended on the same step
     resume = tmp_path / "ddp/out/pretrain/resume"
     assert (resume / "rng_rank0.pt").exists() and (resume / "rng_rank1.pt").exists()
