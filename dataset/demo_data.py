@@ -2,7 +2,7 @@
 
 One small world -- countries, animals, people, colours -- plus sums of small numbers, told as plain text for
 pretraining and asked about as chats in the later stages. Some facts and sums are held out: they appear in
-pretrain.jsonl only, and sft_eval.jsonl / dpo_eval.jsonl ask about them, so a stage can only answer them by surfacing
+pretrain.jsonl only, and sft_eval / kd_eval / dpo_eval ask about them, so a stage can only answer them by surfacing
 what pretraining stored. Every answer is templated, so `dataset/demo_metrics.py` can check it.
 
     python dataset/demo_data.py                          # rewrites dataset/demo/ byte for byte
@@ -468,6 +468,15 @@ class Curriculum:
             rows.append({"conversations": msgs})
         return rows
 
+    def kd_eval(self, n=100):
+        """Teacher answers about the held-out facts: each fact once per language, then random ones up to n."""
+        rng = self.rng("kd_eval")
+        combos = [(f, lang) for f in self.held for lang in LANGS]
+        combos += [(rng.choice(self.held), rng.choice(LANGS)) for _ in range(max(0, n - len(combos)))]
+        return [{"conversations": self.maybe_system(rng, lang) + [
+            {"role": "user", "content": rng.choice(fact.questions[lang])},
+            {"role": "assistant", "content": self.rich_answer(rng, fact, lang)}]} for fact, lang in combos[:n]]
+
     # ---------------------------------------------------------------------------------------- 4 DPO
 
     def dpo_pair(self, rng, fact, lang, context):
@@ -629,6 +638,7 @@ class Curriculum:
         lora, lora_eval = self.medical()
         files = {"pretrain.jsonl": pretrain, "pretrain_eval.jsonl": self.pretrain_eval(pretrain),
                  "sft.jsonl": self.sft(), "sft_eval.jsonl": self.sft_eval(), "kd.jsonl": self.kd(),
+                 "kd_eval.jsonl": self.kd_eval(),
                  "dpo.jsonl": self.dpo(), "dpo_eval.jsonl": self.dpo_eval(),
                  "lora_medical.jsonl": lora, "lora_medical_eval.jsonl": lora_eval}
         reasoning = self.reasoning()
@@ -696,7 +706,8 @@ MED_ANSWER = "根据您的描述，建议您到{dept}就诊。{advice}（仅供�
 
 TRAIN_CHAT_FILES = ["sft.jsonl", "kd.jsonl", "dpo.jsonl", "lora_medical.jsonl", "reason.jsonl",
                     "reason_prompts.jsonl"]
-EVAL_OF = {"pretrain.jsonl": "pretrain_eval.jsonl", "sft.jsonl": "sft_eval.jsonl", "dpo.jsonl": "dpo_eval.jsonl",
+EVAL_OF = {"pretrain.jsonl": "pretrain_eval.jsonl", "sft.jsonl": "sft_eval.jsonl", "kd.jsonl": "kd_eval.jsonl",
+           "dpo.jsonl": "dpo_eval.jsonl",
            "lora_medical.jsonl": "lora_medical_eval.jsonl", "reason.jsonl": "reason_eval.jsonl"}
 
 
@@ -749,6 +760,7 @@ def readme(files, seed):
                            "the pretraining text states"),
         "kd.jsonl": ("3 KD", "较长的多轮对话，回答更丰富（sft_1024 格式）", "longer multi-turn chats with richer "
                      "answers (sft_1024 format)"),
+        "kd_eval.jsonl": ("3 KD", "关于留出事实的教师式回答", "teacher-style answers about the held-out facts"),
         "dpo.jsonl": ("4 DPO", "chosen 为正确的模板答案；rejected 为错误事实/算式、拒答、粗鲁或啰嗦的错误回答",
                       "chosen: the correct templated answer; rejected: a wrong fact or sum, a refusal, a rude or a "
                       "rambling wrong reply"),
@@ -776,13 +788,13 @@ def readme(files, seed):
         f"World: {len(COUNTRIES)} countries, {len(ANIMALS)} animals, {len(PEOPLE)} people, {len(THINGS)} things "
         f"({len(world)} facts) and every sum and difference up to {MAX_SUM} ({len(arith)}), in Chinese and English. "
         f"{n_held_world} facts and {n_held_arith} sums are held out: only `pretrain.jsonl` states them, "
-        "`sft_eval` / `dpo_eval` ask about them, no other file mentions them. Every `*_eval` file is disjoint from "
+        "`sft_eval` / `kd_eval` / `dpo_eval` ask about them, no other file mentions them. Every `*_eval` file is disjoint from "
         "training. Metrics: `dataset/demo_metrics.py`. GRPO: prompt = `conversations[:-1]`, reference = the number "
         "in the last reply's `<answer>`.",
         "",
         f"小世界：{len(COUNTRIES)} 个国家、{len(ANIMALS)} 种动物、{len(PEOPLE)} 个人、{len(THINGS)} 种东西（共 {len(world)} "
         f"条事实），以及 {MAX_SUM} 以内的全部加减法（{len(arith)} 条），中英双语。其中 {n_held_world} 条事实和 "
-        f"{n_held_arith} 道算式被留出：只在 `pretrain.jsonl` 中陈述，由 `sft_eval` / `dpo_eval` 考查，其他文件都不出现。"
+        f"{n_held_arith} 道算式被留出：只在 `pretrain.jsonl` 中陈述，由 `sft_eval` / `kd_eval` / `dpo_eval` 考查，其他文件都不出现。"
         "所有 `*_eval` 文件与训练数据不重叠。评测函数见 `dataset/demo_metrics.py`。GRPO：提示为 `conversations[:-1]`，"
         "参考答案是最后一条回复 `<answer>` 中的数字。",
         "",

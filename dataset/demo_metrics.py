@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .demo_data import occurs
+from .rewards import correctness_reward, is_well_formatted
 
 
 def load_jsonl(path) -> list:
@@ -79,58 +80,6 @@ def department_of(text: str):
     """The first department a medical reply sends the patient to ("建议您到呼吸内科就诊" -> "呼吸内科"), or None."""
     m = _DEPARTMENT.search(text)
     return m.group(1) if m else None
-
-
-TAGS = ("<think>", "</think>", "<answer>", "</answer>")
-_FORMAT = re.compile(r"<think>(.*?)</think>\s*<answer>(.*?)</answer>", re.S)
-_INT = re.compile(r"-?\d+")
-
-
-def is_well_formatted(text: str) -> bool:
-    """The whole reply (outer whitespace aside) is `<think>…</think>`, optional whitespace, `<answer>…</answer>`:
-    each tag exactly once, both parts non-empty, nothing before or after."""
-    t = text.strip()
-    if any(t.count(tag) != 1 for tag in TAGS):
-        return False
-    m = _FORMAT.fullmatch(t)
-    return m is not None and bool(m.group(1).strip()) and bool(m.group(2).strip())
-
-
-def format_reward(text: str) -> float:
-    """GRPO format reward: 1.0 for a well-formed reply (`is_well_formatted`); otherwise 0.1 for each of the four tags
-    that occurs exactly once (at most 0.4), a gradient toward the format that never equals getting it right."""
-    if is_well_formatted(text):
-        return 1.0
-    return 0.1 * sum(text.count(tag) == 1 for tag in TAGS)
-
-
-def extract_answer(text: str):
-    """The stripped text between the only `<answer>` and the only `</answer>` after it, else None."""
-    if text.count("<answer>") != 1 or text.count("</answer>") != 1:
-        return None
-    start, end = text.index("<answer>") + len("<answer>"), text.index("</answer>")
-    return text[start:end].strip() if start <= end else None
-
-
-def reference_number(reference) -> int:
-    """An int, a number string, or a whole reference reply with an <answer> block -> the one integer it states."""
-    if isinstance(reference, int):
-        return reference
-    answer = extract_answer(reference)
-    numbers = _INT.findall(answer if answer is not None else reference)
-    if len(numbers) != 1:
-        raise ValueError(f"reference {reference!r} does not state exactly one integer")
-    return int(numbers[0])
-
-
-def correctness_reward(text: str, reference_answer) -> float:
-    """GRPO answer reward: 1.0 if the reply has exactly one `<answer>…</answer>` block, that block states exactly one
-    integer, and it equals the reference ("8", "8个", "答案是8" all count; "7 or 8" does not); else 0.0."""
-    answer = extract_answer(text)
-    if answer is None:
-        return 0.0
-    numbers = _INT.findall(answer)
-    return 1.0 if len(numbers) == 1 and int(numbers[0]) == reference_number(reference_answer) else 0.0
 
 
 # ----------------------------------------------------------------------------------------------------- model helpers

@@ -171,7 +171,9 @@ class MoEFeedForward(nn.Module):
         chunks = x[token_idx].split(counts)
         out = torch.cat([expert(chunk) for expert, chunk in zip(self.experts, chunks)])
         out = out * weights.flatten()[order].unsqueeze(-1).to(out.dtype)
-        y = torch.zeros_like(x).index_add_(0, token_idx, out)
+        # summed in fp32: under autocast the experts return bf16/fp16 while x (the residual stream) stays fp32
+        y = torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, token_idx, out.float())
+        y = y.to(out.dtype)
         for shared in self.shared_experts:
             y = y + shared(x)
 

@@ -13,14 +13,14 @@ from transformers import AutoTokenizer
 
 from dataset import demo_data
 from dataset.demo_data import occurs
-from dataset.demo_metrics import (answer_key, contains_answer, correctness_reward, department_of, exact_match,
-                                  format_reward, is_well_formatted, load_jsonl, normalize, preference_accuracy,
-                                  pretrain_perplexity, qa_accuracy, reasoning_scores, reply_ids, reply_logps,
-                                  reply_loss, split_item)
+from dataset.demo_metrics import (answer_key, contains_answer, department_of, exact_match, first_sentence, load_jsonl,
+                                  normalize, preference_accuracy, pretrain_perplexity, qa_accuracy, reasoning_scores,
+                                  reply_ids, reply_logps, reply_loss, split_item)
+from dataset.rewards import correctness_reward, format_reward, is_well_formatted
 from model import TOKENIZER_DIR
 
 DEMO = ROOT / "dataset" / "demo"
-CHAT_FILES = ["sft.jsonl", "sft_eval.jsonl", "kd.jsonl", "lora_medical.jsonl", "lora_medical_eval.jsonl",
+CHAT_FILES = ["sft.jsonl", "sft_eval.jsonl", "kd.jsonl", "kd_eval.jsonl", "lora_medical.jsonl", "lora_medical_eval.jsonl",
               "reason.jsonl", "reason_eval.jsonl", "reason_prompts.jsonl"]
 DPO_FILES = ["dpo.jsonl", "dpo_eval.jsonl"]
 TEXT_FILES = ["pretrain.jsonl", "pretrain_eval.jsonl"]
@@ -72,8 +72,8 @@ def test_sizes_and_row_counts():
     counts = {name: sum(1 for _ in open(DEMO / name, encoding="utf-8")) for name in CHAT_FILES + DPO_FILES}
     assert counts["sft.jsonl"] == 3000 and counts["kd.jsonl"] == 500 and counts["dpo.jsonl"] == 1500
     assert counts["lora_medical.jsonl"] == 1000 and counts["reason.jsonl"] == 1500
-    assert 80 <= min(counts[n] for n in ["sft_eval.jsonl", "dpo_eval.jsonl", "lora_medical_eval.jsonl",
-                                         "reason_eval.jsonl"])
+    assert 80 <= min(counts[n] for n in ["sft_eval.jsonl", "kd_eval.jsonl", "dpo_eval.jsonl",
+                                         "lora_medical_eval.jsonl", "reason_eval.jsonl"])
     assert 1_000_000 <= (DEMO / "pretrain.jsonl").stat().st_size <= 2_000_000
     assert sum(p.stat().st_size for p in DEMO.iterdir() if p.suffix in (".jsonl", ".md")) < 5 * 1024 * 1024
 
@@ -152,12 +152,13 @@ def test_kd_has_long_multi_turn_rows(demo, tokenizer):
 # ---------------------------------------------------------------------------------------------------- held out
 
 def test_held_out_answers_occur_only_in_pretraining_text(demo):
-    """What sft_eval / dpo_eval ask is stated in pretrain.jsonl and in no training chat -- judged by the same rule
+    """What sft_eval / kd_eval / dpo_eval ask is stated in pretrain.jsonl and in no training chat -- judged by the same rule
     as the metric (`contains_answer`), so a model can only answer from what pretraining stored."""
     pretrain = normalize(texts_of(demo["pretrain.jsonl"]))
     training = {name: normalize(texts_of(demo[name])) for name in TRAIN_CHAT_FILES}
     keys = {answer_key(split_item(r)[1]) for r in demo["sft_eval.jsonl"]}
     keys |= {answer_key(r["chosen"][-1]["content"]) for r in demo["dpo_eval.jsonl"]}
+    keys |= {answer_key(first_sentence(split_item(r)[1])) for r in demo["kd_eval.jsonl"]}  # rich answers lead with it
     assert len(keys) >= 50
     for key in sorted(keys):
         assert occurs(key, pretrain), f"{key!r} is asked in an eval file but never stated in pretraining"
@@ -166,7 +167,7 @@ def test_held_out_answers_occur_only_in_pretraining_text(demo):
 
 
 @pytest.mark.parametrize("train,held", [("pretrain.jsonl", "pretrain_eval.jsonl"), ("sft.jsonl", "sft_eval.jsonl"),
-                                        ("dpo.jsonl", "dpo_eval.jsonl"),
+                                        ("kd.jsonl", "kd_eval.jsonl"), ("dpo.jsonl", "dpo_eval.jsonl"),
                                         ("lora_medical.jsonl", "lora_medical_eval.jsonl"),
                                         ("reason.jsonl", "reason_eval.jsonl"),
                                         ("reason_prompts.jsonl", "reason_eval.jsonl")])

@@ -196,13 +196,14 @@ class Trainer:
 
     # -- training -----------------------------------------------------------------------------------------------------
     def fit(self, model, dataset, collate_fn=None, loss_fn=lm_loss, count_fn=count_label_tokens, save_fn=None,
-            shuffle: bool = True) -> dict:
+            shuffle: bool = True, curve: str = "loss") -> dict:
         """Train `model` on `dataset`; returns a summary (steps, losses, seconds) for the demo runner.
 
         loss_fn(model, batch) -> (summed loss, {name: summed metric}); count_fn(batch) -> how many units those
         sums cover (label tokens by default, pairs for DPO); metrics are logged as per-unit means. The engine divides by the count over the whole optimizer step
         and all ranks, so batch 2 x accumulation 2 == batch 4 x accumulation 1 == 2 ranks x batch 2, whatever the
-        padding. save_fn(model, folder) replaces the default save_pretrained (LoRA saves only its adapter).
+        padding. save_fn(model, folder) replaces the default save_pretrained (LoRA saves only its adapter). curve: what
+        the PNG shows, "loss" or one of loss_fn's metrics (GRPO: "reward"; its loss hovers near 0 by construction).
         """
         args, env = self.args, self.env
         A, B, W = args.accumulation_steps, args.batch_size, env.world_size
@@ -222,7 +223,8 @@ class Trainer:
                                       betas=(0.9, 0.95), fused=fused or None)
         scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
 
-        state = {"step": 0, "epoch": 0, "row": 0, "history": [], "run_id": None, "bad_steps": 0}
+        state = {"step": 0, "epoch": 0, "row": 0, "history": [], "metric_history": [], "run_id": None,
+                 "bad_steps": 0}
         resume_path = ckpt.find_resume(self.stage_dir) if args.resume else None
         if resume_path is not None:
             state = ckpt.load_resume(resume_path, model, optimizer, scaler, env.rank)
@@ -249,6 +251,7 @@ class Trainer:
                    dynamic_ncols=True)
 
         t0, tokens_seen, last_metrics = time.time(), 0, {}
+        warm = None  # (time, tokens) after the first step: throughput without start-up and compilation
         pending, empty_rows, consecutive_bad = [], torch.zeros((), device=self.device), state["bad_steps"]
         done = state["step"] >= total_steps
         model.train()
@@ -300,6 +303,9 @@ class Trainer:
                 state["bad_steps"] = consecutive_bad
                 pending.append((step_loss, step_metrics))
                 bar.update(1)
+                t_step = time.time()
+                if warm is None:
+                    warm = (t_step, tokens_seen)
                 if not finite:
                     self.log(f"step {state['step']}: non-finite loss or gradient, update skipped "
                              f"({consecutive_bad} in a row)")
@@ -337,13 +343,20 @@ class Trainer:
         history = state["history"]
         seconds = time.time() - t0
         if env.is_main and history:
-            png = Path(args.image_dir) / f"{self.stage}_loss.png"
-            plot_loss(history, png, f"{self.stage} loss")
+            png = Path(args.image_dir) / f"{self.stage}_{curve}.png"
+            if curve == "loss":
+                plot_loss(history, png, f"{self.stage} loss")
+            else:  # logged as means over each --log_interval
+                plot_loss([(s, m[curve]) for s, m in state.get("metric_history", []) if curve in m], png,
+                          f"{self.stage} {curve}", ylabel=curve)
             self.log(f"loss {history[0][1]:.3f} -> {history[-1][1]:.3f} over {state['step']} steps; curve: {png}")
         if tracker:
             tracker.finish()
         barrier()
+        steady = (tokens_seen - warm[1]) * W / (t_step - warm[0]) if warm and t_step > warm[0] else None
         return {"steps": state["step"], "history": history, "seconds": seconds, "metrics": last_metrics,
+                "metric_history": state.get("metric_history", []),
+                "tokens": tokens_seen * W, "tokens_per_s_after_first_step": steady,
                 "first_loss": history[0][1] if history else None, "last_loss": history[-1][1] if history else None}
 
     def _flush(self, pending, state, lr, grad_norm, tracker, bar, t0, tokens_seen) -> dict:
@@ -361,6 +374,8 @@ class Trainer:
         metrics = dict(zip(names, means.tolist())) if names else {}
         start = state["step"] - len(values) + 1
         state["history"].extend([s, v] for s, v in zip(range(start, state["step"] + 1), values))
+        if metrics:
+            state.setdefault("metric_history", []).append([state["step"], metrics])
         pending.clear()
         elapsed = time.time() - t0
         tok_s = tokens_seen * self.env.world_size / max(elapsed, 1e-9)
@@ -386,8 +401,9 @@ class Trainer:
 
 
 def stage_main(stage: str, build_parser, run, argv=None) -> dict:
-    """Shared entry point: parse args, build the Trainer, run the stage, tear the process group down."""
-    args = build_parser().parse_args(argv)
+    """Shared entry point: parse args (or take an already parsed Namespace), build the Trainer, run the stage, tear
+    the process group down."""
+    args = argv if isinstance(argv, argparse.Namespace) else build_parser().parse_args(argv)
     trainer = Trainer(args, stage)
     try:
         return run(trainer, args)

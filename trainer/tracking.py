@@ -40,8 +40,8 @@ class Tracker:
             self.run.finish()
 
 
-def plot_loss(history: list, path, title: str) -> None:
-    """history: [(step, loss), ...] -> a PNG of the raw curve and its moving average."""
+def plot_loss(history: list, path, title: str, ylabel: str = "loss") -> None:
+    """history: [(step, value), ...] -> a PNG of the raw curve and its moving average."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -53,10 +53,10 @@ def plot_loss(history: list, path, title: str) -> None:
     k = max(1, len(losses) // 20)
     smooth = [sum(losses[max(0, i - k + 1):i + 1]) / len(losses[max(0, i - k + 1):i + 1]) for i in range(len(losses))]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    ax.plot(steps, losses, alpha=0.35, label="loss")
+    ax.plot(steps, losses, alpha=0.35, label=ylabel)
     ax.plot(steps, smooth, label=f"moving average ({k})")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
