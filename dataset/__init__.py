@@ -3,7 +3,8 @@
 from .dpo import DPODataset, dpo_collate
 from .jsonl import BadLineError, JsonlFile
 from .pretrain import PretrainDataset
+from .reason import REASON_TAGS, PromptDataset, ReasonDataset, prompt_collate
 from .sft import SFTDataset, encode_chat, pad_collate
 
-__all__ = ["BadLineError", "DPODataset", "JsonlFile", "PretrainDataset", "SFTDataset", "dpo_collate", "encode_chat",
-           "pad_collate"]
+__all__ = ["BadLineError", "DPODataset", "JsonlFile", "PretrainDataset", "PromptDataset", "REASON_TAGS",
+           "ReasonDataset", "SFTDataset", "dpo_collate", "encode_chat", "pad_collate", "prompt_collate"]

@@ -274,8 +274,11 @@ class Curriculum:
     # ---------------------------------------------------------------------------------------- 1 pretrain
 
     def pretrain_doc(self, rng, lang, kind=None):
-        kind = kind or rng.choice(["entry", "entry", "facts", "facts", "facts", "drill", "drill", "story", "travel"])
+        kind = kind or rng.choice(["entry", "entry", "facts", "facts", "facts", "drill", "drill", "story", "travel",
+                                   "clinic" if lang == "zh" else "story"])
         j = JOIN[lang]
+        if kind == "clinic":
+            return self.clinic(rng, rng.choice(DEPARTMENTS))
         if kind == "entry":
             subject = rng.choice(self.world).subject
             return self.entry(rng, lang, subject)
@@ -324,6 +327,23 @@ class Curriculum:
                      rng.choice(FILLER["en"])]
         return JOIN[lang].join(parts)
 
+    def clinic(self, rng, department):
+        """General text about a hospital department (zh): the words the LoRA stage's medical chats use, so that the
+        base model knows them -- a domain adapter sharpens what a base model has read, it cannot learn new tokens
+        through frozen embeddings. No question is asked in the chat templates' words."""
+        dept, symptoms, advice = department
+        a, b = rng.sample(symptoms, 2)
+        who, dur = rng.choice(MED_WHO[1:]), rng.choice(MED_DUR)
+        if rng.random() < 0.5:
+            parts = [f"{dept}是医院里的一个科室。", f"{a}、{b}的病人常常到{dept}就诊。",
+                     f"{who[1:]}{dur}{rng.choice(symptoms)}，到医院挂了{dept}的号。",
+                     f"医生根据病人的描述给出建议：{advice}", "网上的建议仅供参考，请以医生面诊为准。"]
+            rng.shuffle(parts)
+            return "".join(parts)
+        return (f"病人说：“医生您好，请问我这种情况应该看什么科？”医生问：“您{a}多久了？还有哪里不舒服吗？”"
+                f"病人说：“{rng.choice(MED_DUR2)}了，一直没好，还有点{b}。”"
+                f"医生说：“根据您的描述，建议您到{dept}就诊，比较稳妥。”（{advice}）")
+
     def travel(self, rng, lang):
         p, country = rng.choice(PEOPLE), rng.choice(COUNTRIES)
         facts = {f.kind: f for f in self.world if f.subject in (p[0], country[0])}
@@ -348,6 +368,7 @@ class Curriculum:
             docs += [self.entry(rng, lang, s) for s in subjects]
             arith = [f.answer[lang] for f in self.arith]
             docs += [JOIN[lang].join(arith[i:i + 12]) for i in range(0, len(arith), 12)]
+        docs += [self.clinic(rng, d) for d in DEPARTMENTS]
         size = sum(len(d.encode()) for d in docs)
         while size < target_bytes:
             lang = rng.choice(LANGS)
@@ -660,6 +681,8 @@ class Curriculum:
         for train, held in EVAL_OF.items():
             train_rows = {json.dumps(r, ensure_ascii=False) for r in files[train]}
             assert not any(json.dumps(r, ensure_ascii=False) in train_rows for r in files[held]), (train, held)
+        medical_questions = [r["conversations"][0]["content"] for r in files["lora_medical_eval.jsonl"]]
+        assert not any(q in pretrain for q in medical_questions), "a held-out medical question is in pretraining"
         for held, trains in [("reason_eval.jsonl", ["reason.jsonl", "reason_prompts.jsonl"]),
                              ("lora_medical_eval.jsonl", ["lora_medical.jsonl"])]:
             asked = {r["conversations"][0]["content"] for name in trains for r in files[name]}
@@ -750,9 +773,9 @@ def readme(files, seed):
     counts = {name: len(rows) for name, rows in files.items()}
     sizes = {name: len(to_jsonl(rows)) for name, rows in files.items()}
     desc = {
-        "pretrain.jsonl": ("1 pretrain", "短文：国家、动物、人物、颜色的事实，10 以内加减法的句子，小故事",
+        "pretrain.jsonl": ("1 pretrain", "短文：国家、动物、人物、颜色的事实，10 以内加减法的句子，小故事，医院科室简介",
                            "short texts: facts about countries, animals, people, colours; small sums as "
-                           "sentences; little stories"),
+                           "sentences; little stories; hospital departments (zh)"),
         "pretrain_eval.jsonl": ("1 pretrain", "同分布的留出文本，用于困惑度", "held-out texts of the same kind, for "
                                 "perplexity"),
         "sft.jsonl": ("2 SFT", "单轮/多轮问答，部分带 system", "single- and multi-turn Q&A, some with a system turn"),

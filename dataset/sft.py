@@ -28,9 +28,11 @@ def assistant_char_spans(tokenizer, messages, text: str) -> list[tuple[int, int]
     return spans
 
 
-def encode_chat(tokenizer, messages, max_seq_len: int, last_reply_only: bool = False) -> dict:
+def encode_chat(tokenizer, messages, max_seq_len: int, last_reply_only: bool = False, mark=()) -> dict:
     """input_ids and labels (-100 everywhere but assistant replies and their eos), truncated to max_seq_len.
-    last_reply_only: label only the final reply (the response a preference pair compares)."""
+    last_reply_only: label only the final reply (the response a preference pair compares).
+    mark: strings (e.g. "<think>") whose occurrences inside the labelled replies are returned as a bool "marked"
+    tensor over the tokens that cover them -- by characters, so it is right however the tokenizer splits them."""
     text = tokenizer.apply_chat_template(messages, tokenize=False)
     spans = assistant_char_spans(tokenizer, messages, text)
     if last_reply_only:
@@ -42,8 +44,20 @@ def encode_chat(tokenizer, messages, max_seq_len: int, last_reply_only: bool = F
             span += 1
         inside = span < len(spans) and spans[span][0] <= start < spans[span][1]
         labels.append(tok if inside else -100)
-    return {"input_ids": torch.tensor(enc["input_ids"][:max_seq_len]),
-            "labels": torch.tensor(labels[:max_seq_len])}
+    out = {"input_ids": torch.tensor(enc["input_ids"][:max_seq_len]), "labels": torch.tensor(labels[:max_seq_len])}
+    if mark:
+        found = [(i, i + len(m)) for s, e in spans for m in mark for i in _find_all(text, m, s, e)]
+        marked = [label != -100 and any(a < fe and b > fs for fs, fe in found)
+                  for label, (a, b) in zip(labels, enc["offset_mapping"])]
+        out["marked"] = torch.tensor(marked[:max_seq_len], dtype=torch.bool)
+    return out
+
+
+def _find_all(text: str, sub: str, start: int, end: int):
+    i = text.find(sub, start, end)
+    while i >= 0:
+        yield i
+        i = text.find(sub, i + len(sub), end)
 
 
 class SFTDataset(Dataset):
@@ -59,11 +73,16 @@ class SFTDataset(Dataset):
 
 
 def pad_collate(rows, pad_id: int = 0) -> dict:
-    """Right-pad a list of {input_ids, labels} to the longest row of the batch (not to max_seq_len)."""
+    """Right-pad a list of {input_ids, labels[, weights]} to the longest row of the batch (not to max_seq_len)."""
     n = max(len(r["input_ids"]) for r in rows)
     input_ids = torch.full((len(rows), n), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), n), -100, dtype=torch.long)
     for i, r in enumerate(rows):
         input_ids[i, :len(r["input_ids"])] = r["input_ids"]
         labels[i, :len(r["labels"])] = r["labels"]
-    return {"input_ids": input_ids, "labels": labels}
+    batch = {"input_ids": input_ids, "labels": labels}
+    if "weights" in rows[0]:
+        batch["weights"] = torch.zeros((len(rows), n))
+        for i, r in enumerate(rows):
+            batch["weights"][i, :len(r["weights"])] = r["weights"]
+    return batch

@@ -136,10 +136,13 @@ def save_adapter(model: nn.Module, out_dir, base_model_name_or_path: str | None 
         "inference_mode": True, "modules_to_save": None,
         "base_model_name_or_path": base_model_name_or_path or getattr(model, "name_or_path", None) or None,
     }
+    # each file is written aside and renamed into place: a crash mid-save leaves the previous adapter readable
     tmp = out / (ADAPTER_WEIGHTS + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": "pt"})
+    tmp_cfg = out / (ADAPTER_CONFIG + ".tmp")
+    tmp_cfg.write_text(json.dumps(peft_config, indent=2, ensure_ascii=False))
+    tmp_cfg.replace(out / ADAPTER_CONFIG)
     tmp.replace(out / ADAPTER_WEIGHTS)
-    (out / ADAPTER_CONFIG).write_text(json.dumps(peft_config, indent=2, ensure_ascii=False))
     return out
 
 
@@ -174,3 +177,20 @@ def load_adapter(model: nn.Module, adapter_dir) -> nn.Module:
         for k, v in tensors.items():
             params[k].copy_(v)
     return model
+
+
+def is_adapter_dir(path) -> bool:
+    return (Path(path) / ADAPTER_CONFIG).exists()
+
+
+def from_adapter(adapter_dir, base=None, **from_pretrained_kwargs) -> nn.Module:
+    """Base model + adapter, ready for inference: `base` (a folder) or the adapter's `base_model_name_or_path`."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text())
+    base = base or cfg.get("base_model_name_or_path")
+    if not base or not Path(base).exists():
+        raise FileNotFoundError(f"adapter {adapter_dir} needs its base model: {base!r} does not exist; pass the base "
+                                f"checkpoint folder explicitly")
+    model = AutoModelForCausalLM.from_pretrained(base, **from_pretrained_kwargs)
+    return load_adapter(model, adapter_dir)

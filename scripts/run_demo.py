@@ -21,7 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dataset import demo_metrics as metrics  # noqa: E402
+from dataset.rewards import correctness_reward, format_reward  # noqa: E402
 from model import MicroLMForCausalLM  # noqa: E402
+from model.lora import from_adapter, is_adapter_dir  # noqa: E402
 
 DEMO = ROOT / "dataset" / "demo"
 # the demo model: ~1.6M parameters, trains a few hundred steps a minute on 2 CPU cores
@@ -39,6 +41,13 @@ STAGES = {
     # DPO keeps the stage's default learning rate (1e-6): the README's sweep on this demo shows why
     "dpo": ("4-RLHF.py", ["--data_path", DEMO / "dpo.jsonl", "--from", "kd", "--epochs", 1, "--batch_size", 8,
                           "--max_seq_len", 256, "--precompute_ref"]),
+    "lora": ("5-LoRA.py", ["--data_path", DEMO / "lora_medical.jsonl", "--from", "dpo", "--epochs", 3,
+                           "--batch_size", 16, "--max_seq_len", 256, "--learning_rate", 5e-3, "--lora_rank", 16]),
+    "reason": ("6-reason.py", ["--data_path", DEMO / "reason.jsonl", "--from", "dpo", "--epochs", 2,
+                               "--batch_size", 16, "--max_seq_len", 256, "--learning_rate", 1e-3]),
+    "grpo": ("6-reason.py", ["--method", "grpo", "--data_path", DEMO / "reason_prompts.jsonl", "--from", "reason",
+                             "--max_steps", 30, "--batch_size", 4, "--num_generations", 4, "--max_new_tokens", 128,
+                             "--learning_rate", 1e-4]),
 }
 
 
@@ -62,9 +71,22 @@ def teacher_answer_loss(model, tokenizer) -> float:
     return metrics.reply_loss(model, tokenizer, metrics.load_jsonl(DEMO / "kd_eval.jsonl"))["loss"]
 
 
+def reason_metrics(model, tokenizer) -> dict:
+    """Held-out word problems: share of greedy replies in the think/answer format, share with the right number,
+    and the mean GRPO reward (format + correctness) of those replies."""
+    items = metrics.load_jsonl(DEMO / "reason_eval.jsonl")
+    scores = metrics.reasoning_scores(model, tokenizer, items, return_generations=True)
+    references = [metrics.split_item(x)[1] for x in items]
+    reward = sum(format_reward(g) + correctness_reward(g, r) for g, r in zip(scores["generations"], references))
+    return {"format rate": scores["format_rate"], "answer accuracy": scores["answer_accuracy"],
+            "mean reward": reward / len(items)}
+
+
 def held_out_metric(stage, out_dir, tokenizer) -> dict:
     """The numbers that show what this stage taught, on items it never saw; "<x> before" is the previous stage's."""
     def load(name):
+        if is_adapter_dir(out_dir / name):
+            return from_adapter(out_dir / name).eval()
         return MicroLMForCausalLM.from_pretrained(out_dir / name).eval()
 
     def with_before(measure, start):
@@ -87,6 +109,14 @@ def held_out_metric(stage, out_dir, tokenizer) -> dict:
                 "preference accuracy before": metrics.preference_accuracy(start, tokenizer, pairs)["accuracy"],
                 # TRL's rewards/accuracies on held-out pairs: did training move chosen above rejected vs the start?
                 "reward accuracy": metrics.preference_accuracy(model, tokenizer, pairs, ref_model=start)["accuracy"]}
+    if stage == "lora":  # the medical domain: which department the reply sends a patient to, on unseen phrasings
+        def medical(m, tok):
+            items = metrics.load_jsonl(DEMO / "lora_medical_eval.jsonl")
+            return {"department accuracy": metrics.domain_accuracy(m, tok, items)["accuracy"],
+                    "reply loss": metrics.reply_loss(m, tok, items)["loss"]}
+        return with_before(medical, "dpo")
+    if stage in ("reason", "grpo"):
+        return with_before(reason_metrics, "dpo" if stage == "reason" else "reason")
     raise ValueError(stage)
 
 
@@ -107,6 +137,9 @@ def run(stages, out_dir: Path, image_dir: Path, extra: list) -> list:
         row = {"stage": stage, "steps": summary["steps"], "curve": "loss", "first_loss": summary["first_loss"],
                "last_loss": summary["last_loss"], "train_seconds": seconds,
                "metrics": held_out_metric(stage, out_dir, tokenizer)}
+        if stage == "grpo":  # its loss sits near 0 by construction; the training reward is what moves
+            rewards = [m["reward"] for _, m in summary["metric_history"]]
+            row.update(curve="reward", first_loss=rewards[0], last_loss=rewards[-1])
         row["seconds"] = time.time() - t0
         results.append(row)
         print(f"[demo] {stage}: {row}", flush=True)
