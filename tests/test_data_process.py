@@ -1,0 +1,188 @@
+"""data_process.py, offline: fixtures in the real formats (Magpie parquet, GB18030 medical CSVs), conversions that
+load in the stage Datasets, validate finding exactly the planted bad lines, stats equal to a direct computation,
+and download / tokenizer with ModelScope replaced at its boundary."""
+
+import json
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import load_script, write_jsonl
+
+from dataset import DPODataset, SFTDataset
+from model import TOKENIZER_DIR
+
+dp = load_script("data_process.py")
+
+
+def _chat(q, a):
+    return [{"content": q, "role": "user"}, {"content": a, "role": "assistant"}]  # Magpie's key order
+
+
+def test_magpie_parquet_becomes_dpo_jsonl_batch_by_batch(tmp_path, tokenizer):
+    rows = [{"uuid": "1", "instruction": "写一首关于春天的诗", "chosen": _chat("写一首关于春天的诗", "春风吹绿了江南岸。"),
+             "rejected": _chat("写一首关于春天的诗", "不会。")},
+            {"uuid": "2", "instruction": "same", "chosen": _chat("q", "a"), "rejected": _chat("q", "a")},
+            {"uuid": "3", "instruction": "empty", "chosen": _chat("q", " "), "rejected": _chat("q", "b")},
+            {"uuid": "4", "instruction": "Hi", "chosen": _chat("Hi", "Hello! 你好"), "rejected": _chat("Hi", "Go away")}]
+    schema = pa.schema([("uuid", pa.string()), ("instruction", pa.string()),
+                        ("chosen", pa.list_(pa.struct([("content", pa.string()), ("role", pa.string())]))),
+                        ("rejected", pa.list_(pa.struct([("content", pa.string()), ("role", pa.string())])))])
+    pq.write_table(pa.Table.from_pylist(rows[:3], schema), tmp_path / "a.parquet", row_group_size=2)
+    pq.write_table(pa.Table.from_pylist(rows[3:], schema), tmp_path / "b.parquet")
+    out = tmp_path / "dpo.jsonl"
+    counts = dp.magpie([tmp_path / "a.parquet", tmp_path / "b.parquet"], out, batch_size=2)
+    assert counts == {"read": 4, "written": 2, "dropped: chosen == rejected": 1, "dropped: empty or malformed": 1}
+    lines = [json.loads(x) for x in out.read_text(encoding="utf-8").splitlines()]
+    assert lines[0] == {"chosen": [{"role": "user", "content": "写一首关于春天的诗"},
+                                   {"role": "assistant", "content": "春风吹绿了江南岸。"}],
+                        "rejected": [{"role": "user", "content": "写一首关于春天的诗"},
+                                     {"role": "assistant", "content": "不会。"}]}
+    data = DPODataset(out, tokenizer)
+    assert len(data) == 2 and not data.rows.bad_lines
+    labels = data[0]["chosen"]["labels"]
+    assert tokenizer.decode(labels[labels != -100]) == "春风吹绿了江南岸。<|im_end|>"
+
+
+def _medical_fixture(root):
+    """Two department folders of GB18030 CSVs: Chinese text, an empty row, a duplicate, a bad byte."""
+    header = "department,title,ask,answer\n"
+    (root / "IM_内科").mkdir(parents=True)
+    (root / "Pediatric_儿科").mkdir()
+    im = header + ("内科,高血压,  高血压患者能吃党参吗？ ,高血压病人可以口服党参，但要注意剂量。\n"
+                   "内科,空,,\n"
+                   "内科,头晕,最近总是头晕怎么办,建议测量血压，必要时到神经内科就诊。\n"
+                   "内科,头晕,最近总是头晕怎么办,建议测量血压，必要时到神经内科就诊。\n")
+    (root / "IM_内科" / "内科5000-33000.csv").write_bytes(im.encode("gb18030"))
+    kids = (header + "儿科,发烧,孩子发烧三十九度怎么办,先物理降温，超过三十八度五可以用退烧药。\n").encode("gb18030")
+    kids += "儿科,乱码,坏字节".encode("gb18030") + b"\xff\xfe" + ",回答\n".encode("gb18030")
+    (root / "Pediatric_儿科" / "儿科5-14000.csv").write_bytes(kids)
+
+
+def test_medical_csvs_become_sft_jsonl_deduplicated_shuffled_and_split(tmp_path, tokenizer):
+    _medical_fixture(tmp_path / "csv")
+    out, val = tmp_path / "med.jsonl", tmp_path / "med_val.jsonl"
+    counts = dp.medical(tmp_path / "csv", out, val_out=val, val_ratio=0.34, seed=1)
+    assert counts["read"] == 6
+    assert counts["dropped: empty"] == 1 and counts["dropped: duplicate"] == 1
+    assert counts["dropped: undecodable bytes"] == 1
+    assert counts["written"] + counts["validation"] == 3 and counts["validation"] == 1
+    assert counts["department IM_内科"] == 2 and counts["department Pediatric_儿科"] == 1
+    rows = [json.loads(x) for f in (out, val) for x in f.read_text(encoding="utf-8").splitlines()]
+    pairs = {(r["conversations"][0]["content"], r["conversations"][1]["content"]) for r in rows}
+    assert pairs == {("高血压患者能吃党参吗？", "高血压病人可以口服党参，但要注意剂量。"),
+                     ("最近总是头晕怎么办", "建议测量血压，必要时到神经内科就诊。"),
+                     ("孩子发烧三十九度怎么办", "先物理降温，超过三十八度五可以用退烧药。")}
+    data = SFTDataset(out, tokenizer)
+    item = data[0]
+    assert tokenizer.decode(item["labels"][item["labels"] != -100]) in {a + "<|im_end|>" for _, a in pairs}
+    # the same seed gives the same order; another seed another order (3 rows: compare whole files)
+    again = tmp_path / "again.jsonl"
+    dp.medical(tmp_path / "csv", again, val_out=tmp_path / "again_val.jsonl", val_ratio=0.34, seed=1)
+    assert again.read_bytes() == out.read_bytes()
+
+
+def test_validate_finds_exactly_the_planted_bad_lines(tmp_path, capsys):
+    good = {"conversations": [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！"}]}
+    lines = [json.dumps(good, ensure_ascii=False)] * 3
+    lines.insert(1, '{"conversations": [')  # 2: bad JSON
+    lines.insert(3, json.dumps({"messages": []}))  # 4: missing key
+    lines.insert(5, json.dumps({"conversations": good["conversations"][::-1]}, ensure_ascii=False))  # 6: role order
+    lines.append(lines[0])
+    lines.append(json.dumps({"conversations": [{"role": "user", "content": "q"},
+                                               {"role": "assistant", "content": "  "}]}))  # 8: empty content
+    path = tmp_path / "sft.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    result = dp.validate(path, "sft")
+    assert (result["good"], result["bad"]) == (4, 4)
+    assert [line for line, _ in result["first_bad"]] == [2, 4, 6, 8]
+    reasons = [r for _, r in result["first_bad"]]
+    assert "Expecting" in reasons[0] and "missing key" in reasons[1] and "roles" in reasons[2]
+    assert "empty content" in reasons[3]
+    with pytest.raises(SystemExit, match="4 bad line"):
+        dp.main(["validate", str(path), "--stage", "sft"])
+    assert f"{path}:6:" in capsys.readouterr().out
+    assert dp.main(["validate", str(path), "--stage", "sft", "--max_bad", "4"])["bad"] == 4
+
+
+def test_validate_reason_checks_the_think_answer_format(tmp_path):
+    ok = {"conversations": [{"role": "user", "content": "1+1?"},
+                            {"role": "assistant", "content": "<think>\n1+1=2\n</think>\n<answer>\n2\n</answer>"}]}
+    bad = {"conversations": [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2"}]}
+    path = write_jsonl(tmp_path / "r.jsonl", [ok, bad])
+    result = dp.validate(path, "reason")
+    assert (result["good"], result["bad"]) == (1, 1) and "think" in result["first_bad"][0][1]
+
+
+def test_stats_percentiles_equal_a_direct_computation(tmp_path, tokenizer):
+    rng = np.random.default_rng(0)
+    rows = [{"text": "猫" * int(n) + " cat" * int(m)} for n, m in zip(rng.integers(1, 300, 200),
+                                                                      rng.integers(0, 50, 200))]
+    path = write_jsonl(tmp_path / "pretrain.jsonl", rows)
+    result = dp.stats(path, tokenizer, sample=1000, image=tmp_path / "len.png")
+    lengths = [len(tokenizer(r["text"], add_special_tokens=False)["input_ids"]) for r in rows]
+    assert result["lines"] == result["sampled"] == 200
+    for p in (50, 90, 95, 99):
+        assert result[f"p{p}"] == pytest.approx(np.percentile(lengths, p))
+    assert result["max_seq_len_95"] == int(np.ceil(np.percentile(lengths, 95)))
+    assert result["mean"] == pytest.approx(np.mean(lengths)) and result["max"] == max(lengths)
+    assert (tmp_path / "len.png").stat().st_size > 5000
+    # sampled: a reservoir of 50 rows out of 200, the same 50 for the same seed
+    a, b = dp.stats(path, tokenizer, sample=50), dp.stats(path, tokenizer, sample=50)
+    assert a["sampled"] == 50 and a["lines"] == 200 and a == b
+
+
+def test_download_fetches_the_right_files_skips_complete_ones_and_explains_offline(tmp_path):
+    calls = []
+
+    def fake_fetch(dataset_id, file_name, local_dir):
+        calls.append((dataset_id, file_name))
+        local_dir.mkdir(parents=True, exist_ok=True)
+        (local_dir / file_name).write_text('{"text": "x"}\n')
+        return local_dir / file_name
+
+    (tmp_path / "dpo.jsonl").write_text("complete\n")
+    done = dp.download(["sft", "dpo", "r1_mix_1024.jsonl"], tmp_path, fetch=fake_fetch)
+    assert calls == [("gongjy/minimind_dataset", "sft_mini_512.jsonl"),
+                     ("gongjy/minimind_dataset", "r1_mix_1024.jsonl")]
+    assert done == {"downloaded": ["sft_mini_512.jsonl", "r1_mix_1024.jsonl"], "skipped": ["dpo.jsonl"]}
+    assert (tmp_path / "dpo.jsonl").read_text() == "complete\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dpo.jsonl", "r1_mix_1024.jsonl", "sft_mini_512.jsonl"]
+    assert set(dp.resolve_files(["all"])) == set(dp.STAGE_FILES.values())
+    with pytest.raises(SystemExit, match="unknown stage or file 'sfft'"):
+        dp.download(["sfft"], tmp_path, fetch=fake_fetch)
+
+    from modelscope.hub.errors import NetworkError
+
+    def offline(dataset_id, file_name, local_dir):
+        local_dir.mkdir(parents=True)  # as a real download starts writing before it gives up
+        raise NetworkError("Max retries exceeded")
+
+    with pytest.raises(SystemExit, match=r"could not reach ModelScope.*lora_medical\.jsonl.*modelscope\.cn/datasets"):
+        dp.download(["lora"], tmp_path, fetch=offline)
+    assert not (tmp_path / "lora_medical.jsonl").exists() and not (tmp_path / ".lora_medical.jsonl.part").exists()
+
+
+def test_tokenizer_is_fetched_checked_and_refused_when_unusable(tmp_path):
+    def fake_fetch(model_id, files, local_dir):
+        assert model_id == "gongjy/MiniMind2" and files == ["tokenizer.json", "tokenizer_config.json"]
+        shutil.copytree(TOKENIZER_DIR, local_dir)
+        return local_dir
+
+    out = dp.get_tokenizer(tmp_path / "tok", fetch=fake_fetch)
+    assert (out / "tokenizer.json").exists() and dp.check_tokenizer(out) == []
+
+    def no_template(model_id, files, local_dir):
+        fake_fetch(model_id, files, local_dir)
+        for name in ("chat_template.jinja",):
+            (local_dir / name).unlink(missing_ok=True)
+        cfg = json.loads((local_dir / "tokenizer_config.json").read_text())
+        cfg.pop("chat_template", None)
+        (local_dir / "tokenizer_config.json").write_text(json.dumps(cfg))
+        return local_dir
+
+    with pytest.raises(SystemExit, match="no chat template"):
+        dp.get_tokenizer(tmp_path / "tok2", fetch=no_template)
+    assert not (tmp_path / "tok2").exists()
