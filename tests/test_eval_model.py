@@ -1,0 +1,105 @@
+"""eval_model.py: non-interactive answers equal plain greedy generation, the REPL keeps exactly --history turns and
+/clear forgets them, long prompts are cut from the left with a notice, pretrain checkpoints continue raw text, the
+think part can be hidden, adapters load, a missing checkpoint names the stage that makes it."""
+
+import io
+
+import pytest
+import torch
+from conftest import load_script, make_model
+
+from dataset import demo_metrics as metrics
+from model.lora import apply_lora, from_adapter, save_adapter
+
+ev = load_script("eval_model.py")
+
+
+@pytest.fixture
+def out_dir(tmp_path, tokenizer):
+    model = make_model("tiny", seed=1)
+    for stage in ("sft", "pretrain"):
+        model.save_pretrained(tmp_path / stage)
+        tokenizer.save_pretrained(tmp_path / stage)
+    return tmp_path
+
+
+def run(argv, stdin=""):
+    out = io.StringIO()
+    result = ev.main([str(a) for a in argv], stdin=io.StringIO(stdin), out=out)
+    return result, out.getvalue()
+
+
+def test_prompts_file_answers_equal_greedy_generation(out_dir, tokenizer):
+    prompts = ["你好", "What is 3 plus 5?"]
+    (out_dir / "p.txt").write_text("\n".join(prompts) + "\n", encoding="utf-8")
+    answers, text = run(["--out_dir", out_dir, "--prompts", out_dir / "p.txt", "--temperature", 0,
+                         "--max_new_tokens", 12, "--show_speed"])
+    model = make_model("tiny", seed=1)
+    expected = metrics.generate_replies(model, tokenizer, [[{"role": "user", "content": p}] for p in prompts], 12)
+    assert answers == expected
+    assert text.count("[prompt ") == 2 and "> 你好" in text
+
+
+def test_repl_keeps_history_turns_and_clear_forgets(out_dir, tokenizer):
+    messages, text = run(["--out_dir", out_dir, "--temperature", 0, "--max_new_tokens", 4, "--history", 1],
+                         stdin="first\n/clear\nsecond\nthird\n/quit\n")
+    assert [m["content"] for m in messages if m["role"] == "user"] == ["second", "third"]
+    assert "[history cleared]" in text
+    args = ev.build_parser().parse_args(["--history", "1", "--max_new_tokens", "4"])
+    chat = ev.Chat(make_model("tiny"), tokenizer, args, raw_text=False, out=io.StringIO())
+    chat.messages = messages
+    prompt = tokenizer.decode(chat.prompt_ids("fourth"))
+    assert "third" in prompt and "fourth" in prompt and "second" not in prompt  # exactly one earlier turn
+
+
+def test_long_prompt_is_cut_from_the_left_with_a_notice(tokenizer):
+    args = ev.build_parser().parse_args(["--max_new_tokens", "2040"])
+    out = io.StringIO()
+    chat = ev.Chat(make_model("tiny"), tokenizer, args, raw_text=False, out=out)  # 2048-token context
+    ids = chat.prompt_ids("word " * 50)
+    assert len(ids) == 8 and "cut from the left to 8" in out.getvalue()
+    assert tokenizer.decode(ids).endswith("<|im_start|>assistant\n")  # the end (the question) is what stays
+
+
+def test_pretrain_checkpoint_continues_raw_text(out_dir, tokenizer):
+    answers, text = run(["--out_dir", out_dir, "--stage", "pretrain", "--auto", "--temperature", 0,
+                         "--max_new_tokens", 5])
+    assert "raw text" in text and len(answers) == len(ev.TEST_PROMPTS)
+    args = ev.build_parser().parse_args([])
+    ids = ev.Chat(make_model("tiny"), tokenizer, args, raw_text=True).prompt_ids("法国的首都是")
+    assert tokenizer.decode(ids) == tokenizer.bos_token + "法国的首都是"  # laid out as in pretraining, no roles
+
+
+def test_think_part_is_dimmed_or_hidden(tokenizer):
+    reply = ["<think>\n3加5", "等于8。\n</think>\n<answer>\n8\n</answer>"]
+    for hide, color in ((True, False), (False, True)):
+        out = io.StringIO()
+        printer = ev.Printer(tokenizer, out, hide_think=hide, color=color)
+        for chunk in reply:
+            printer.on_finalized_text(chunk)
+        shown = out.getvalue()
+        assert printer.text == "".join(reply)
+        if hide:
+            assert shown == "\n<answer>\n8\n</answer>"
+        else:
+            assert shown.startswith(ev.DIM + "<think>") and "8\n</answer>" in shown and ev.RESET in shown
+
+
+def test_adapter_loads_on_top_and_missing_checkpoint_names_its_stage(out_dir, tokenizer):
+    tuned = make_model("tiny", seed=1)
+    apply_lora(tuned, r=4, alpha=8)
+    with torch.no_grad():
+        for name, p in tuned.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    save_adapter(tuned, out_dir / "lora", base_model_name_or_path=str(out_dir / "sft"))
+    (out_dir / "p.txt").write_text("你好\n", encoding="utf-8")
+    expected = metrics.generate_replies(from_adapter(out_dir / "lora"), tokenizer,
+                                        [[{"role": "user", "content": "你好"}]], 10)
+    plain = metrics.generate_replies(make_model("tiny", seed=1), tokenizer, [[{"role": "user", "content": "你好"}]], 10)
+    common = ["--prompts", out_dir / "p.txt", "--temperature", 0, "--max_new_tokens", 10]
+    assert run(["--out_dir", out_dir, "--stage", "lora", *common])[0] == expected
+    assert run(["--model_path", out_dir / "sft", "--adapter", out_dir / "lora", *common])[0] == expected
+    assert expected != plain  # the adapter did change the answer
+    with pytest.raises(SystemExit, match=r"no checkpoint at .*dpo.*4-RLHF\.py"):
+        run(["--out_dir", out_dir, "--stage", "dpo", "--auto"])
