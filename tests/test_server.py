@@ -1,0 +1,123 @@
+"""scripts/serve_openai_api.py: the real server on a loopback port, driven by the official openai client (stream and
+not) and raw HTTP for bad input; max_tokens honoured, stop strings cut, concurrent requests all answered alike."""
+
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import uvicorn
+from conftest import load_script, make_model
+from openai import OpenAI
+
+from dataset import demo_metrics as metrics
+
+server = load_script("scripts/serve_openai_api.py")
+QUESTION = [{"role": "user", "content": "中国的首都是哪里？"}]
+
+
+@pytest.fixture(scope="module")
+def base_url():
+    from transformers import AutoTokenizer
+
+    from model import TOKENIZER_DIR
+
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    app = server.create_app(tiny(), tokenizer, "microlm-test", max_tokens_cap=64)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    for _ in range(100):
+        if srv.started:
+            break
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def client(base_url):
+    return OpenAI(base_url=base_url + "/v1", api_key="none", max_retries=0)
+
+
+def tiny():
+    # untied head: a random tied model only repeats its last input token ("\n"), which shows nothing here
+    return make_model("tiny", seed=3, tie_word_embeddings=False)
+
+
+def greedy(tokenizer, n):
+    return metrics.generate_replies(tiny(), tokenizer, [QUESTION], n)[0]
+
+
+def test_models_health_and_page(base_url, client):
+    assert [m.id for m in client.models.list().data] == ["microlm-test"]
+    assert httpx.get(base_url + "/health").json()["status"] == "ok"
+    page = httpx.get(base_url + "/")
+    assert page.status_code == 200 and "/v1/chat/completions" in page.text
+
+
+def test_non_stream_is_greedy_generation_and_honours_max_tokens(client, tokenizer):
+    r = client.chat.completions.create(model="microlm-test", messages=QUESTION, temperature=0, max_tokens=7)
+    assert r.choices[0].message.content == greedy(tokenizer, 7).strip()
+    assert r.usage.completion_tokens <= 7 and r.choices[0].finish_reason in ("length", "stop")
+    if r.choices[0].finish_reason == "length":
+        assert r.usage.completion_tokens == 7
+
+
+def test_stream_deltas_add_up_to_the_non_stream_answer(client):
+    kwargs = dict(model="microlm-test", messages=QUESTION, temperature=0, max_tokens=12)
+    full = client.chat.completions.create(**kwargs).choices[0].message.content
+    chunks = list(client.chat.completions.create(stream=True, **kwargs))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.strip() == full and chunks[-1].choices[0].finish_reason in ("length", "stop")
+
+
+def test_stop_string_cuts_the_answer(client):
+    kwargs = dict(model="microlm-test", messages=QUESTION, temperature=0, max_tokens=12)
+    full = client.chat.completions.create(**kwargs).choices[0].message.content
+    stop = full[3:5]
+    cut = client.chat.completions.create(stop=[stop], **kwargs)
+    assert cut.choices[0].message.content == full[:full.find(stop)].strip()
+    assert cut.choices[0].finish_reason == "stop"
+    streamed = "".join(c.choices[0].delta.content or "" for c in
+                       client.chat.completions.create(stream=True, stop=stop, **kwargs) if c.choices)
+    assert streamed.strip() == full[:full.find(stop)].strip()
+
+
+def test_concurrent_requests_are_all_answered_alike(client):
+    def ask(_):
+        return client.chat.completions.create(model="microlm-test", messages=QUESTION, temperature=0,
+                                              max_tokens=10).choices[0].message.content
+
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(ask, range(6)))
+    assert len(set(answers)) == 1
+
+
+@pytest.mark.parametrize("body,needle", [
+    (b"{not json", "not valid JSON"),
+    (json.dumps({"messages": []}), "non-empty list"),
+    (json.dumps({"messages": [{"role": "robot", "content": "hi"}]}), "messages[0]"),
+    (json.dumps({"messages": [{"role": "user", "content": "  "}]}), "empty content"),
+    (json.dumps({"messages": QUESTION, "temperature": 5}), "'temperature'"),
+    (json.dumps({"messages": QUESTION, "max_tokens": 100000}), "'max_tokens'"),
+    (json.dumps({"messages": QUESTION + [{"role": "assistant", "content": "x"}]}), "last message"),
+])
+def test_bad_requests_get_a_400_with_a_json_error(base_url, body, needle):
+    r = httpx.post(base_url + "/v1/chat/completions", content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 400
+    assert needle in r.json()["error"]["message"]
+
+
+def test_think_part_becomes_reasoning_content():
+    text = "<think>\n3加5等于8。\n</think>\n<answer>\n8\n</answer>"
+    assert server.split_reasoning(text) == ("3加5等于8。", "8")
+    assert server.split_reasoning("plain answer") == (None, "plain answer")
+    assert server.cut_at_stop("abc. def", [".", "x"]) == ("abc", True)
