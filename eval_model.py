@@ -139,8 +139,8 @@ class Chat:
         return answer
 
 
-def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_model_args(parser):
+    """Which checkpoint to load, and where: shared with scripts/serve_openai_api.py."""
     parser.add_argument("--stage", default="sft", choices=sorted(STAGE_SCRIPTS), help="out/<stage> to load")
     parser.add_argument("--model_path", default=None, help="a checkpoint or HF folder instead of --stage")
     parser.add_argument("--adapter", default=None, help="a LoRA adapter folder to put on top")
@@ -148,6 +148,12 @@ def build_parser():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32",
                         choices=["float32", "bfloat16", "float16"])
+    return parser
+
+
+def build_parser():
+    parser = add_model_args(argparse.ArgumentParser(description=__doc__,
+                                                    formatter_class=argparse.RawDescriptionHelpFormatter))
     parser.add_argument("--temperature", type=float, default=0.85, help="0 = greedy")
     parser.add_argument("--top_p", type=float, default=0.85)
     parser.add_argument("--top_k", type=int, default=0, help="0 = off")

@@ -253,15 +253,18 @@ def create_app(model, tokenizer, model_name="microlm", max_tokens_cap=2048, max_
     return app
 
 
+def _eval_model():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("eval_model", ROOT / "eval_model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stage", default="sft", help="out/<stage> to serve (pretrain, sft, ..., lora, grpo)")
-    parser.add_argument("--model_path", default=None, help="a checkpoint or HF folder instead of --stage")
-    parser.add_argument("--adapter", default=None, help="a LoRA adapter folder to put on top")
-    parser.add_argument("--out_dir", default="out")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32",
-                        choices=["float32", "bfloat16", "float16"])
+    _eval_model().add_model_args(parser)  # the same --stage/--model_path/--adapter/... as the chat script
     parser.add_argument("--host", default="127.0.0.1", help="127.0.0.1: this machine only")
     parser.add_argument("--port", type=int, default=8998)
     parser.add_argument("--max_tokens_cap", type=int, default=2048, help="the most tokens one request may ask for")
@@ -273,12 +276,7 @@ def main(argv=None):
     import uvicorn
 
     args = build_parser().parse_args(argv)
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("eval_model", ROOT / "eval_model.py")
-    eval_model = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(eval_model)
-    model, tokenizer, path = eval_model.load(args)  # same loading rules and errors as the chat script
+    model, tokenizer, path = _eval_model().load(args)  # same loading rules and errors as the chat script
     print(f"serving {path} as '{args.model_name}' on http://{args.host}:{args.port}")
     uvicorn.run(create_app(model, tokenizer, args.model_name, args.max_tokens_cap), host=args.host, port=args.port)
 
