@@ -103,13 +103,14 @@ class _Flag(StoppingCriteria):
 class Generator:
     """One request at a time on the model (a lock around generate), so caches never mix."""
 
-    def __init__(self, model, tokenizer, max_prompt_tokens: int):
-        self.model, self.tokenizer, self.max_prompt_tokens = model, tokenizer, max_prompt_tokens
+    def __init__(self, model, tokenizer, context: int):
+        self.model, self.tokenizer, self.context = model, tokenizer, context
         self.lock = threading.Lock()
 
-    def prompt_ids(self, messages):
+    def prompt_ids(self, messages, max_tokens: int):
+        """The chat prompt, cut from the left (the oldest turns go first) to leave room for max_tokens."""
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"][-self.max_prompt_tokens:]
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"][-(self.context - max_tokens):]
         return torch.tensor([ids], device=self.model.device)
 
     def _kwargs(self, req, ids):
@@ -119,7 +120,7 @@ class Generator:
                     eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id, **sampling)
 
     def complete(self, req) -> dict:
-        ids = self.prompt_ids(req["messages"])
+        ids = self.prompt_ids(req["messages"], req["max_tokens"])
         with self.lock, torch.no_grad():
             out = self.model.generate(**self._kwargs(req, ids))
         new = out[0, ids.size(1):].tolist()
@@ -132,7 +133,7 @@ class Generator:
 
     def stream(self, req):
         """Yields (text delta, finish_reason or None); stop strings are held back until they cannot match."""
-        ids = self.prompt_ids(req["messages"])
+        ids = self.prompt_ids(req["messages"], req["max_tokens"])
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=False, timeout=600)
         flag = _Flag()
         kwargs = self._kwargs(req, ids) | dict(streamer=streamer, stopping_criteria=StoppingCriteriaList([flag]))
@@ -173,12 +174,13 @@ class Generator:
         yield "", finish
 
 
-def create_app(model, tokenizer, model_name="microlm", max_tokens_cap=2048, max_prompt_tokens=None):
+def create_app(model, tokenizer, model_name="microlm", max_tokens_cap=2048):
     from fastapi import FastAPI, Request
     from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
     context = getattr(model.config, "max_position_embeddings", 2048)
-    gen = Generator(model, tokenizer, max_prompt_tokens or max(1, context - max_tokens_cap))
+    max_tokens_cap = min(max_tokens_cap, context // 2)  # the other half at least stays for the prompt
+    gen = Generator(model, tokenizer, context)
     app = FastAPI(title="LLM_implementation chat")
 
     def error(message, status=400):

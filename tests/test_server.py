@@ -67,6 +67,8 @@ def test_non_stream_is_greedy_generation_and_honours_max_tokens(client, tokenize
     r = client.chat.completions.create(model="microlm-test", messages=QUESTION, temperature=0, max_tokens=7)
     assert r.choices[0].message.content == greedy(tokenizer, 7).strip()
     assert r.usage.completion_tokens <= 7 and r.choices[0].finish_reason in ("length", "stop")
+    assert r.usage.prompt_tokens == len(tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True,
+                                                                      return_dict=False))
     if r.choices[0].finish_reason == "length":
         assert r.usage.completion_tokens == 7
 
@@ -114,6 +116,16 @@ def test_bad_requests_get_a_400_with_a_json_error(base_url, body, needle):
     r = httpx.post(base_url + "/v1/chat/completions", content=body, headers={"Content-Type": "application/json"})
     assert r.status_code == 400
     assert needle in r.json()["error"]["message"]
+
+
+def test_long_conversations_are_cut_from_the_left_to_fit_the_context(tokenizer):
+    gen = server.Generator(tiny(), tokenizer, context=64)
+    messages = [{"role": "user", "content": "很长的问题 " * 40}, {"role": "assistant", "content": "好"},
+                {"role": "user", "content": "最后的问题"}]
+    ids = gen.prompt_ids(messages, max_tokens=16)
+    assert ids.size(1) == 48 and tokenizer.decode(ids[0]).endswith("最后的问题<|im_end|>\n<|im_start|>assistant\n")
+    short = gen.prompt_ids(QUESTION, max_tokens=16)
+    assert tokenizer.decode(short[0]).startswith("<|im_start|>user")  # nothing cut when it fits
 
 
 def test_think_part_becomes_reasoning_content():
