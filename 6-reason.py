@@ -45,25 +45,6 @@ def build_parser():
     return parser
 
 
-# ----------------------------------------------------------------------------------------------------------- SFT
-
-def weighted_lm_loss(net, batch):
-    """Summed next-token cross-entropy, each label weighted by batch["weights"]; the engine divides by the summed
-    weights (`weight_count`), so a tag token counts tag_weight times in the mean."""
-    out = net(input_ids=batch["input_ids"])
-    labels, weights = batch["labels"][:, 1:], batch["weights"][:, 1:]
-    ce = F.cross_entropy(out.logits[:, :-1].float().reshape(-1, out.logits.size(-1)), labels.reshape(-1),
-                         ignore_index=-100, reduction="none")
-    loss = (ce * weights.reshape(-1)).sum()
-    if out.aux_loss is not None:
-        loss = loss + out.aux_loss * weights.sum()
-    return loss, {}
-
-
-def weight_count(batch):
-    return batch["weights"][:, 1:].sum()
-
-
 # ----------------------------------------------------------------------------------------------------------- GRPO
 
 def grpo_loss(logps, old_logps, ref_logps, advantages, mask, clip_eps: float, beta: float):
@@ -150,8 +131,8 @@ def run(trainer, args):
     pad_id = trainer.tokenizer.pad_token_id or 0
     if args.method == "sft":
         data = ReasonDataset(args.data_path, trainer.tokenizer, args.max_seq_len, args.tag_weight, strict=args.strict)
-        return trainer.fit(model, data, collate_fn=partial(pad_collate, pad_id=pad_id), loss_fn=weighted_lm_loss,
-                           count_fn=weight_count)
+        # the rows carry "weights": the engine's lm_loss / count_label_tokens weight each label by them
+        return trainer.fit(model, data, collate_fn=partial(pad_collate, pad_id=pad_id))
     rewards = [load_reward(spec.strip()) for spec in args.reward.split(",") if spec.strip()]
     reference = copy.deepcopy(model).eval().requires_grad_(False) if args.beta > 0 else None
     data = PromptDataset(args.data_path, trainer.tokenizer, args.max_prompt_len, strict=args.strict)

@@ -12,7 +12,6 @@ output head, L layers, d hidden size, T sequence length). Writes a JSON file and
 """
 
 import argparse
-import importlib.util
 import json
 import platform
 import shlex
@@ -26,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from model import MicroLMConfig, MicroLMForCausalLM  # noqa: E402
+from run_demo import load_script  # noqa: E402  (scripts/ is on sys.path when this file runs)
 
 DEMO = ROOT / "dataset" / "demo"
 STAGES = {  # stage -> (script, demo data, the stage it starts from)
@@ -37,13 +37,6 @@ STAGES = {  # stage -> (script, demo data, the stage it starts from)
 # peak dense bf16 tensor FLOP/s (no sparsity) of accelerators our users have; --peak_tflops overrides
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "4090": 165.2, "3090": 71.0, "L40S": 362.0,
                "A10": 125.0}
-
-
-def load_script(filename):
-    spec = importlib.util.spec_from_file_location(filename.replace("-", "_")[:-3], ROOT / filename)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def flops_per_token(config: MicroLMConfig, seq_len: int) -> float:

@@ -28,6 +28,8 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStr
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import eval_model  # noqa: E402  (the chat script: one set of model-loading arguments and rules)
+
 ROLES = {"system", "user", "assistant"}
 PAGE = Path(__file__).with_name("web_chat.html")
 
@@ -255,18 +257,9 @@ def create_app(model, tokenizer, model_name="microlm", max_tokens_cap=2048):
     return app
 
 
-def _eval_model():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("eval_model", ROOT / "eval_model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _eval_model().add_model_args(parser)  # the same --stage/--model_path/--adapter/... as the chat script
+    eval_model.add_model_args(parser)  # the same --stage/--model_path/--adapter/... as the chat script
     parser.add_argument("--host", default="127.0.0.1", help="127.0.0.1: this machine only")
     parser.add_argument("--port", type=int, default=8998)
     parser.add_argument("--max_tokens_cap", type=int, default=2048, help="the most tokens one request may ask for")
@@ -278,7 +271,7 @@ def main(argv=None):
     import uvicorn
 
     args = build_parser().parse_args(argv)
-    model, tokenizer, path = _eval_model().load(args)  # same loading rules and errors as the chat script
+    model, tokenizer, path = eval_model.load(args)  # same loading rules and errors as the chat script
     print(f"serving {path} as '{args.model_name}' on http://{args.host}:{args.port}")
     uvicorn.run(create_app(model, tokenizer, args.model_name, args.max_tokens_cap), host=args.host, port=args.port)
 

@@ -20,6 +20,20 @@ def tiny_model():
     return make_model("tiny")
 
 
+def save_random_adapter(folder, base_path, seed=0, std=0.1):
+    """A rank-4 LoRA adapter on the tiny preset (seed `seed`) with random B (a fresh one changes nothing), saved
+    with `base_path` as its base; returns the folder."""
+    from model.lora import apply_lora, save_adapter
+
+    tuned = make_model("tiny", seed=seed)
+    apply_lora(tuned, r=4, alpha=8)
+    with torch.no_grad():
+        for name, p in tuned.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, std)
+    return save_adapter(tuned, folder, base_model_name_or_path=str(base_path))
+
+
 def random_ids(batch, length, seed=0, vocab=6400):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, vocab, (batch, length), generator=g)  # skip the special ids 0-2

@@ -7,10 +7,10 @@ import subprocess
 import sys
 
 import torch
-from conftest import load_script, make_model, random_ids
+from conftest import load_script, make_model, random_ids, save_random_adapter
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-from model.lora import apply_lora, from_adapter, save_adapter
+from model.lora import from_adapter
 
 convert = load_script("scripts/convert_model.py")
 
@@ -42,13 +42,7 @@ def test_dense_export_is_stock_llama_with_our_logits_and_chat_template(tmp_path,
 
 def test_lora_stage_exports_base_plus_adapter_merged(tmp_path, tokenizer):
     base = _save(make_model("tiny", seed=2), tokenizer, tmp_path / "out" / "sft")
-    tuned = make_model("tiny", seed=2)
-    apply_lora(tuned, r=4, alpha=8)
-    with torch.no_grad():
-        for name, p in tuned.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.1)
-    save_adapter(tuned, tmp_path / "out" / "lora", base_model_name_or_path=str(base))
+    save_random_adapter(tmp_path / "out" / "lora", base, seed=2)
     out = convert.main(["--out_dir", str(tmp_path / "out"), "--stage", "lora", "--out", str(tmp_path / "hf")])
     llama = LlamaForCausalLM.from_pretrained(out).eval()
     x = random_ids(1, 12)
@@ -73,8 +67,8 @@ def test_moe_export_loads_through_auto_map_with_remote_code(tmp_path, tokenizer)
               "m = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()\n"
               "assert type(m).__module__.endswith('modeling_microlm'), type(m).__module__\n"
               "with torch.no_grad():\n"
-              "    torch.save(m(torch.load(sys.argv[2])).logits, sys.argv[3])\n")
+              "    torch.save(m(torch.load(sys.argv[2], weights_only=True)).logits, sys.argv[3])\n")
     subprocess.run([sys.executable, "-c", script, str(out), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
                    check=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": "", "HF_HUB_OFFLINE": "1"})
     with torch.no_grad():
-        assert (torch.load(tmp_path / "y.pt") - ours(x).logits).abs().max() <= 1e-5
+        assert (torch.load(tmp_path / "y.pt", weights_only=True) - ours(x).logits).abs().max() <= 1e-5

@@ -5,11 +5,10 @@ think part can be hidden, adapters load, a missing checkpoint names the stage th
 import io
 
 import pytest
-import torch
-from conftest import load_script, make_model
+from conftest import load_script, make_model, save_random_adapter
 
 from dataset import demo_metrics as metrics
-from model.lora import apply_lora, from_adapter, save_adapter
+from model.lora import from_adapter
 
 ev = load_script("eval_model.py")
 
@@ -86,13 +85,7 @@ def test_think_part_is_dimmed_or_hidden(tokenizer):
 
 
 def test_adapter_loads_on_top_and_missing_checkpoint_names_its_stage(out_dir, tokenizer):
-    tuned = make_model("tiny", seed=1)
-    apply_lora(tuned, r=4, alpha=8)
-    with torch.no_grad():
-        for name, p in tuned.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
-    save_adapter(tuned, out_dir / "lora", base_model_name_or_path=str(out_dir / "sft"))
+    save_random_adapter(out_dir / "lora", out_dir / "sft", seed=1, std=0.5)
     (out_dir / "p.txt").write_text("你好\n", encoding="utf-8")
     expected = metrics.generate_replies(from_adapter(out_dir / "lora"), tokenizer,
                                         [[{"role": "user", "content": "你好"}]], 10)

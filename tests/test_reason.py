@@ -14,7 +14,7 @@ from dataset import REASON_TAGS, PromptDataset, ReasonDataset, SFTDataset, pad_c
 from dataset import demo_metrics as metrics
 from dataset.rewards import load_reward
 from model import MicroLMForCausalLM
-from trainer import lm_loss
+from trainer import count_label_tokens, lm_loss
 
 reason = load_script("6-reason.py")
 pretrain = load_script("1-pretrain.py")
@@ -73,14 +73,14 @@ def test_weighted_loss_with_weight_1_is_the_sft_loss_and_weights_count_in_the_me
     tens = pad_collate([ReasonDataset(path, tokenizer, tag_weight=10)[i] for i in range(2)])
     with torch.no_grad():
         sft_sum, _ = lm_loss(model, plain)
-        one_sum, _ = reason.weighted_lm_loss(model, ones)
-        ten_sum, _ = reason.weighted_lm_loss(model, tens)
+        one_sum, _ = lm_loss(model, ones)
+        ten_sum, _ = lm_loss(model, tens)
         ce = torch.nn.functional.cross_entropy(model(tens["input_ids"]).logits[:, :-1].transpose(1, 2),
                                                tens["labels"][:, 1:], reduction="none")
     torch.testing.assert_close(one_sum, sft_sum)
-    assert reason.weight_count(ones) == (plain["labels"][:, 1:] != -100).sum()
+    assert count_label_tokens(ones) == (plain["labels"][:, 1:] != -100).sum()
     torch.testing.assert_close(ten_sum, (ce * tens["weights"][:, 1:]).sum())
-    assert reason.weight_count(tens) == reason.weight_count(ones) + 9 * 4 * 2  # 4 tags x 2 rows, 9 extra each
+    assert count_label_tokens(tens) == count_label_tokens(ones) + 9 * 4 * 2  # 4 tags x 2 rows, 9 extra each
 
 
 # ---------------------------------------------------------------------------------------------------------- GRPO

@@ -77,17 +77,21 @@ def add_train_args(parser: argparse.ArgumentParser, *, epochs: int, batch_size: 
 # pieces that the stages reuse
 
 def lm_loss(model, batch):
-    """Summed next-token cross-entropy over labelled positions (+ MoE balance loss); the engine normalises."""
+    """Summed next-token cross-entropy over labelled positions (+ MoE balance loss); the engine normalises. With
+    batch["weights"] (6-reason.py's tag weights) each label counts that many times, in the sum and in the count."""
     out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
     labels = batch["labels"][:, 1:]
-    loss = F.cross_entropy(out.logits[:, :-1].reshape(-1, out.logits.size(-1)), labels.reshape(-1),
-                           ignore_index=-100, reduction="sum")
+    ce = F.cross_entropy(out.logits[:, :-1].reshape(-1, out.logits.size(-1)), labels.reshape(-1),
+                         ignore_index=-100, reduction="none")
+    loss = (ce * batch["weights"][:, 1:].reshape(-1)).sum() if "weights" in batch else ce.sum()
     if out.aux_loss is not None:
-        loss = loss + out.aux_loss * (labels != -100).sum()
+        loss = loss + out.aux_loss * count_label_tokens(batch)
     return loss, {}
 
 
 def count_label_tokens(batch) -> torch.Tensor:
+    if "weights" in batch:
+        return batch["weights"][:, 1:].sum()
     return (batch["labels"][:, 1:] != -100).sum()
 
 
