@@ -15,7 +15,9 @@ time, so concurrent requests are all answered and never share a cache.
 """
 
 import argparse
+import contextlib
 import json
+import socket
 import sys
 import threading
 import time
@@ -92,6 +94,43 @@ def cut_at_stop(text: str, stop: list) -> tuple:
     """(text before the first stop string, whether one was found)."""
     cuts = [text.find(s) for s in stop if s in text]
     return (text[:min(cuts)], True) if cuts else (text, False)
+
+
+class ThinkRouter:
+    """Streamed text to (field, text) pieces: inside <think>...</think> to reasoning_content, the rest to content with
+    the <answer> tags dropped. A tail that may be the start of a tag split across tokens waits for the next text."""
+
+    def __init__(self):
+        self.thinking, self.pending = False, ""
+
+    def _field(self):
+        return "reasoning_content" if self.thinking else "content"
+
+    def feed(self, text: str) -> list:
+        self.pending += text
+        out = []
+        while self.pending:
+            tags = ["</think>"] if self.thinking else ["<think>", "<answer>", "</answer>"]
+            hits = [(self.pending.find(t), t) for t in tags if t in self.pending]
+            if hits:
+                i, tag = min(hits)
+                if i:
+                    out.append((self._field(), self.pending[:i]))
+                self.pending = self.pending[i + len(tag):]
+                self.thinking ^= tag in ("<think>", "</think>")
+                continue
+            hold = max((k for t in tags for k in range(1, len(t)) if self.pending.endswith(t[:k])), default=0)
+            cut = len(self.pending) - hold
+            if cut:
+                out.append((self._field(), self.pending[:cut]))
+            self.pending = self.pending[cut:]
+            break
+        return out
+
+    def flush(self) -> list:
+        out = [(self._field(), self.pending)] if self.pending else []
+        self.pending = ""
+        return out
 
 
 class _Flag(StoppingCriteria):
@@ -229,32 +268,43 @@ def create_app(model, tokenizer, model_name="microlm", max_tokens_cap=2048):
                                              ensure_ascii=False) + "\n\n"
 
             yield chunk({"role": "assistant", "content": ""})
-            thinking, pending = False, ""
+            router = ThinkRouter()
             for text, finish in gen.stream(req):
-                pending += text
-                while pending:  # route text inside <think>...</think> to reasoning_content
-                    tag = "</think>" if thinking else "<think>"
-                    if tag in pending:
-                        before, _, pending = pending.partition(tag)
-                        if before:
-                            yield chunk({"reasoning_content" if thinking else "content": before})
-                        thinking = not thinking
-                    elif any(pending.endswith(tag[:k]) for k in range(1, len(tag))):
-                        break  # maybe the start of a tag: wait for more text
-                    else:
-                        piece = pending if thinking else pending.replace("<answer>", "").replace("</answer>", "")
-                        if piece:
-                            yield chunk({"reasoning_content" if thinking else "content": piece})
-                        pending = ""
+                for field, piece in router.feed(text):
+                    yield chunk({field: piece})
                 if finish:
-                    if pending:
-                        yield chunk({"reasoning_content" if thinking else "content": pending})
+                    for field, piece in router.flush():
+                        yield chunk({field: piece})
                     yield chunk({}, finish)
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
     return app
+
+
+@contextlib.contextmanager
+def serve_in_background(app, host="127.0.0.1", port=0):
+    """Run app with uvicorn in a daemon thread (port 0: a free one) and yield its base URL; stop it on exit."""
+    import uvicorn
+
+    if port == 0:
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"the server did not start on {host}:{port}")
+        time.sleep(0.02)
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
 
 
 def build_parser():

@@ -2,14 +2,10 @@
 not) and raw HTTP for bad input; max_tokens honoured, stop strings cut, concurrent requests all answered alike."""
 
 import json
-import socket
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-import uvicorn
 from conftest import load_script, make_model
 from openai import OpenAI
 
@@ -26,20 +22,8 @@ def base_url():
     from model import TOKENIZER_DIR
 
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
-    app = server.create_app(tiny(), tokenizer, "microlm-test", max_tokens_cap=64)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    for _ in range(100):
-        if srv.started:
-            break
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with server.serve_in_background(server.create_app(tiny(), tokenizer, "microlm-test", max_tokens_cap=64)) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -133,3 +117,14 @@ def test_think_part_becomes_reasoning_content():
     assert server.split_reasoning(text) == ("3加5等于8。", "8")
     assert server.split_reasoning("plain answer") == (None, "plain answer")
     assert server.cut_at_stop("abc. def", [".", "x"]) == ("abc", True)
+
+
+@pytest.mark.parametrize("cuts", [[], [3, 9, 17, 30, 41], list(range(1, 60))])
+def test_streamed_think_tags_are_routed_wherever_the_tokens_split_them(cuts):
+    text = "<think>\n3加5等于8。\n</think>\n<answer>\n8 < 9\n</answer>"
+    pieces = [text[i:j] for i, j in zip([0] + cuts, cuts + [len(text)])]
+    router = server.ThinkRouter()
+    routed = [out for piece in pieces for out in router.feed(piece)] + router.flush()
+    reasoning = "".join(t for field, t in routed if field == "reasoning_content")
+    content = "".join(t for field, t in routed if field == "content")
+    assert (reasoning.strip(), content.strip()) == server.split_reasoning(text) == ("3加5等于8。", "8 < 9")
