@@ -4,7 +4,7 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from .config import PRESETS, MicroLMConfig, to_llama_config, yarn_rope_parameters
+from .config import PRESETS, MicroLMConfig, to_llama_config, to_mixtral_config, yarn_rope_parameters
 from .model import MicroLMForCausalLM, MicroLMModel
 
 TOKENIZER_DIR = Path(__file__).resolve().parent / "tokenizer"
@@ -13,4 +13,4 @@ AutoConfig.register(MicroLMConfig.model_type, MicroLMConfig, exist_ok=True)
 AutoModelForCausalLM.register(MicroLMConfig, MicroLMForCausalLM, exist_ok=True)
 
 __all__ = ["PRESETS", "TOKENIZER_DIR", "MicroLMConfig", "MicroLMForCausalLM", "MicroLMModel", "to_llama_config",
-           "yarn_rope_parameters"]
+           "to_mixtral_config", "yarn_rope_parameters"]

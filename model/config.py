@@ -151,3 +151,22 @@ def to_llama_config(config: MicroLMConfig):
         rope_parameters=dict(config.rope_parameters), tie_word_embeddings=config.tie_word_embeddings,
         initializer_range=config.initializer_range, attention_bias=False, mlp_bias=False,
         bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id)
+
+
+def to_mixtral_config(config: MicroLMConfig):
+    """The stock `transformers.MixtralConfig` for a MoE MicroLM that Mixtral computes exactly: softmax router,
+    renormalised top-k, no shared experts. ValueError for any other MoE (it keeps our own code instead)."""
+    from transformers import MixtralConfig
+
+    if not config.use_moe or config.n_shared_experts or not config.norm_topk_prob:
+        raise ValueError("only a MoE without shared experts and with norm_topk_prob=True matches Mixtral")
+    return MixtralConfig(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads, head_dim=config.head_dim, hidden_act=config.hidden_act,
+        max_position_embeddings=config.max_position_embeddings, rms_norm_eps=config.rms_norm_eps,
+        rope_parameters=dict(config.rope_parameters), tie_word_embeddings=config.tie_word_embeddings,
+        num_local_experts=config.num_experts, num_experts_per_tok=config.num_experts_per_tok,
+        router_aux_loss_coef=config.router_aux_loss_coef, sliding_window=None,
+        initializer_range=config.initializer_range,
+        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id)

@@ -3,12 +3,17 @@
     python scripts/convert_model.py --stage sft --out export/microlm-sft          # dense -> LlamaForCausalLM
     python scripts/convert_model.py --stage lora --out export/microlm-medical      # base + adapter, merged
     python scripts/convert_model.py --model_path out/pretrain_moe --out export/moe # MoE -> our code via auto_map
+    python scripts/convert_model.py --stage sft --gguf export/microlm-sft.gguf      # dense -> llama.cpp / ollama
 
 A dense model becomes a stock `LlamaForCausalLM` folder (no remote code; same tensor names, our config translated):
     AutoModelForCausalLM.from_pretrained("export/microlm-sft")
-A MoE model has no stock equivalent: its folder carries our model code and an `auto_map`, so it loads with
+A MoE model without shared experts is computed exactly by stock `MixtralForCausalLM` and exported as one. With shared
+experts (our presets' default) no stock class matches: the folder carries our model code and an `auto_map`, so it
+loads with
     AutoModelForCausalLM.from_pretrained("export/moe", trust_remote_code=True)
 Both get the tokenizer (with its chat template) and a generation config.
+`--gguf FILE` writes a `llama`-architecture GGUF (f16 by default, `--gguf_dtype f32`) with the tokenizer and chat
+template in its metadata, for llama.cpp, llama-cpp-python and ollama (dense models only).
 """
 
 import argparse
@@ -22,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from model import MicroLMForCausalLM, to_llama_config  # noqa: E402
+from model import MicroLMForCausalLM, to_llama_config, to_mixtral_config  # noqa: E402
 from model.lora import from_adapter, is_adapter_dir, load_adapter, remove_lora  # noqa: E402
 from trainer.checkpoint import resolve_checkpoint  # noqa: E402
 
@@ -56,6 +61,27 @@ def export_llama(model, tokenizer, out) -> Path:
     return Path(out)
 
 
+def export_mixtral(model, tokenizer, out) -> Path:
+    """A MoE that Mixtral computes exactly (see to_mixtral_config) as a stock MixtralForCausalLM folder."""
+    from transformers import MixtralForCausalLM
+
+    with torch.device("meta"):
+        mixtral = MixtralForCausalLM(to_mixtral_config(model.config))
+    sd = model.state_dict()
+    for i in range(model.config.num_hidden_layers):
+        prefix = f"model.layers.{i}.mlp.experts."
+        experts = range(model.config.num_experts)
+        # Mixtral keeps the experts fused: gate_up_proj (E, 2I, H) with gate first, down_proj (E, H, I)
+        sd[prefix + "gate_up_proj"] = torch.stack([torch.cat([sd.pop(f"{prefix}{e}.gate_proj.weight"),
+                                                              sd.pop(f"{prefix}{e}.up_proj.weight")]) for e in experts])
+        sd[prefix + "down_proj"] = torch.stack([sd.pop(f"{prefix}{e}.down_proj.weight") for e in experts])
+    mixtral.load_state_dict(sd, strict=True, assign=True)
+    mixtral.generation_config = generation_config(model)
+    mixtral.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return Path(out)
+
+
 def export_remote_code(model, tokenizer, out) -> Path:
     """Our own classes beside the weights, wired through auto_map (for MoE, which Llama cannot hold)."""
     out = Path(out)
@@ -71,6 +97,111 @@ def export_remote_code(model, tokenizer, out) -> Path:
     return out
 
 
+def interleave_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Reorder q_proj/k_proj rows from the half-split rotary layout (pairs i, i + d/2: HF Llama, ours) to the
+    adjacent-pair layout (2i, 2i + 1) that llama.cpp's `llama` architecture rotates; attention is unchanged."""
+    d = w.shape[0] // n_heads
+    return w.reshape(n_heads, 2, d // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def gguf_vocab(tokenizer, vocab_size: int):
+    """(tokens, token types, merges) in GGUF's gpt2 (byte-level BPE) form; ids beyond the tokenizer are padding."""
+    import json
+
+    import gguf
+
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    vocab = spec["model"]["vocab"]
+    added = {t.content: t for t in tokenizer.backend_tokenizer.get_added_tokens_decoder().values()}
+    if len(tokenizer) > vocab_size:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model only {vocab_size} embeddings")
+    by_id = {i: t for t, i in vocab.items()} | {tokenizer.convert_tokens_to_ids(t): t for t in added}
+    tokens, types = [], []
+    for i in range(vocab_size):
+        token = by_id.get(i)
+        if token is None:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        else:
+            tokens.append(token)
+            types.append(gguf.TokenType.NORMAL if token not in added else
+                         gguf.TokenType.CONTROL if added[token].special else gguf.TokenType.USER_DEFINED)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    return tokens, types, merges
+
+
+def export_gguf(model, tokenizer, out, dtype="f16") -> Path:
+    """A llama-architecture GGUF: weights (q/k rows reordered for llama.cpp's rotary layout), hyper-parameters,
+    byte-level BPE tokenizer and chat template. Written aside and renamed, so a crash leaves no half file."""
+    import gguf
+    import numpy as np
+
+    c = model.config
+    if c.use_moe:
+        raise ValueError("GGUF export covers dense models; export a MoE model as a Hugging Face folder (--out)")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".part")
+    writer = gguf.GGUFWriter(tmp, "llama")
+    writer.add_name(out.stem)
+    writer.add_context_length(c.max_position_embeddings)
+    writer.add_embedding_length(c.hidden_size)
+    writer.add_block_count(c.num_hidden_layers)
+    writer.add_feed_forward_length(c.intermediate_size)
+    writer.add_head_count(c.num_attention_heads)
+    writer.add_head_count_kv(c.num_key_value_heads)
+    writer.add_key_length(c.head_dim)
+    writer.add_value_length(c.head_dim)
+    writer.add_rope_dimension_count(c.head_dim)
+    writer.add_rope_freq_base(c.rope_theta)
+    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+    writer.add_vocab_size(c.vocab_size)
+    rope = c.rope_parameters
+    if rope.get("rope_type") == "yarn":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(rope["factor"])
+        writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+        writer.add_rope_scaling_yarn_beta_fast(rope.get("beta_fast") or 32.0)
+        writer.add_rope_scaling_yarn_beta_slow(rope.get("beta_slow") or 1.0)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.ALL_F32)
+
+    tokens, types, merges = gguf_vocab(tokenizer, c.vocab_size)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")  # ByteLevel with the GPT-2 split regex, as our tokenizer.json says
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(tokenizer.bos_token_id)
+    writer.add_eos_token_id(tokenizer.eos_token_id)
+    writer.add_pad_token_id(tokenizer.pad_token_id)
+    writer.add_add_bos_token(False)  # the chat template writes its own <|im_start|>
+    writer.add_chat_template(tokenizer.chat_template)
+
+    try:
+        names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, c.num_hidden_layers)
+        for name, tensor in model.state_dict().items():
+            if name == "lm_head.weight" and c.tie_word_embeddings:
+                continue  # llama.cpp uses token_embd for the output when there is no output.weight
+            if name.endswith("q_proj.weight"):
+                tensor = interleave_rope_rows(tensor, c.num_attention_heads)
+            elif name.endswith("k_proj.weight"):
+                tensor = interleave_rope_rows(tensor, c.num_key_value_heads)
+            array = tensor.detach().float().cpu().numpy()
+            if dtype == "f16" and array.ndim > 1:  # norms stay f32, as llama.cpp expects
+                array = array.astype(np.float16)
+            writer.add_tensor(names.get_name(name, try_suffixes=(".weight",)), array)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    tmp.replace(out)
+    return out
+
+
 def main(argv=None):
     from transformers import AutoTokenizer
 
@@ -81,8 +212,12 @@ def main(argv=None):
     parser.add_argument("--model_path", default=None, help="a checkpoint or adapter folder instead of --stage")
     parser.add_argument("--adapter", default=None, help="a LoRA adapter to merge in before exporting")
     parser.add_argument("--out_dir", default="out")
-    parser.add_argument("--out", required=True, help="the folder to write")
+    parser.add_argument("--out", default=None, help="the Hugging Face folder to write")
+    parser.add_argument("--gguf", default=None, help="the GGUF file to write (llama.cpp, ollama)")
+    parser.add_argument("--gguf_dtype", default="f16", choices=["f16", "f32"])
     args = parser.parse_args(argv)
+    if not (args.out or args.gguf):
+        parser.error("give --out (Hugging Face folder) and/or --gguf (GGUF file)")
     path = Path(args.model_path or Path(args.out_dir) / args.stage)
     if not is_adapter_dir(path):
         try:
@@ -92,9 +227,23 @@ def main(argv=None):
     model = load_merged(path, args.adapter)
     tok_dir = path if (path / "tokenizer_config.json").exists() else TOKENIZER_DIR
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-    out = (export_remote_code if model.config.use_moe else export_llama)(model, tokenizer, args.out)
-    kind = "MicroLM code via auto_map (trust_remote_code=True)" if model.config.use_moe else "stock LlamaForCausalLM"
-    print(f"{path} -> {out}: {kind}")
+    out = None
+    if args.out:
+        if not model.config.use_moe:
+            export, kind = export_llama, "stock LlamaForCausalLM"
+        elif not model.config.n_shared_experts and model.config.norm_topk_prob:
+            export, kind = export_mixtral, "stock MixtralForCausalLM"
+        else:  # shared experts: no stock class computes this model
+            export, kind = export_remote_code, "MicroLM code via auto_map (trust_remote_code=True)"
+        out = export(model, tokenizer, args.out)
+        print(f"{path} -> {out}: {kind}")
+    if args.gguf:
+        try:
+            gguf_file = export_gguf(model, tokenizer, args.gguf, args.gguf_dtype)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
+        print(f"{path} -> {gguf_file}: GGUF ({args.gguf_dtype}, llama architecture)")
+        out = out or gguf_file
     return out
 
 
