@@ -79,7 +79,8 @@ class RotaryEmbedding(nn.Module):
         return emb.cos() * mscale, emb.sin() * mscale
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype):
-        if position_ids.max() >= self.cos.shape[0]:  # longer than configured: extend the tables (rare, slow path)
+        # longer than configured: extend the tables (rare, slow path; a compiled graph keeps to the configured length)
+        if not torch.compiler.is_compiling() and position_ids.max() >= self.cos.shape[0]:
             self.cos, self.sin = self.compute_tables(int(position_ids.max()) + 1, self.cos.device)
         return self.cos[position_ids].to(dtype), self.sin[position_ids].to(dtype)
 
@@ -203,21 +204,27 @@ class Block(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------------
 # Model
 
-def build_attention_mask(attention_mask: torch.Tensor | None, q_len: int, past_len: int) -> torch.Tensor | None:
+def build_attention_mask(attention_mask: torch.Tensor | None, q_len: int, past_len: int,
+                         kv_len: int | None = None) -> torch.Tensor | None:
     """Boolean SDPA mask (True = attend), or None when SDPA's own causal path or no mask at all is exact.
 
-    Needed for padding (a 0 in `attention_mask`, e.g. left-padded generation) and for several new tokens on top of a
-    cache (SDPA's is_causal aligns the diagonal top-left, which is wrong when q_len != kv_len).
+    Needed for padding (a 0 in `attention_mask`, e.g. left-padded generation), for several new tokens on top of a
+    cache (SDPA's is_causal aligns the diagonal top-left, which is wrong when q_len != kv_len), and for a static
+    (pre-allocated) cache, which hands back all `kv_len` slots, the ones not yet written included.
     """
+    past_len = int(past_len)
+    kv_len = past_len + q_len if kv_len is None else kv_len
+    static = kv_len != past_len + q_len
     has_padding = attention_mask is not None and not bool(attention_mask.all())
-    if not has_padding and (q_len == 1 or past_len == 0):
+    if not has_padding and not static and (q_len == 1 or past_len == 0):
         return None
-    kv_len = past_len + q_len
     device = attention_mask.device if attention_mask is not None else None
-    q_pos = torch.arange(past_len, kv_len, device=device)
+    q_pos = torch.arange(past_len, past_len + q_len, device=device)
     mask = torch.arange(kv_len, device=device)[None, :] <= q_pos[:, None]  # (q_len, kv_len) causal
     if has_padding:
-        mask = mask[None, None] & attention_mask[:, None, None, -kv_len:].bool()
+        keys = attention_mask.bool()
+        keys = F.pad(keys, (0, kv_len - keys.shape[1])) if keys.shape[1] < kv_len else keys[:, -kv_len:]
+        mask = mask[None, None] & keys[:, None, None, :]
         # a padding query would see no key at all (NaN softmax); let it see itself, its output is never used
         mask = mask | (torch.arange(kv_len, device=device)[None, :] == q_pos[:, None])
     return mask
@@ -256,15 +263,25 @@ class MicroLMModel(MicroLMPreTrainedModel):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None):
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, T = x.shape[:2]
-        past_len = cache.get_seq_length() if cache is not None else 0
-        if position_ids is None:
-            if attention_mask is not None and not bool(attention_mask.all()):
-                # left padding: count positions from each row's first real token, as if the row were alone
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
-            else:
-                position_ids = torch.arange(past_len, past_len + T, device=x.device).expand(B, T)
+        if attention_mask is not None and attention_mask.dim() == 4:
+            # generate() prepares a (B, 1, T, kv) mask (True = attend) for a static cache. Row i attends exactly the
+            # real tokens up to query i, so their count is its position (left padding included). No host sync and
+            # no data-dependent branch here, so the decode step compiles to one graph.
+            attn_mask = attention_mask.bool()
+            if position_ids is None:
+                position_ids = (attn_mask[:, 0].sum(-1) - 1).clamp(min=0)
+        else:
+            past_len = int(cache.get_seq_length()) if cache is not None else 0
+            if position_ids is None:
+                if attention_mask is not None and not bool(attention_mask.all()):
+                    # left padding: count positions from each row's first real token, as if the row were alone
+                    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
+                else:
+                    position_ids = torch.arange(past_len, past_len + T, device=x.device).expand(B, T)
+            # a DynamicCache returns past + new keys; a StaticCache all of its pre-allocated slots
+            kv_len = cache.get_mask_sizes(T, 0)[0] if cache is not None else T
+            attn_mask = build_attention_mask(attention_mask, T, past_len, kv_len)
         cos, sin = self.rotary_emb(position_ids, x.dtype)
-        attn_mask = build_attention_mask(attention_mask, T, past_len)
 
         x = self.dropout(x)
         aux_loss = x.new_zeros((), dtype=torch.float32)
@@ -332,6 +349,14 @@ class MicroLMForCausalLM(MicroLMPreTrainedModel, GenerationMixin):
             where = args[0] if args else kwargs.get("pretrained_model_name_or_path")
             raise ValueError(f"checkpoint {where} does not match {cls.__name__}: " + "; ".join(problems))
         return (model, info) if want_info else model
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token, forward + backward: 6 per matmul weight a token passes through (active experts
+        only; the embedding lookup is not a matmul, the output head is) + 12·L·d·T for attention scores and values."""
+        c = self.config
+        counts = self.param_counts()
+        n = counts["active"] - counts["embedding"] + self.lm_head.weight.numel() * c.tie_word_embeddings
+        return 6 * n + 12 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * seq_len
 
     def param_counts(self) -> dict:
         """Total parameters (tied embeddings once) and the parameters active per token (differs for MoE)."""

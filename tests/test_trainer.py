@@ -200,6 +200,32 @@ def test_non_finite_steps_are_skipped_and_too_many_in_a_row_stop_the_run(tmp_pat
     assert all(torch.equal(kept[k], good[k]) for k in good)
 
 
+@pytest.mark.parametrize("optimizer", [[], ["--no_fused_adamw"]], ids=["fused", "plain"])
+def test_skipped_steps_are_found_at_the_next_log_without_a_sync_per_step(tmp_path, pretrain_file, capsys, optimizer):
+    # log (and look at the device-side counter) only at the end: the skip itself must not need the host
+    trainer, model, data = _nan_trainer(tmp_path, pretrain_file, "--max_steps", 6, "--log_interval", 100, *optimizer)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = trainer.fit(model, data, loss_fn=_loss_nan_on({2, 3, 5}))
+    out = capsys.readouterr().out
+    assert "step 2: non-finite loss or gradient, update skipped (1 in a row)" in out
+    assert "step 3: non-finite loss or gradient, update skipped (2 in a row)" in out
+    assert "step 5: non-finite loss or gradient, update skipped (1 in a row)" in out
+    assert result["steps"] == 6 and all(torch.isfinite(p).all() for p in model.parameters())
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())  # good steps did update
+
+
+def test_fused_adamw_trains_like_the_plain_one(tmp_path, pretrain_file):
+    runs = {}
+    for name, flags in [("fused", []), ("plain", ["--no_fused_adamw"])]:
+        result = pretrain.main(tiny_args(tmp_path / name, pretrain_file, "--max_seq_len", 32, "--batch_size", 4,
+                                         "--max_steps", 8, "--learning_rate", 3e-3, *flags))
+        runs[name] = (result["history"], _weights(tmp_path / name / "out/pretrain"))
+    (h1, w1), (h2, w2) = runs.values()
+    assert [s for s, _ in h1] == [s for s, _ in h2]
+    assert max(abs(a - b) for (_, a), (_, b) in zip(h1, h2)) < 1e-4
+    assert all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1)
+
+
 def test_unwritable_output_is_an_error_before_training(tmp_path, pretrain_file):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")

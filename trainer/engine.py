@@ -1,7 +1,8 @@
 """The one training engine: every stage script builds a dataset and (optionally) a loss, then calls Trainer.fit.
 
-What lives here, once: process group and device, precision (autocast + GradScaler for fp16), AdamW with decay
-groups, warmup + cosine LR per optimizer step, gradient accumulation with no_sync, clipping, NaN/Inf step skipping,
+What lives here, once: process group and device, precision (autocast + GradScaler for fp16), fused AdamW with decay
+groups, warmup + cosine LR per optimizer step, gradient accumulation with no_sync, clipping, NaN/Inf step skipping
+(on the device: no host sync per step),
 exact resume (weights, optimizer, scaler, RNG, data position), checkpoints, tqdm / wandb / SwanLab logging and the
 loss-curve PNG.
 """
@@ -66,6 +67,8 @@ def add_train_args(parser: argparse.ArgumentParser, *, epochs: int, batch_size: 
     a("--strict", action="store_true", help="stop at the first malformed data line instead of skipping it")
     a("--max_bad_steps", type=int, default=5, help="stop after this many non-finite steps in a row")
     a("--compile", action="store_true", help="torch.compile the model (slow start, faster steps)")
+    a("--no_fused_adamw", dest="fused_adamw", action="store_false",
+      help="plain AdamW instead of the fused kernel (which also skips a non-finite step without a host sync)")
     a("--logger", default="none", choices=["none", "wandb", "swanlab"], help="experiment tracker")
     a("--use_wandb", action="store_true", help="same as --logger wandb")
     a("--wandb_project", default="LLM_implementation", help="wandb / SwanLab project name")
@@ -222,9 +225,8 @@ class Trainer:
                             pin_memory=self.device.type == "cuda", persistent_workers=False)
 
         trainable = [p for p in model.parameters() if p.requires_grad]
-        fused = self.device.type == "cuda"
         optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.learning_rate,
-                                      betas=(0.9, 0.95), fused=fused or None)
+                                      betas=(0.9, 0.95), fused=args.fused_adamw or None)
         scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
 
         state = {"step": 0, "epoch": 0, "row": 0, "history": [], "metric_history": [], "run_id": None,
@@ -256,7 +258,9 @@ class Trainer:
 
         t0, tokens_seen, last_metrics = time.time(), 0, {}
         warm = None  # (time, tokens) after the first step: throughput without start-up and compilation
-        pending, empty_rows, consecutive_bad = [], torch.zeros((), device=self.device), state["bad_steps"]
+        pending, empty_rows = [], torch.zeros((), device=self.device)
+        # non-finite steps: counted on the device, looked at (one sync) when logging or saving
+        bad_run, unchecked = torch.tensor(state["bad_steps"], device=self.device), []
         done = state["step"] >= total_steps
         model.train()
         for epoch in range(state["epoch"], args.epochs):
@@ -295,34 +299,27 @@ class Trainer:
                 if scaler:
                     scaler.unscale_(optimizer)
                 grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip or float("inf"))
-                finite = bool(torch.isfinite(grad_norm))  # one host sync per optimizer step; same on every rank
-                if finite or scaler:
-                    (scaler.step(optimizer) if scaler else optimizer.step())
-                    if scaler:
-                        scaler.update()
+                finite = torch.isfinite(grad_norm)  # the same on every rank: gradients are already all-reduced
+                self._optimizer_step(optimizer, scaler, finite)
                 optimizer.zero_grad(set_to_none=True)
-                consecutive_bad = 0 if finite else consecutive_bad + 1
+                bad_run = torch.where(finite, torch.zeros_like(bad_run), bad_run + 1)
                 state["step"] += 1
                 state["row"] += A * W * B
-                state["bad_steps"] = consecutive_bad
+                unchecked.append((state["step"], bad_run))
                 pending.append((step_loss, step_metrics))
                 bar.update(1)
                 t_step = time.time()
                 if warm is None:
                     warm = (t_step, tokens_seen)
-                if not finite:
-                    self.log(f"step {state['step']}: non-finite loss or gradient, update skipped "
-                             f"({consecutive_bad} in a row)")
-                    limit = args.max_bad_steps if not scaler else max(args.max_bad_steps, 30)
-                    if consecutive_bad >= limit:
-                        raise RuntimeError(f"{consecutive_bad} non-finite steps in a row at step {state['step']}: "
-                                           f"stopping; the last good checkpoint in {self.stage_dir} is kept. Lower "
-                                           f"--learning_rate or check the data.")
 
                 last = state["step"] >= total_steps
-                if state["step"] % args.log_interval == 0 or last or state["step"] == args.stop_at_step:
+                log_now = state["step"] % args.log_interval == 0 or last or state["step"] == args.stop_at_step
+                save_now = state["step"] % args.save_interval == 0 or last or state["step"] == args.stop_at_step
+                if log_now or save_now:
+                    self._check_finite(unchecked, state, scaler)
+                if log_now:
                     last_metrics = self._flush(pending, state, lr, grad_norm, tracker, bar, t0, tokens_seen)
-                if state["step"] % args.save_interval == 0 or last or state["step"] == args.stop_at_step:
+                if save_now:
                     self._save(model, optimizer, scaler, state, save_fn)
                 if state["step"] == args.stop_at_step:
                     self.log(f"stopping at step {state['step']} (--stop_at_step)")
@@ -362,6 +359,34 @@ class Trainer:
                 "metric_history": state.get("metric_history", []),
                 "tokens": tokens_seen * W, "tokens_per_s_after_first_step": steady,
                 "first_loss": history[0][1] if history else None, "last_loss": history[-1][1] if history else None}
+
+    @staticmethod
+    def _optimizer_step(optimizer, scaler, finite: torch.Tensor):
+        """Update unless the gradient is non-finite. GradScaler (fp16) skips by itself; the fused AdamW kernel skips
+        on the device when handed `found_inf` (what GradScaler does for it), so no host sync; otherwise we ask."""
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        elif getattr(optimizer, "_step_supports_amp_scaling", False) and optimizer.defaults.get("fused"):
+            optimizer.found_inf = (~finite).float()
+            optimizer.step()
+            del optimizer.found_inf
+        elif finite:
+            optimizer.step()
+
+    def _check_finite(self, unchecked, state, scaler):
+        """Report the skipped (non-finite) steps since the last look; stop after --max_bad_steps in a row."""
+        runs = torch.stack([run for _, run in unchecked]).tolist()
+        steps = [step for step, _ in unchecked]
+        unchecked.clear()
+        limit = self.args.max_bad_steps if not scaler else max(self.args.max_bad_steps, 30)
+        for step, run in zip(steps, runs):
+            if run:
+                self.log(f"step {step}: non-finite loss or gradient, update skipped ({run} in a row)")
+            if run >= limit:
+                raise RuntimeError(f"{run} non-finite steps in a row at step {step}: stopping; the last good "
+                                   f"checkpoint in {self.stage_dir} is kept. Lower --learning_rate or check the data.")
+        state["bad_steps"] = runs[-1]
 
     def _flush(self, pending, state, lr, grad_norm, tracker, bar, t0, tokens_seen) -> dict:
         """Move the per-step losses and the loss_fn's metrics to the host (the only regular sync besides the finite

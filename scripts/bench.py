@@ -1,0 +1,278 @@
+"""Training and decoding speed on this machine: MiniMind's way (baseline) against ours, in the same run.
+
+    python scripts/bench.py                                     # tiny + 26m training, 26m decoding
+    python scripts/bench.py --presets tiny,26m,104m,moe-145m --repeats 3 --json scripts/results/bench_cpu.json
+    python scripts/bench.py --modes baseline,ours,compiled      # add torch.compile to the comparison
+
+What it measures, and how:
+- the device's matmul roof: fp32 and bf16 GEMM GFLOP/s (square, best of several runs), measured first;
+- training, per preset and mode: step time, raw tokens/s (padding included), useful (non-pad) tokens/s, MFU of the
+  useful tokens against the measured bf16 roof (FLOPs per token 6·N_matmul + 12·L·d·T; MoE counts active experts),
+  peak memory (process RSS on CPU, max_memory_allocated on CUDA). Rows imitate pretrain_hq.jsonl, whose texts are
+  merged up to ~512 characters: documents of 250-400 tokens (uniform), trained at seq 512, batch --batch_size;
+- modes: baseline = fp32, one document per row padded to 512, plain for-loop AdamW (MiniMind's pretraining);
+  ours = documents packed into full rows (PretrainDataset's default), bf16 autocast, fused AdamW (the engine's
+  defaults); compiled = ours + torch.compile. Every (preset, mode) runs in a fresh process, so its memory figure is
+  its own; modes alternate, --repeats times, and the table shows medians;
+- decoding: new tokens/s at batch 1 and 8, 64-token prompt, 200 new tokens, with the KV cache, baseline (fp32,
+  transformers' DynamicCache) against ours (MicroLM's decode path), and peak memory.
+The figures and the setup go to --json (device, torch version, threads, every number).
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DOC_TOKENS = (250, 400)  # pretrain_hq.jsonl: texts merged up to ~512 characters, 6400-vocab tokenizer
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return name
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_mib(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def matmul_roof(device, dtype, n: int, runs: int = 5) -> float:
+    """GFLOP/s of an n x n x n matmul, best of `runs` (after a warm-up)."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    reps = 20 if device.type == "cuda" else 3
+    best = float("inf")
+    for i in range(runs + 1):
+        sync(device)
+        t = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        sync(device)
+        if i:  # the first run warms up
+            best = min(best, (time.perf_counter() - t) / reps)
+    return 2 * n**3 / best / 1e9
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# training
+
+def make_batches(mode: str, n_batches: int, batch_size: int, seq_len: int, vocab: int, seed: int = 0) -> list:
+    """`n_batches` of {input_ids, labels}: one document per padded row (baseline) or documents packed (ours)."""
+    g = torch.Generator().manual_seed(seed)
+    docs = []
+
+    def doc():
+        n = int(torch.randint(DOC_TOKENS[0], DOC_TOKENS[1] + 1, (), generator=g))
+        return torch.cat([torch.tensor([1]), torch.randint(10, vocab, (n - 2,), generator=g), torch.tensor([2])])
+
+    rows = n_batches * batch_size
+    if mode == "baseline":
+        input_ids = torch.zeros(rows, seq_len, dtype=torch.long)
+        labels = torch.full((rows, seq_len), -100, dtype=torch.long)
+        for r in range(rows):
+            d = doc()[:seq_len]
+            input_ids[r, :len(d)] = d
+            labels[r, :len(d)] = d
+    else:
+        while sum(map(len, docs)) < rows * seq_len:
+            docs.append(doc())
+        input_ids = torch.cat(docs)[:rows * seq_len].view(rows, seq_len)
+        labels = input_ids.clone()
+    return [{"input_ids": input_ids[i::n_batches][:batch_size], "labels": labels[i::n_batches][:batch_size]}
+            for i in range(n_batches)]
+
+
+def train_child(spec: dict) -> dict:
+    from model import MicroLMConfig, MicroLMForCausalLM
+    from trainer.engine import lm_loss, param_groups, to_device
+
+    device = torch.device(spec["device"])
+    mode = spec["mode"]
+    torch.manual_seed(0)
+    model = MicroLMForCausalLM(MicroLMConfig.from_preset(spec["preset"])).to(device).train()
+    T, B = spec["seq_len"], spec["batch_size"]
+    warmup = 3 if mode == "compiled" else 2
+    batches = [to_device(b, device) for b in make_batches(mode, warmup + spec["steps"], B, T,
+                                                          model.config.vocab_size)]
+    fused = mode != "baseline"
+    optimizer = torch.optim.AdamW(param_groups(model, 0.01), lr=1e-4, betas=(0.9, 0.95),
+                                  fused=fused, foreach=False if not fused else None)
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if mode != "baseline"
+                else torch.autocast(device.type, enabled=False))
+    net = torch.compile(model) if mode == "compiled" else model
+    times, losses = [], []
+    for i, batch in enumerate(batches):
+        sync(device)
+        t = time.perf_counter()
+        with autocast:
+            loss_sum, _ = lm_loss(net, batch)
+        loss = loss_sum / (batch["labels"][:, 1:] != -100).sum()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+            losses.append(loss.item())
+    step = statistics.median(times)
+    useful = statistics.mean(int((b["labels"] != -100).sum()) for b in batches[warmup:])
+    return {"step_s": step, "raw_tokens_per_s": B * T / step, "useful_tokens_per_s": useful / step,
+            "useful_fraction": useful / (B * T), "flops_per_token": model.flops_per_token(T),
+            "peak_memory_mib": peak_memory_mib(device), "loss_first": losses[0], "loss_last": losses[-1]}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# decoding
+
+def decode_child(spec: dict) -> dict:
+    import eval_model
+    from model import MicroLMConfig, MicroLMForCausalLM
+
+    device = torch.device(spec["device"])
+    torch.manual_seed(0)
+    model = MicroLMForCausalLM(MicroLMConfig.from_preset(spec["preset"])).to(device).eval()
+    B, prompt, new = spec["batch_size"], spec["prompt_tokens"], spec["new_tokens"]
+    ids = torch.randint(10, model.config.vocab_size, (B, prompt), device=device)
+    kwargs = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+    if spec["mode"] != "baseline":
+        model = model.to(eval_model.fast_dtype(device))
+        if spec["mode"] == "compiled":
+            eval_model.compile_decoding(model)
+            kwargs["cache_implementation"] = "static"
+    times = []
+    with torch.no_grad():
+        for i in range(spec["runs"] + 1):
+            sync(device)
+            t = time.perf_counter()
+            out = model.generate(ids, **kwargs)
+            sync(device)
+            if i:  # the first run warms up (and compiles)
+                times.append(time.perf_counter() - t)
+    assert out.shape == (B, prompt + new)
+    seconds = statistics.median(times)
+    return {"seconds": seconds, "tokens_per_s": B * new / seconds, "peak_memory_mib": peak_memory_mib(device)}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+
+def run_child(kind: str, spec: dict) -> dict:
+    """One measurement in a fresh interpreter: its own peak memory, no state from the previous mode."""
+    proc = subprocess.run([sys.executable, __file__, "--child", kind, json.dumps(spec)], capture_output=True,
+                          text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    if proc.returncode:
+        raise RuntimeError(f"{kind} {spec} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--presets", default="tiny,26m", help="training presets (CUDA: try tiny,26m,104m,moe-145m)")
+    parser.add_argument("--modes", default="baseline,ours", help="baseline, ours, compiled")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--seq_len", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per measurement (after the warm-up)")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating runs of each mode")
+    parser.add_argument("--decode_preset", default="26m", help="'' to skip decoding")
+    parser.add_argument("--decode_batches", default="1,8")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", default="out/bench/bench.json")
+    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        kind, spec = args.child
+        print(json.dumps((train_child if kind == "train" else decode_child)(json.loads(spec))))
+        return None
+
+    device = torch.device(args.device)
+    n = 8192 if device.type == "cuda" else 2048
+    roof = {"fp32": matmul_roof(device, torch.float32, n), "bf16": matmul_roof(device, torch.bfloat16, n)}
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        roof["tf32"] = matmul_roof(device, torch.float32, n)
+    result = {"device": device_name(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "matmul_gflops": roof, "matmul_size": n, "batch_size": args.batch_size, "seq_len": args.seq_len,
+              "doc_tokens": list(DOC_TOKENS), "steps": args.steps, "repeats": args.repeats, "train": [],
+              "decode": []}
+    print(f"{result['device']}, torch {torch.__version__}, {result['threads']} threads; matmul roof "
+          + ", ".join(f"{k} {v:,.0f} GFLOP/s" for k, v in roof.items()), flush=True)
+
+    modes = args.modes.split(",")
+    for preset in args.presets.split(","):
+        runs = {m: [] for m in modes}
+        for r in range(args.repeats):
+            for mode in modes if r % 2 == 0 else modes[::-1]:  # alternate the order too
+                spec = {"preset": preset, "mode": mode, "device": args.device, "batch_size": args.batch_size,
+                        "seq_len": args.seq_len, "steps": args.steps}
+                runs[mode].append(run_child("train", spec))
+                print(f"  {preset} {mode} run {r + 1}: {runs[mode][-1]['useful_tokens_per_s']:,.0f} useful tok/s",
+                      flush=True)
+        for mode in modes:
+            med = {k: statistics.median(x[k] for x in runs[mode]) for k in runs[mode][0]}
+            med["mfu"] = med["useful_tokens_per_s"] * med["flops_per_token"] / (roof["bf16"] * 1e9)
+            result["train"].append({"preset": preset, "mode": mode, **med, "runs": runs[mode]})
+
+    if args.decode_preset:
+        for batch in map(int, args.decode_batches.split(",")):
+            for mode in ["baseline", "ours"]:
+                spec = {"preset": args.decode_preset, "mode": mode, "device": args.device, "batch_size": batch,
+                        "prompt_tokens": 64, "new_tokens": 200, "runs": 3}
+                result["decode"].append({"preset": args.decode_preset, "mode": mode, "batch_size": batch,
+                                         **run_child("decode", spec)})
+                print(f"  decode {args.decode_preset} {mode} batch {batch}: "
+                      f"{result['decode'][-1]['tokens_per_s']:,.0f} tok/s", flush=True)
+
+    print_tables(result)
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    print(f"-> {args.json}")
+    return result
+
+
+def print_tables(result):
+    print(f"\n{result['device']}, torch {result['torch']}, {result['threads']} threads; matmul roof "
+          + ", ".join(f"{k} {v:,.0f} GFLOP/s" for k, v in result["matmul_gflops"].items()))
+    print(f"training: batch {result['batch_size']} x seq {result['seq_len']}, documents of "
+          f"{result['doc_tokens'][0]}-{result['doc_tokens'][1]} tokens, median of {result['repeats']} runs\n")
+    print("| preset | mode | step s | raw tok/s | useful tok/s | useful × baseline | MFU (bf16 roof) | peak MiB |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    base = {r["preset"]: r["useful_tokens_per_s"] for r in result["train"] if r["mode"] == "baseline"}
+    for r in result["train"]:
+        ratio = r["useful_tokens_per_s"] / base[r["preset"]] if r["preset"] in base else float("nan")
+        print(f"| {r['preset']} | {r['mode']} | {r['step_s']:.3f} | {r['raw_tokens_per_s']:,.0f} | "
+              f"{r['useful_tokens_per_s']:,.0f} | {ratio:.2f}× | {r['mfu']:.1%} | {r['peak_memory_mib']:,.0f} |")
+    if result["decode"]:
+        print("\n| decode preset | mode | batch | new tok/s | peak MiB |")
+        print("| --- | --- | --- | --- | --- |")
+        for r in result["decode"]:
+            print(f"| {r['preset']} | {r['mode']} | {r['batch_size']} | {r['tokens_per_s']:,.0f} | "
+                  f"{r['peak_memory_mib']:,.0f} |")
+
+
+if __name__ == "__main__":
+    main()
