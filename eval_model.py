@@ -29,9 +29,36 @@ TEST_PROMPTS = ["你好，请介绍一下你自己。", "中国的首都是哪�
 DIM, RESET = "\033[2m", "\033[0m"
 
 
+def fast_dtype(device) -> torch.dtype:
+    """bf16 where the device computes it natively (CUDA with bf16; CPUs with AVX512-BF16 or AMX): decoding one token
+    reads every weight once, so half the bytes is nearly twice the speed. fp16 on older GPUs, fp32 elsewhere."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu":
+        try:
+            return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+        except (AttributeError, RuntimeError):
+            return torch.float32
+    return torch.float32
+
+
+def compile_decoding(model):
+    """Decode with a pre-allocated (static) KV cache and a torch.compile'd decode step: transformers' generate() does
+    both once the generation config asks for them. The first reply pays for compilation (tens of seconds)."""
+    from transformers import CompileConfig
+
+    config = CompileConfig(fullgraph=False, dynamic=False, mode="default")
+    config._compile_all_devices = True  # transformers compiles on GPUs only unless told
+    model.generation_config.cache_implementation = "static"
+    model.generation_config.compile_config = config
+    return model
+
+
 def load(args):
     """(model, tokenizer, folder) for --stage / --model_path, with --adapter on top; a clear error if missing."""
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    dtype = fast_dtype(args.device) if args.dtype == "auto" else \
+        {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     path = Path(args.model_path or Path(args.out_dir) / args.stage)
     adapter = args.adapter
     if is_adapter_dir(path):  # out/lora holds only an adapter: its config names the base
@@ -46,7 +73,10 @@ def load(args):
             load_adapter(model, adapter)
     tok_dir = path if (Path(path) / "tokenizer_config.json").exists() else TOKENIZER_DIR
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-    return model.to(args.device).eval(), tokenizer, path
+    model = model.to(args.device).eval()
+    if getattr(args, "compile", False):
+        compile_decoding(model)
+    return model, tokenizer, path
 
 
 class Printer(TextStreamer):
@@ -146,8 +176,10 @@ def add_model_args(parser):
     parser.add_argument("--adapter", default=None, help="a LoRA adapter folder to put on top")
     parser.add_argument("--out_dir", default="out")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32",
-                        choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="auto: bf16 where the device has it natively (CUDA, recent CPUs), else fp32")
+    parser.add_argument("--compile", action="store_true",
+                        help="static KV cache + compiled decode step: faster tokens after a slow first reply")
     return parser
 
 

@@ -23,6 +23,11 @@ class DPODataset(Dataset):
         self.tokenizer, self.max_seq_len = tokenizer, max_seq_len
         self.rows = JsonlFile(path, check_preference, strict=strict, verbose=verbose)
 
+    @property
+    def lengths(self):
+        """Line sizes in bytes, for length-grouped batches (the engine's --group_by_length)."""
+        return self.rows.sizes
+
     def __len__(self):
         return len(self.rows)
 

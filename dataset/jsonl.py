@@ -1,6 +1,6 @@
 """Lazy, validated access to jsonl files: index line offsets once, parse a line only when it is read.
 
-A 1.6 GB pretraining file is never held in memory: the index keeps one int64 offset per good line. Lines that are
+A 1.6 GB pretraining file is never held in memory: the index keeps an int64 offset and size per good line. Lines that are
 not valid JSON or fail the stage's schema are reported with file:line and skipped, or stop the run under strict.
 """
 
@@ -56,7 +56,7 @@ class JsonlFile:
         self.path = os.fspath(path)
         if not os.path.isfile(self.path):
             raise FileNotFoundError(f"data file not found: {self.path}")
-        offsets, self.bad_lines = [], []
+        offsets, sizes, self.bad_lines = [], [], []
         with open(self.path, "rb") as f:
             offset = 0
             for lineno, raw in enumerate(f, start=1):
@@ -66,6 +66,7 @@ class JsonlFile:
                         if check is not None:
                             check(obj)
                         offsets.append(offset)
+                        sizes.append(len(raw))
                     except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError and BadLineError are ValueErrors
                         reason = f"{self.path}:{lineno}: {e}"
                         if strict:
@@ -75,6 +76,7 @@ class JsonlFile:
                             log.warning("skipping bad line %s", reason)
                 offset += len(raw)
         self.offsets = np.asarray(offsets, dtype=np.int64)
+        self.sizes = np.asarray(sizes, dtype=np.int64)  # bytes per good line: a cheap proxy for its token count
         if verbose and self.bad_lines:
             log.warning("%s: skipped %d bad line(s) of %d", self.path, len(self.bad_lines),
                         len(self.offsets) + len(self.bad_lines))

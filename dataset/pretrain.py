@@ -70,6 +70,11 @@ class PretrainDataset(Dataset):
         self.tokens = np.memmap(self.cache_path, dtype=dtype, mode="r")
         self.n_blocks = math.ceil(len(self.tokens) / max_seq_len)
 
+    @property
+    def lengths(self):
+        """Document sizes in bytes when padded (for --group_by_length); packed rows are all full."""
+        return None if self.packed else self.docs.sizes
+
     def __len__(self):
         return self.n_blocks if self.packed else len(self.docs)
 

@@ -14,8 +14,10 @@ What it measures, and how:
   ours = documents packed into full rows (PretrainDataset's default), bf16 autocast, fused AdamW (the engine's
   defaults); compiled = ours + torch.compile. Every (preset, mode) runs in a fresh process, so its memory figure is
   its own; modes alternate, --repeats times, and the table shows medians;
-- decoding: new tokens/s at batch 1 and 8, 64-token prompt, 200 new tokens, with the KV cache, baseline (fp32,
-  transformers' DynamicCache) against ours (MicroLM's decode path), and peak memory.
+- decoding: new tokens/s at batch 1 and 8, 64-token prompt, 200 new tokens, with the KV cache: baseline = fp32
+  weights, transformers' DynamicCache; ours = the device's fast dtype (eval_model.py --dtype auto: bf16 on CUDA and
+  on CPUs with native bf16); compiled = ours + static KV cache + torch.compile'd decode step (eval_model.py
+  --compile); and peak memory.
 The figures and the setup go to --json (device, torch version, threads, every number).
 """
 
@@ -163,8 +165,7 @@ def decode_child(spec: dict) -> dict:
     if spec["mode"] != "baseline":
         model = model.to(eval_model.fast_dtype(device))
         if spec["mode"] == "compiled":
-            eval_model.compile_decoding(model)
-            kwargs["cache_implementation"] = "static"
+            eval_model.compile_decoding(model)  # static KV cache + compiled decode step
     times = []
     with torch.no_grad():
         for i in range(spec["runs"] + 1):
@@ -239,7 +240,7 @@ def main(argv=None):
 
     if args.decode_preset:
         for batch in map(int, args.decode_batches.split(",")):
-            for mode in ["baseline", "ours"]:
+            for mode in [m for m in ["baseline", "ours", "compiled"] if m in modes or m == "baseline"]:
                 spec = {"preset": args.decode_preset, "mode": mode, "device": args.device, "batch_size": batch,
                         "prompt_tokens": 64, "new_tokens": 200, "runs": 3}
                 result["decode"].append({"preset": args.decode_preset, "mode": mode, "batch_size": batch,

@@ -39,14 +39,6 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "4090": 165.2, "3090
                "A10": 125.0}
 
 
-def flops_per_token(config: MicroLMConfig, seq_len: int) -> float:
-    with torch.device("meta"):
-        counts = MicroLMForCausalLM(config).param_counts()
-    # the tied embedding table is a lookup on the way in but a full matmul on the way out: count it once
-    n = counts["active"]
-    return 6 * n + 12 * config.num_hidden_layers * config.hidden_size * seq_len
-
-
 def peak_flops(device_name: str, override: float | None) -> float | None:
     if override:
         return override * 1e12
@@ -84,7 +76,9 @@ def main(argv=None):
             summary = module.main(argv)
             config = MicroLMConfig.from_pretrained(Path(tmp) / stage)
             tok_s = summary["tokens_per_s_after_first_step"]
-            achieved = tok_s * flops_per_token(config, parsed.max_seq_len) if tok_s else None
+            with torch.device("meta"):
+                per_token = MicroLMForCausalLM(config).flops_per_token(parsed.max_seq_len)
+            achieved = tok_s * per_token if tok_s else None
             rows.append({"stage": stage, "preset": args.preset, "batch_size": parsed.batch_size,
                          "accumulation_steps": parsed.accumulation_steps, "max_seq_len": parsed.max_seq_len,
                          "dtype": parsed.dtype, "steps": summary["steps"], "tokens_per_s": tok_s,

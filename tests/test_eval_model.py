@@ -5,6 +5,7 @@ think part can be hidden, adapters load, a missing checkpoint names the stage th
 import io
 
 import pytest
+import torch
 from conftest import load_script, make_model, save_random_adapter
 
 from dataset import demo_metrics as metrics
@@ -96,3 +97,17 @@ def test_adapter_loads_on_top_and_missing_checkpoint_names_its_stage(out_dir, to
     assert expected != plain  # the adapter did change the answer
     with pytest.raises(SystemExit, match=r"no checkpoint at .*dpo.*4-RLHF\.py"):
         run(["--out_dir", out_dir, "--stage", "dpo", "--auto"])
+
+
+def test_auto_dtype_is_the_devices_fast_one_and_compile_asks_for_a_static_cache(tmp_path, tokenizer):
+    model = make_model("tiny", seed=1)
+    model.save_pretrained(tmp_path / "sft")
+    tokenizer.save_pretrained(tmp_path / "sft")
+    args = ev.build_parser().parse_args(["--out_dir", str(tmp_path), "--device", "cpu"])
+    assert args.dtype == "auto"
+    loaded, _, _ = ev.load(args)
+    assert loaded.dtype == ev.fast_dtype("cpu") in (torch.bfloat16, torch.float32)
+    assert ev.fast_dtype("meta") == torch.float32
+    compiled = ev.compile_decoding(make_model("tiny", seed=1))
+    assert compiled.generation_config.cache_implementation == "static"
+    assert compiled.generation_config.compile_config._compile_all_devices

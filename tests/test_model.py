@@ -117,6 +117,30 @@ def test_left_padded_batch_matches_each_row_alone(preset):
     assert torch.isfinite(model(batch, attention_mask=mask).logits).all()  # padding queries do not produce NaN
 
 
+@pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
+def test_static_kv_cache_decodes_like_the_dynamic_one(preset):
+    """generate(cache_implementation="static"): a pre-allocated cache whose unwritten slots must stay masked, with
+    positions read from generate()'s 4-D mask; left padding included."""
+    from transformers import StaticCache
+
+    model = make_model(preset, seed=3, tie_word_embeddings=False)
+    ids = random_ids(2, 12, seed=4)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    greedy = dict(max_new_tokens=16, do_sample=False, pad_token_id=0, attention_mask=mask)
+    dynamic = model.generate(ids, **greedy)
+    static = model.generate(ids, cache_implementation="static", **greedy)
+    assert torch.equal(static, dynamic)
+    # logits too, step by step on a StaticCache longer than needed
+    x = random_ids(1, 20)
+    with torch.no_grad():
+        full = model(x).logits
+        cache = StaticCache(config=model.config, max_cache_len=64)
+        pieces = [model(x[:, :7], cache=cache, use_cache=True).logits]
+        pieces += [model(x[:, t:t + 1], cache=cache, use_cache=True).logits for t in range(7, 20)]
+    assert (torch.cat(pieces, dim=1) - full).abs().max().item() <= 1e-4
+
+
 def _reference_attention(attn, x, cos, sin):
     """Textbook multi-head attention with explicit repeat of kv heads, softmax(QK^T / sqrt(d)) with a causal mask."""
     B, T, _ = x.shape

@@ -67,6 +67,8 @@ def add_train_args(parser: argparse.ArgumentParser, *, epochs: int, batch_size: 
     a("--strict", action="store_true", help="stop at the first malformed data line instead of skipping it")
     a("--max_bad_steps", type=int, default=5, help="stop after this many non-finite steps in a row")
     a("--compile", action="store_true", help="torch.compile the model (slow start, faster steps)")
+    a("--no_group_by_length", dest="group_by_length", action="store_false",
+      help="plain shuffled batches instead of length-grouped ones (SFT/DPO/...: rows of similar length pad less)")
     a("--no_fused_adamw", dest="fused_adamw", action="store_false",
       help="plain AdamW instead of the fused kernel (which also skips a non-finite step without a host sync)")
     a("--logger", default="none", choices=["none", "wandb", "swanlab"], help="experiment tracker")
@@ -118,11 +120,18 @@ def param_groups(model, weight_decay: float):
 class ShardedBatchSampler:
     """Global, seeded order per epoch; each optimizer micro-step takes the next world*batch rows and rank r its
     slice. The position is counted in global rows, so a resumed run (even with another world size) continues
-    at the same row."""
+    at the same row.
 
-    def __init__(self, n: int, batch_size: int, world_size: int, rank: int, seed: int, shuffle: bool = True):
+    With `lengths`, rows of similar length share batches, so pad_collate pads less: the shuffled order is sorted by
+    length within windows of `window` rows, then cut into blocks of `block` rows that are shuffled again (no trend
+    from long to short). The order depends only on seed, epoch and lengths -- not on the world size."""
+
+    def __init__(self, n: int, batch_size: int, world_size: int, rank: int, seed: int, shuffle: bool = True,
+                 lengths=None, window: int = 8192, block: int = 256):
         self.n, self.batch_size, self.world_size, self.rank = n, batch_size, world_size, rank
         self.seed, self.shuffle = seed, shuffle
+        self.lengths = None if lengths is None else torch.as_tensor(lengths)
+        self.window, self.block = window, block
         self.rows_per_micro = batch_size * world_size
         self.micro_per_epoch = n // self.rows_per_micro
         self.epoch, self.start_row = 0, 0
@@ -136,9 +145,20 @@ class ShardedBatchSampler:
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)
+        if self.lengths is not None:
+            order = self._group_by_length(order, g)
         G, B = self.rows_per_micro, self.batch_size
         for k in range(self.start_row // G, self.micro_per_epoch):
             yield order[k * G + self.rank * B: k * G + (self.rank + 1) * B].tolist()
+
+    def _group_by_length(self, order: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        grouped = []
+        for start in range(0, self.n, self.window):
+            idx = order[start:start + self.window]
+            idx = idx[torch.argsort(self.lengths[idx], descending=True, stable=True)]
+            blocks = list(idx.split(self.block))
+            grouped += [blocks[i] for i in torch.randperm(len(blocks), generator=g).tolist()]
+        return torch.cat(grouped)
 
 
 def to_device(batch, device):
@@ -214,7 +234,8 @@ class Trainer:
         """
         args, env = self.args, self.env
         A, B, W = args.accumulation_steps, args.batch_size, env.world_size
-        sampler = ShardedBatchSampler(len(dataset), B, W, env.rank, args.seed, shuffle)
+        lengths = getattr(dataset, "lengths", None) if args.group_by_length else None
+        sampler = ShardedBatchSampler(len(dataset), B, W, env.rank, args.seed, shuffle, lengths)
         steps_per_epoch = sampler.micro_per_epoch // A
         if steps_per_epoch == 0:
             raise ValueError(f"{len(dataset)} rows are fewer than one optimizer step needs "
