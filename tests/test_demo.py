@@ -1,6 +1,7 @@
 """The README's first command: the demo pipeline trains every stage on CPU and each stage shows its effect."""
 
 import json
+import math
 
 import pytest
 from conftest import load_script
@@ -14,8 +15,11 @@ def test_demo_pipeline_runs_every_stage_and_each_moves_its_held_out_metric(tmp_p
                          "--image_dir", str(tmp_path / "images")])
     by_stage = {r["stage"]: r for r in results}
     for stage in stages[:-1]:
-        r = by_stage[stage]
-        assert r["last_loss"] < r["first_loss"] - (0.03 if stage == "dpo" else 0.5), r
+        r = by_stage[stage]  # losses are means over the first and the last 10 steps
+        if stage == "dpo":  # lr 1e-6 (the README's sweep): the policy moves only a little away from log 2
+            assert r["last_loss"] < min(r["first_loss"], math.log(2) - 0.01), r
+        else:
+            assert r["last_loss"] < r["first_loss"] - 0.5, r
         assert (tmp_path / "images" / f"{stage}_loss.png").stat().st_size > 5000
     assert (tmp_path / "images" / "grpo_reward.png").stat().st_size > 5000
     # SFT: on held-out questions the chat model answers and closes its turn; the pretrained model rambles on

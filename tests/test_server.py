@@ -2,6 +2,7 @@
 not) and raw HTTP for bad input; max_tokens honoured, stop strings cut, concurrent requests all answered alike."""
 
 import json
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -128,3 +129,40 @@ def test_streamed_think_tags_are_routed_wherever_the_tokens_split_them(cuts):
     reasoning = "".join(t for field, t in routed if field == "reasoning_content")
     content = "".join(t for field, t in routed if field == "content")
     assert (reasoning.strip(), content.strip()) == server.split_reasoning(text) == ("3加5等于8。", "8 < 9")
+
+
+def _rss_mib():
+    """Resident memory after handing freed heap pages back to the OS (so allocator caching is not counted)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc
+        pass
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def test_a_flood_of_good_and_bad_requests_leaves_the_server_up_with_bounded_memory(base_url):
+    url = base_url + "/v1/chat/completions"
+    huge = [{"role": "user", "content": "很长的问题 " * 20000}]  # far beyond the context: cut from the left
+    bodies = [b"{not json", json.dumps({"messages": "wrong type"}),
+              json.dumps({"messages": QUESTION, "max_tokens": 10**9}),
+              json.dumps({"messages": QUESTION, "temperature": "hot"}),
+              json.dumps({"messages": QUESTION, "max_tokens": 2}),
+              json.dumps({"messages": QUESTION, "max_tokens": 2, "stream": True}),
+              json.dumps({"messages": huge, "max_tokens": 2})]
+
+    def send(i):
+        body = bodies[i % len(bodies)]
+        return httpx.post(url, content=body, headers={"Content-Type": "application/json"}, timeout=120).status_code
+
+    with ThreadPoolExecutor(8) as pool:
+        codes = list(pool.map(send, range(70)))  # warm-up: thread pools, tokenizer caches
+        before = _rss_mib()
+        for _ in range(4):
+            codes += list(pool.map(send, range(70)))
+    growth = _rss_mib() - before
+    assert set(codes) <= {200, 400} and codes.count(200) == 3 * 50  # every good request answered
+    assert growth < 48, f"resident memory grew by {growth:.0f} MiB over 280 requests"
+    assert httpx.get(base_url + "/health").json()["status"] == "ok"

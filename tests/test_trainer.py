@@ -284,14 +284,14 @@ def test_length_grouped_batches_pad_less_and_keep_order_independent_of_world_siz
     assert _epoch(n, 8, 1, lengths, seed=1, window=512, block=64) != grouped
 
 
-def test_sft_batches_are_length_grouped_by_default(tmp_path, sft_file):
+def test_group_by_length_is_opt_in_and_sft_rows_have_lengths(tmp_path, sft_file):
     from dataset import SFTDataset
     from trainer.engine import ShardedBatchSampler
 
     sft = load_script("2-sft.py")
     args = sft.build_parser().parse_args(tiny_args(tmp_path, sft_file))
-    assert args.group_by_length and not sft.build_parser().parse_args(
-        tiny_args(tmp_path, sft_file, "--no_group_by_length")).group_by_length
+    assert not args.group_by_length and sft.build_parser().parse_args(
+        tiny_args(tmp_path, sft_file, "--group_by_length")).group_by_length
     from transformers import AutoTokenizer
 
     from model import TOKENIZER_DIR
