@@ -44,15 +44,26 @@ def fast_dtype(device) -> torch.dtype:
 
 
 def compile_decoding(model):
-    """Decode with a pre-allocated (static) KV cache and a torch.compile'd decode step: transformers' generate() does
-    both once the generation config asks for them. The first reply pays for compilation (tens of seconds)."""
+    """Decode with a torch.compile'd step on a pre-allocated (static) KV cache: transformers' generate() compiles the
+    forward once it is handed a static cache (decode_cache) and a compile config. The first reply of each cache size
+    pays for compilation (tens of seconds)."""
     from transformers import CompileConfig
 
     config = CompileConfig(fullgraph=False, dynamic=False, mode="default")
     config._compile_all_devices = True  # transformers compiles on GPUs only unless told
-    model.generation_config.cache_implementation = "static"
     model.generation_config.compile_config = config
     return model
+
+
+def decode_cache(model, n_tokens: int, bucket: int = 256) -> dict:
+    """generate() kwargs: after compile_decoding, a StaticCache rounded up to a multiple of `bucket` positions, so the
+    compiled step is reused across prompt lengths (sized exactly, every new length would recompile); else nothing."""
+    if model.generation_config.compile_config is None:
+        return {}
+    from transformers import StaticCache
+
+    size = min(-(-n_tokens // bucket) * bucket, model.config.max_position_embeddings)
+    return {"cache": StaticCache(config=model.config, max_cache_len=size)}
 
 
 def load(args):
@@ -155,7 +166,7 @@ class Chat:
             self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
                                 repetition_penalty=args.repetition_penalty, streamer=printer,
                                 eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
-                                **sampling)
+                                **sampling, **decode_cache(self.model, ids.size(1) + args.max_new_tokens))
         end = time.perf_counter()
         self.out.write("\n")
         if args.show_speed and printer.first_token_time:

@@ -158,7 +158,8 @@ class Generator:
         sampling = dict(do_sample=True, temperature=req["temperature"], top_p=req["top_p"], top_k=0) \
             if req["temperature"] > 0 else dict(do_sample=False)
         return dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=req["max_tokens"],
-                    eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id, **sampling)
+                    eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id, **sampling,
+                    **eval_model.decode_cache(self.model, ids.size(1) + req["max_tokens"]))
 
     def complete(self, req) -> dict:
         ids = self.prompt_ids(req["messages"], req["max_tokens"])

@@ -99,7 +99,7 @@ def test_adapter_loads_on_top_and_missing_checkpoint_names_its_stage(out_dir, to
         run(["--out_dir", out_dir, "--stage", "dpo", "--auto"])
 
 
-def test_auto_dtype_is_the_devices_fast_one_and_compile_asks_for_a_static_cache(tmp_path, tokenizer):
+def test_auto_dtype_is_the_devices_fast_one_and_compile_uses_bucketed_static_caches(tmp_path, tokenizer):
     model = make_model("tiny", seed=1)
     model.save_pretrained(tmp_path / "sft")
     tokenizer.save_pretrained(tmp_path / "sft")
@@ -109,5 +109,16 @@ def test_auto_dtype_is_the_devices_fast_one_and_compile_asks_for_a_static_cache(
     assert loaded.dtype == ev.fast_dtype("cpu") in (torch.bfloat16, torch.float32)
     assert ev.fast_dtype("meta") == torch.float32
     compiled = ev.compile_decoding(make_model("tiny", seed=1))
-    assert compiled.generation_config.cache_implementation == "static"
     assert compiled.generation_config.compile_config._compile_all_devices
+    assert ev.decode_cache(make_model("tiny", seed=1), 300) == {}  # nothing without compile_decoding
+    # with it: a static cache in 256-position buckets, so one compiled step serves many prompt lengths
+    from transformers import CompileConfig
+
+    model = make_model("tiny", seed=3, tie_word_embeddings=False)
+    model.generation_config.compile_config = CompileConfig()  # without _compile_all_devices: no compiling on CPU
+    cache = ev.decode_cache(model, 300)["cache"]
+    assert type(cache).__name__ == "StaticCache" and cache.get_max_length() == 512
+    ids = torch.randint(10, 6000, (1, 40))
+    greedy = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(ids, cache=cache, **greedy), make_model(
+        "tiny", seed=3, tie_word_embeddings=False).generate(ids, **greedy))
