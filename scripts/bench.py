@@ -225,7 +225,7 @@ def main(argv=None):
           + ", ".join(f"{k} {v:,.0f} GFLOP/s" for k, v in roof.items()), flush=True)
 
     modes = args.modes.split(",")
-    for preset in args.presets.split(","):
+    for preset in filter(None, args.presets.split(",")):
         runs = {m: [] for m in modes}
         for r in range(args.repeats):
             for mode in modes if r % 2 == 0 else modes[::-1]:  # alternate the order too
