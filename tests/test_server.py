@@ -164,5 +164,7 @@ def test_a_flood_of_good_and_bad_requests_leaves_the_server_up_with_bounded_memo
             codes += list(pool.map(send, range(70)))
     growth = _rss_mib() - before
     assert set(codes) <= {200, 400} and codes.count(200) == 3 * 50  # every good request answered
-    assert growth < 48, f"resident memory grew by {growth:.0f} MiB over 280 requests"
+    # allocator arenas across 8 threads wander by tens of MiB; a leak of one request's KV cache (~2 MiB here) or of one
+    # tokenized huge prompt would add hundreds over 280 requests
+    assert growth < 128, f"resident memory grew by {growth:.0f} MiB over 280 requests"
     assert httpx.get(base_url + "/health").json()["status"] == "ok"
