@@ -137,20 +137,25 @@ def yarn_rope_parameters(factor: float = 16.0, original_max_position_embeddings:
                 beta_fast=beta_fast, beta_slow=beta_slow)
 
 
+def _stock_kwargs(config: MicroLMConfig) -> dict:
+    """The settings every stock transformers decoder config spells as we do."""
+    return dict(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads, head_dim=config.head_dim, hidden_act=config.hidden_act,
+        max_position_embeddings=config.max_position_embeddings, rms_norm_eps=config.rms_norm_eps,
+        rope_parameters=dict(config.rope_parameters), tie_word_embeddings=config.tie_word_embeddings,
+        initializer_range=config.initializer_range,
+        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id)
+
+
 def to_llama_config(config: MicroLMConfig):
     """The stock `transformers.LlamaConfig` a dense MicroLM checkpoint loads into unchanged (same tensor names)."""
     from transformers import LlamaConfig
 
     if config.use_moe:
         raise ValueError("a MoE MicroLM has no Llama equivalent; export it with its own code (auto_map) instead")
-    return LlamaConfig(
-        vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
-        num_key_value_heads=config.num_key_value_heads, head_dim=config.head_dim, hidden_act=config.hidden_act,
-        max_position_embeddings=config.max_position_embeddings, rms_norm_eps=config.rms_norm_eps,
-        rope_parameters=dict(config.rope_parameters), tie_word_embeddings=config.tie_word_embeddings,
-        initializer_range=config.initializer_range, attention_bias=False, mlp_bias=False,
-        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id)
+    return LlamaConfig(**_stock_kwargs(config), attention_bias=False, mlp_bias=False)
 
 
 def to_mixtral_config(config: MicroLMConfig):
@@ -160,13 +165,6 @@ def to_mixtral_config(config: MicroLMConfig):
 
     if not config.use_moe or config.n_shared_experts or not config.norm_topk_prob:
         raise ValueError("only a MoE without shared experts and with norm_topk_prob=True matches Mixtral")
-    return MixtralConfig(
-        vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
-        num_key_value_heads=config.num_key_value_heads, head_dim=config.head_dim, hidden_act=config.hidden_act,
-        max_position_embeddings=config.max_position_embeddings, rms_norm_eps=config.rms_norm_eps,
-        rope_parameters=dict(config.rope_parameters), tie_word_embeddings=config.tie_word_embeddings,
-        num_local_experts=config.num_experts, num_experts_per_tok=config.num_experts_per_tok,
-        router_aux_loss_coef=config.router_aux_loss_coef, sliding_window=None,
-        initializer_range=config.initializer_range,
-        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id)
+    return MixtralConfig(**_stock_kwargs(config), num_local_experts=config.num_experts,
+                         num_experts_per_tok=config.num_experts_per_tok,
+                         router_aux_loss_coef=config.router_aux_loss_coef, sliding_window=None)

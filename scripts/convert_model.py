@@ -49,24 +49,28 @@ def generation_config(model):
                             do_sample=True, temperature=0.85, top_p=0.85, max_new_tokens=512)
 
 
+def _save_stock(model_class, hf_config, state_dict, model, tokenizer, out) -> Path:
+    """Build a stock transformers model without allocating, take our tensors, and save it with the tokenizer."""
+    with torch.device("meta"):
+        stock = model_class(hf_config)
+    stock.load_state_dict(state_dict, strict=True, assign=True)
+    stock.generation_config = generation_config(model)
+    stock.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return Path(out)
+
+
 def export_llama(model, tokenizer, out) -> Path:
     from transformers import LlamaForCausalLM
 
-    with torch.device("meta"):
-        llama = LlamaForCausalLM(to_llama_config(model.config))
-    llama.load_state_dict(model.state_dict(), strict=True, assign=True)  # same names, same shapes
-    llama.generation_config = generation_config(model)
-    llama.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return Path(out)
+    # same names, same shapes
+    return _save_stock(LlamaForCausalLM, to_llama_config(model.config), model.state_dict(), model, tokenizer, out)
 
 
 def export_mixtral(model, tokenizer, out) -> Path:
     """A MoE that Mixtral computes exactly (see to_mixtral_config) as a stock MixtralForCausalLM folder."""
     from transformers import MixtralForCausalLM
 
-    with torch.device("meta"):
-        mixtral = MixtralForCausalLM(to_mixtral_config(model.config))
     sd = model.state_dict()
     for i in range(model.config.num_hidden_layers):
         prefix = f"model.layers.{i}.mlp.experts."
@@ -75,11 +79,7 @@ def export_mixtral(model, tokenizer, out) -> Path:
         sd[prefix + "gate_up_proj"] = torch.stack([torch.cat([sd.pop(f"{prefix}{e}.gate_proj.weight"),
                                                               sd.pop(f"{prefix}{e}.up_proj.weight")]) for e in experts])
         sd[prefix + "down_proj"] = torch.stack([sd.pop(f"{prefix}{e}.down_proj.weight") for e in experts])
-    mixtral.load_state_dict(sd, strict=True, assign=True)
-    mixtral.generation_config = generation_config(model)
-    mixtral.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return Path(out)
+    return _save_stock(MixtralForCausalLM, to_mixtral_config(model.config), sd, model, tokenizer, out)
 
 
 def export_remote_code(model, tokenizer, out) -> Path:

@@ -21,23 +21,29 @@ def _save(model, tokenizer, path):
     return path
 
 
+def _assert_stock_export(out, ours, model_class, model_type, atol):
+    """The folder loads as the stock class (no remote code) with our logits and our greedy output."""
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == model_type and "auto_map" not in cfg
+    stock = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(stock) is model_class
+    x = random_ids(2, 16)
+    with torch.no_grad():
+        assert (stock(x).logits - ours(x).logits).abs().max() <= atol
+    prompt = torch.tensor([[1, 300, 400, 500]])
+    greedy = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(stock.generate(prompt, **greedy), ours.generate(prompt, **greedy))
+    return stock
+
+
 def test_dense_export_is_stock_llama_with_our_logits_and_chat_template(tmp_path, tokenizer):
     ours = make_model("tiny", seed=2)
     _save(ours, tokenizer, tmp_path / "out" / "sft")
     out = convert.main(["--out_dir", str(tmp_path / "out"), "--stage", "sft", "--out", str(tmp_path / "hf")])
-    cfg = json.loads((out / "config.json").read_text())
-    assert cfg["model_type"] == "llama" and "auto_map" not in cfg
-    llama = AutoModelForCausalLM.from_pretrained(out).eval()
-    assert type(llama) is LlamaForCausalLM
-    x = random_ids(2, 16)
-    with torch.no_grad():
-        assert (llama(x).logits - ours(x).logits).abs().max() <= 1e-4
+    llama = _assert_stock_export(out, ours, LlamaForCausalLM, "llama", atol=1e-4)
     exported_tok = AutoTokenizer.from_pretrained(out)
     assert exported_tok.chat_template == tokenizer.chat_template
     assert llama.generation_config.eos_token_id == tokenizer.eos_token_id
-    prompt = torch.tensor([[1, 300, 400, 500]])
-    greedy = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
-    assert torch.equal(llama.generate(prompt, **greedy), ours.generate(prompt, **greedy))
 
 
 def test_lora_stage_exports_base_plus_adapter_merged(tmp_path, tokenizer):
@@ -180,13 +186,4 @@ def test_moe_without_shared_experts_exports_as_stock_mixtral(tmp_path, tokenizer
     ours = make_model("tiny-moe", seed=6, n_shared_experts=0)
     _save(ours, tokenizer, tmp_path / "moe")
     out = convert.main(["--model_path", str(tmp_path / "moe"), "--out", str(tmp_path / "hf")])
-    cfg = json.loads((out / "config.json").read_text())
-    assert cfg["model_type"] == "mixtral" and "auto_map" not in cfg
-    mixtral = AutoModelForCausalLM.from_pretrained(out).eval()
-    assert type(mixtral) is MixtralForCausalLM
-    x = random_ids(2, 16)
-    with torch.no_grad():
-        assert (mixtral(x).logits - ours(x).logits).abs().max() <= 1e-5
-    prompt = torch.tensor([[1, 300, 400, 500]])
-    greedy = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
-    assert torch.equal(mixtral.generate(prompt, **greedy), ours.generate(prompt, **greedy))
+    _assert_stock_export(out, ours, MixtralForCausalLM, "mixtral", atol=1e-5)
