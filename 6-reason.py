@@ -102,7 +102,7 @@ def make_grpo_loss(args, tokenizer, reference, rewards):
         mask = completion_mask(completion, eos)
         texts = tokenizer.batch_decode([c[:int(m.sum())] for c, m in zip(completion, mask)],
                                        skip_special_tokens=True)
-        refs = [r for r in batch["references"] for _ in range(G)]
+        refs = [r if r is not None else gt for r, gt in zip(batch["references"], batch["gt"]) for _ in range(G)]
         scores = torch.tensor([[fn(t, ref) for fn in rewards] for t, ref in zip(texts, refs)],
                               dtype=torch.float32, device=completion.device)
         reward = scores.sum(1)

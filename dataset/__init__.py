@@ -1,10 +1,11 @@
 """One Dataset class per stage format, over lazily indexed jsonl files."""
 
+from .chat import ChatEncoder, normalize_chat
 from .dpo import DPODataset, dpo_collate
 from .jsonl import BadLineError, JsonlFile
 from .pretrain import PretrainDataset
 from .reason import REASON_TAGS, PromptDataset, ReasonDataset, prompt_collate
 from .sft import SFTDataset, encode_chat, pad_collate
 
-__all__ = ["BadLineError", "DPODataset", "JsonlFile", "PretrainDataset", "PromptDataset", "REASON_TAGS",
+__all__ = ["BadLineError", "ChatEncoder", "normalize_chat", "DPODataset", "JsonlFile", "PretrainDataset", "PromptDataset", "REASON_TAGS",
            "ReasonDataset", "SFTDataset", "dpo_collate", "encode_chat", "pad_collate", "prompt_collate"]

@@ -3,8 +3,9 @@
 import torch
 from torch.utils.data import Dataset
 
-from .jsonl import BadLineError, JsonlFile, check_messages
-from .sft import encode_chat, pad_collate
+from .chat import ChatEncoder, check_messages, normalize_chat, row_chooses, with_empty_think
+from .jsonl import BadLineError, JsonlFile
+from .sft import EMPTY_THINK_RATIO, pad_collate, unmappable
 
 
 def check_preference(obj) -> None:
@@ -19,9 +20,12 @@ def check_preference(obj) -> None:
 class DPODataset(Dataset):
     """Each row: the chosen and the rejected chat encoded with labels on the final reply (+ its eos) only."""
 
-    def __init__(self, path, tokenizer, max_seq_len: int = 1024, strict: bool = False, verbose: bool = True):
+    def __init__(self, path, tokenizer, max_seq_len: int = 1024, strict: bool = False, verbose: bool = True,
+                 empty_think_ratio: float = EMPTY_THINK_RATIO, seed: int = 0):
         self.tokenizer, self.max_seq_len = tokenizer, max_seq_len
+        self.empty_think_ratio, self.seed = empty_think_ratio, seed
         self.rows = JsonlFile(path, check_preference, strict=strict, verbose=verbose)
+        self.encoder = ChatEncoder(tokenizer)
 
     @property
     def lengths(self):
@@ -32,9 +36,16 @@ class DPODataset(Dataset):
         return len(self.rows)
 
     def __getitem__(self, i):
-        row = self.rows[i]
-        chosen = encode_chat(self.tokenizer, row["chosen"], self.max_seq_len, last_reply_only=True)
-        rejected = encode_chat(self.tokenizer, row["rejected"], self.max_seq_len, last_reply_only=True)
+        row, pair = self.rows[i], []
+        empty_think = row_chooses(self.seed, i, self.empty_think_ratio)  # both sides alike: the same prompt
+        for key in ("chosen", "rejected"):
+            try:
+                messages, tools = normalize_chat(row[key], key)
+                messages = with_empty_think(messages) if empty_think else messages
+                pair.append(self.encoder.encode(messages, tools, self.max_seq_len, last_reply_only=True))
+            except BadLineError as e:
+                pair.append(unmappable(self.rows, i, e))
+        chosen, rejected = pair
         return {"index": i, "chosen": chosen, "rejected": rejected}
 
 

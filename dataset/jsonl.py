@@ -26,29 +26,6 @@ def check_text(obj) -> None:
         raise BadLineError('"text" is not a non-empty string')
 
 
-def check_messages(messages, key="conversations") -> None:
-    """A chat: optional system turn, then user/assistant alternating, ending with assistant, no empty content."""
-    if not isinstance(messages, list) or not messages:
-        raise BadLineError(f'"{key}" is not a non-empty list')
-    roles = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise BadLineError(f'{key}[{i}] is not {{"role": str, "content": str}}')
-        if not m["content"].strip():
-            raise BadLineError(f"{key}[{i}] ({m['role']}) has empty content")
-        roles.append(m["role"])
-    body = roles[1:] if roles[0] == "system" else roles
-    expected = ["user", "assistant"] * (len(body) // 2 + 1)
-    if not body or body != expected[:len(body)] or body[-1] != "assistant":
-        raise BadLineError(f"{key} roles {roles} are not [system] user, assistant, user, assistant, ...")
-
-
-def check_conversations(obj) -> None:
-    if not isinstance(obj, dict) or "conversations" not in obj:
-        raise BadLineError('missing key "conversations"')
-    check_messages(obj["conversations"])
-
-
 class JsonlFile:
     """Index of the good lines of a jsonl file; `[i]` parses the i-th good line from disk."""
 
@@ -56,7 +33,7 @@ class JsonlFile:
         self.path = os.fspath(path)
         if not os.path.isfile(self.path):
             raise FileNotFoundError(f"data file not found: {self.path}")
-        offsets, sizes, self.bad_lines = [], [], []
+        offsets, sizes, linenos, self.bad_lines = [], [], [], []
         with open(self.path, "rb") as f:
             offset = 0
             for lineno, raw in enumerate(f, start=1):
@@ -67,6 +44,7 @@ class JsonlFile:
                             check(obj)
                         offsets.append(offset)
                         sizes.append(len(raw))
+                        linenos.append(lineno)
                     except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError and BadLineError are ValueErrors
                         reason = f"{self.path}:{lineno}: {e}"
                         if strict:
@@ -77,6 +55,7 @@ class JsonlFile:
                 offset += len(raw)
         self.offsets = np.asarray(offsets, dtype=np.int64)
         self.sizes = np.asarray(sizes, dtype=np.int64)  # bytes per good line: a cheap proxy for its token count
+        self.linenos = np.asarray(linenos, dtype=np.int64)
         if verbose and self.bad_lines:
             log.warning("%s: skipped %d bad line(s) of %d", self.path, len(self.bad_lines),
                         len(self.offsets) + len(self.bad_lines))
@@ -92,6 +71,10 @@ class JsonlFile:
             self._file = open(self.path, "rb")
         self._file.seek(int(self.offsets[i]))
         return json.loads(self._file.readline())
+
+    def where(self, i) -> str:
+        """file:line of the i-th good line, for messages about a row."""
+        return f"{self.path}:{int(self.linenos[i])}"
 
     def __getstate__(self):
         return {**self.__dict__, "_file": None}

@@ -20,10 +20,33 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha1(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()[:12]
 
 
+LEGACY_MARKERS = ("<s>", "</s>")  # the seed's document separators
+
+
 def document_ids(tokenizer, texts) -> list[list[int]]:
-    """Each document as bos + text + eos: the separators tell the model where one document ends."""
+    """Each document as bos + text + eos: the separators tell the model where one document ends.
+
+    Texts that already carry separators are not wrapped twice: MiniMind's pretrain_hq.jsonl writes
+    `<|im_start|>...<|im_end|>` inside the text (parsed as the special tokens they are), the seed's files `<s>...</s>`
+    (mapped to bos/eos when the tokenizer has no such tokens, instead of becoming the pieces `<`, `s`, `>`)."""
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    return [[bos, *ids, eos] for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    vocab = tokenizer.get_vocab()
+    legacy = [m for m in LEGACY_MARKERS if m not in vocab]
+    if legacy:
+        swap = {"<s>": tokenizer.bos_token, "</s>": tokenizer.eos_token}
+        texts = [t if "<s>" not in t and "</s>" not in t else _replace_all(t, {m: swap[m] for m in legacy})
+                 for t in texts]
+    out = []
+    for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        ids = ids if ids[:1] == [bos] else [bos, *ids]
+        out.append(ids if ids[-1:] == [eos] else [*ids, eos])
+    return out
+
+
+def _replace_all(text, mapping):
+    for old, new in mapping.items():
+        text = text.replace(old, new)
+    return text
 
 
 def build_token_stream(docs: JsonlFile, tokenizer, out_path: str, chunk: int = 2048) -> None:
@@ -59,7 +82,7 @@ class PretrainDataset(Dataset):
         if not packed:
             return
         stat = os.stat(path)
-        key = hashlib.sha1(f"{stat.st_size}:{stat.st_mtime_ns}:{tokenizer_fingerprint(tokenizer)}".encode())
+        key = hashlib.sha1(f"{stat.st_size}:{stat.st_mtime_ns}:{tokenizer_fingerprint(tokenizer)}:v2".encode())
         dtype = np.uint16 if len(tokenizer) < 2 ** 16 else np.uint32
         self.cache_path = os.path.join(cache_dir or os.path.dirname(os.path.abspath(path)),
                                        f"{os.path.basename(path)}.{key.hexdigest()[:12]}.{np.dtype(dtype).name}")

@@ -3,8 +3,9 @@
 import torch
 from torch.utils.data import Dataset
 
-from .jsonl import JsonlFile, check_conversations
-from .sft import SFTDataset, encode_chat
+from .chat import ChatEncoder, check_prompt_row, normalize_chat
+from .jsonl import BadLineError, JsonlFile
+from .sft import EMPTY_THINK_RATIO, SFTDataset, unmappable
 
 REASON_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 
@@ -15,34 +16,53 @@ class ReasonDataset(SFTDataset):
     them, so a tag split into BPE pieces is weighted as a whole and a stray "<" elsewhere is not."""
 
     def __init__(self, path, tokenizer, max_seq_len: int = 1024, tag_weight: float = 10.0, tags=REASON_TAGS,
-                 strict: bool = False, verbose: bool = True):
-        super().__init__(path, tokenizer, max_seq_len, strict=strict, verbose=verbose)
+                 strict: bool = False, verbose: bool = True, empty_think_ratio: float = EMPTY_THINK_RATIO,
+                 seed: int = 0):
+        super().__init__(path, tokenizer, max_seq_len, strict=strict, verbose=verbose,
+                         empty_think_ratio=empty_think_ratio, seed=seed)
         self.tag_weight, self.tags = float(tag_weight), tuple(tags)
 
     def __getitem__(self, i):
-        item = encode_chat(self.tokenizer, self.rows[i]["conversations"], self.max_seq_len, mark=self.tags)
+        try:
+            messages, tools = self.messages(i)
+            item = self.encoder.encode(messages, tools, self.max_seq_len, mark=self.tags)
+        except BadLineError as e:
+            return unmappable(self.rows, i, e)
         marked = item.pop("marked")
         item["weights"] = torch.where(item["labels"] == -100, 0.0, torch.where(marked, self.tag_weight, 1.0))
         return item
 
 
 class PromptDataset(Dataset):
-    """GRPO prompts from {"conversations": [...]} rows: the prompt is every message before the last assistant
-    reply, rendered with the generation prompt; the reference is that reply (a reward may read its <answer>)."""
+    """RL prompts from {"conversations": [...]} rows, three kinds:
+    - the seed's: the last assistant reply is the reference (a reward may read its <answer>); the prompt is every
+      message before it;
+    - rlaif.jsonl's: the last assistant turn is empty (or the chat ends with the user): a prompt, no reference;
+    - agent_rl*.jsonl's: tools in the system message and "gt", the accepted final answers.
+    Each item: prompt_ids (rendered with the tools and the generation prompt), reference (str or None), gt (list
+    or None), and the messages and tools for multi-turn rollouts."""
 
     def __init__(self, path, tokenizer, max_prompt_len: int = 256, strict: bool = False, verbose: bool = True):
         self.tokenizer, self.max_prompt_len = tokenizer, max_prompt_len
-        self.rows = JsonlFile(path, check_conversations, strict=strict, verbose=verbose)
+        self.rows = JsonlFile(path, check_prompt_row, strict=strict, verbose=verbose)
+        self.encoder = ChatEncoder(tokenizer)
 
     def __len__(self):
         return len(self.rows)
 
     def __getitem__(self, i):
-        messages = self.rows[i]["conversations"]
-        last = max(j for j, m in enumerate(messages) if m["role"] == "assistant")
-        text = self.tokenizer.apply_chat_template(messages[:last], tokenize=False, add_generation_prompt=True)
+        row = self.rows[i]
+        messages, tools = normalize_chat(row["conversations"], complete=False)
+        reference = None
+        if messages[-1]["role"] == "assistant":
+            last = messages.pop()
+            reference = last["content"] if last["content"].strip() else None
+        gt = row.get("gt")
+        gt = None if gt is None else [str(g) for g in (gt if isinstance(gt, list) else [gt])]
+        text = self.encoder.render(messages, tools, add_generation_prompt=True)
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"][-self.max_prompt_len:]  # keep the question
-        return {"prompt_ids": torch.tensor(ids), "reference": messages[last]["content"]}
+        return {"prompt_ids": torch.tensor(ids), "reference": reference, "gt": gt, "messages": messages,
+                "tools": tools}
 
 
 def prompt_collate(rows, pad_id: int = 0) -> dict:
@@ -53,4 +73,5 @@ def prompt_collate(rows, pad_id: int = 0) -> dict:
     for i, r in enumerate(rows):
         input_ids[i, n - len(r["prompt_ids"]):] = r["prompt_ids"]
         attention_mask[i, n - len(r["prompt_ids"]):] = 1
-    return {"prompt_ids": input_ids, "prompt_mask": attention_mask, "references": [r["reference"] for r in rows]}
+    return {"prompt_ids": input_ids, "prompt_mask": attention_mask, "references": [r["reference"] for r in rows],
+            "gt": [r["gt"] for r in rows], "messages": [r["messages"] for r in rows], "tools": [r["tools"] for r in rows]}

@@ -58,12 +58,22 @@ def reference_number(reference) -> int:
 
 def correctness_reward(text: str, reference_answer) -> float:
     """GRPO answer reward: 1.0 if the reply has exactly one `<answer>…</answer>` block, that block states exactly one
-    integer, and it equals the reference ("8", "8个", "答案是8" all count; "7 or 8" does not); else 0.0."""
+    integer, and it equals the reference ("8", "8个", "答案是8" all count; "7 or 8" does not); else 0.0. A list of
+    references (agent_rl's "gt") counts any of them; no reference (rlaif's prompt-only rows) or one that states no
+    single integer scores 0.0."""
     answer = extract_answer(text)
-    if answer is None:
+    if answer is None or reference_answer is None:
         return 0.0
     numbers = _INT.findall(answer)
-    return 1.0 if len(numbers) == 1 and int(numbers[0]) == reference_number(reference_answer) else 0.0
+    if len(numbers) != 1:
+        return 0.0
+    for ref in (reference_answer if isinstance(reference_answer, list) else [reference_answer]):
+        try:
+            if int(numbers[0]) == reference_number(ref):
+                return 1.0
+        except (ValueError, TypeError):
+            continue
+    return 0.0
 
 
 REWARDS = {

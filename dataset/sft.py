@@ -1,69 +1,42 @@
-"""SFTDataset: {"conversations": [...]} jsonl rendered with the tokenizer's chat template, loss on assistant tokens."""
+"""SFTDataset: {"conversations": [...]} jsonl rendered with the tokenizer's chat template, loss on what the assistant
+writes (reasoning, tool calls, reply, eos); tool calls, tool results and reasoning_content included (dataset/chat.py)."""
+
+import logging
 
 import torch
 from torch.utils.data import Dataset
 
-from .jsonl import JsonlFile, check_conversations
+from .chat import ChatEncoder, check_conversations, normalize_chat, row_chooses, with_empty_think
+from .jsonl import BadLineError, JsonlFile
+
+log = logging.getLogger(__name__)
+EMPTY_THINK_RATIO = 0.2  # share of rows without reasoning that get the (labelled) empty think block
 
 
-def assistant_char_spans(tokenizer, messages, text: str) -> list[tuple[int, int]]:
-    """Character spans of each assistant reply plus its closing eos token within the rendered `text`.
-
-    Template-agnostic: a reply starts where the rendering of the conversation before it, with the generation
-    prompt, ends. Falls back to searching the reply text for templates that rewrite earlier turns.
-    """
-    eos = tokenizer.eos_token
-    spans, cursor = [], 0
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        prefix = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
-        start = len(prefix) if text.startswith(prefix) else text.find(m["content"], cursor)
-        if start < 0 or text[start:start + len(m["content"])] != m["content"]:
-            raise ValueError(f"chat template does not render assistant turn {i} verbatim")
-        end = text.find(eos, start + len(m["content"]))
-        end = start + len(m["content"]) if end < 0 else end + len(eos)
-        spans.append((start, end))
-        cursor = end
-    return spans
+def encode_chat(tokenizer, messages, max_seq_len: int, last_reply_only: bool = False, mark=(), tools=None) -> dict:
+    """One chat (raw rows are normalised first) -> input_ids and labels; see ChatEncoder.encode."""
+    messages, found = normalize_chat(messages)
+    return ChatEncoder(tokenizer).encode(messages, tools or found, max_seq_len, last_reply_only, mark)
 
 
-def encode_chat(tokenizer, messages, max_seq_len: int, last_reply_only: bool = False, mark=()) -> dict:
-    """input_ids and labels (-100 everywhere but assistant replies and their eos), truncated to max_seq_len.
-    last_reply_only: label only the final reply (the response a preference pair compares).
-    mark: strings (e.g. "<think>") whose occurrences inside the labelled replies are returned as a bool "marked"
-    tensor over the tokens that cover them -- by characters, so it is right however the tokenizer splits them."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
-    spans = assistant_char_spans(tokenizer, messages, text)
-    if last_reply_only:
-        spans = spans[-1:]
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    labels, span = [], 0
-    for tok, (start, _) in zip(enc["input_ids"], enc["offset_mapping"]):
-        while span < len(spans) and start >= spans[span][1]:
-            span += 1
-        inside = span < len(spans) and spans[span][0] <= start < spans[span][1]
-        labels.append(tok if inside else -100)
-    out = {"input_ids": torch.tensor(enc["input_ids"][:max_seq_len]), "labels": torch.tensor(labels[:max_seq_len])}
-    if mark:
-        found = [(i, i + len(m)) for s, e in spans for m in mark for i in _find_all(text, m, s, e)]
-        marked = [label != -100 and any(a < fe and b > fs for fs, fe in found)
-                  for label, (a, b) in zip(labels, enc["offset_mapping"])]
-        out["marked"] = torch.tensor(marked[:max_seq_len], dtype=torch.bool)
-    return out
-
-
-def _find_all(text: str, sub: str, start: int, end: int):
-    i = text.find(sub, start, end)
-    while i >= 0:
-        yield i
-        i = text.find(sub, i + len(sub), end)
+def unmappable(rows, i, error) -> dict:
+    """A row the template cannot be mapped for: reported with file:line and trained on as nothing (all labels
+    -100; the engine counts such rows at the end), never a crash inside the DataLoader."""
+    log.warning("skipping row %s: %s", rows.where(i), error)
+    return {"input_ids": torch.zeros(1, dtype=torch.long), "labels": torch.full((1,), -100, dtype=torch.long)}
 
 
 class SFTDataset(Dataset):
-    def __init__(self, path, tokenizer, max_seq_len: int = 512, strict: bool = False, verbose: bool = True):
+    """empty_think_ratio: adaptive thinking (MiniMind's way): in that share of rows, picked by a seeded hash of the
+    row index, assistant turns without reasoning get the empty think block `<think>\\n\\n</think>\\n\\n` in front of
+    their reply; the other rows get none. The model learns to answer straight away or to think first."""
+
+    def __init__(self, path, tokenizer, max_seq_len: int = 512, strict: bool = False, verbose: bool = True,
+                 empty_think_ratio: float = EMPTY_THINK_RATIO, seed: int = 0):
         self.tokenizer, self.max_seq_len = tokenizer, max_seq_len
+        self.empty_think_ratio, self.seed = empty_think_ratio, seed
         self.rows = JsonlFile(path, check_conversations, strict=strict, verbose=verbose)
+        self.encoder = ChatEncoder(tokenizer)
 
     @property
     def lengths(self):
@@ -73,8 +46,19 @@ class SFTDataset(Dataset):
     def __len__(self):
         return len(self.rows)
 
+    def messages(self, i, key="conversations"):
+        """Row i's normalised messages (with the adaptive-thinking choice applied) and its tools."""
+        messages, tools = normalize_chat(self.rows[i][key], key)
+        if row_chooses(self.seed, i, self.empty_think_ratio):
+            messages = with_empty_think(messages)
+        return messages, tools
+
     def __getitem__(self, i):
-        return encode_chat(self.tokenizer, self.rows[i]["conversations"], self.max_seq_len)
+        try:
+            messages, tools = self.messages(i)
+            return self.encoder.encode(messages, tools, self.max_seq_len)
+        except BadLineError as e:
+            return unmappable(self.rows, i, e)
 
 
 def pad_collate(rows, pad_id: int = 0) -> dict:
@@ -86,8 +70,9 @@ def pad_collate(rows, pad_id: int = 0) -> dict:
         input_ids[i, :len(r["input_ids"])] = r["input_ids"]
         labels[i, :len(r["labels"])] = r["labels"]
     batch = {"input_ids": input_ids, "labels": labels}
-    if "weights" in rows[0]:
+    if any("weights" in r for r in rows):
         batch["weights"] = torch.zeros((len(rows), n))
         for i, r in enumerate(rows):
-            batch["weights"][i, :len(r["weights"])] = r["weights"]
+            if "weights" in r:
+                batch["weights"][i, :len(r["weights"])] = r["weights"]
     return batch

@@ -100,7 +100,7 @@ def test_validate_finds_exactly_the_planted_bad_lines(tmp_path, capsys):
     assert [line for line, _ in result["first_bad"]] == [2, 4, 6, 8]
     reasons = [r for _, r in result["first_bad"]]
     assert "Expecting" in reasons[0] and "missing key" in reasons[1] and "roles" in reasons[2]
-    assert "empty content" in reasons[3]
+    assert "neither content nor tool calls" in reasons[3]
     with pytest.raises(SystemExit, match="4 bad line"):
         dp.main(["validate", str(path), "--stage", "sft"])
     assert f"{path}:6:" in capsys.readouterr().out
@@ -114,6 +114,32 @@ def test_validate_reason_checks_the_think_answer_format(tmp_path):
     path = write_jsonl(tmp_path / "r.jsonl", [ok, bad])
     result = dp.validate(path, "reason")
     assert (result["good"], result["bad"]) == (1, 1) and "think" in result["first_bad"][0][1]
+
+
+def test_validate_and_stats_understand_todays_tool_reasoning_prompt_and_gt_rows(tmp_path, tokenizer):
+    calc = {"type": "function", "function": {"name": "calc", "parameters": {"type": "object"}}}
+    tool_row = {"conversations": [
+        {"role": "system", "content": "", "tools": json.dumps([calc]), "tool_calls": None},
+        {"role": "user", "content": "3*4?", "reasoning_content": None},
+        {"role": "assistant", "content": "", "tool_calls": '[{"name": "calc", "arguments": {"x": "3*4"}}]'},
+        {"role": "tool", "content": "12"},
+        {"role": "assistant", "content": "12", "reasoning_content": "the tool said 12"}]}
+    rlaif = {"conversations": [{"role": "user", "content": "写诗"}, {"role": "assistant", "content": ""}]}
+    agent = {"conversations": tool_row["conversations"][:2], "gt": ["12"]}
+    sft = write_jsonl(tmp_path / "sft.jsonl", [tool_row, rlaif])
+    result = dp.validate(sft, "sft")
+    assert (result["good"], result["bad"]) == (1, 1) and result["first_bad"][0][0] == 2  # prompt-only: not for SFT
+    assert result["rows_with"] == {"reasoning": 1, "tool_calls": 1, "tool_results": 1, "tools": 1}
+    assert dp.validate(sft, "reason")["good"] == 1  # reasoning_content counts as reasoning
+    prompts = write_jsonl(tmp_path / "rl.jsonl", [rlaif, agent, tool_row])
+    result = dp.validate(prompts, "grpo")
+    assert result["bad"] == 0 and result["rows_with"]["prompt_only"] == 2 and result["rows_with"]["gt"] == 1
+    assert [line for line, _ in dp.validate(prompts, "agent")["first_bad"]] == [1, 3]  # no gt
+    stats = dp.stats(prompts, tokenizer, sample=10)
+    expected = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for r in (rlaif, agent, tool_row)
+                for t in dp.render(r, tokenizer)]
+    assert stats["unusable"] == 0 and stats["max"] == max(expected) and stats["rows_with"]["tools"] == 2
+    assert '"name": "calc"' in dp.render(tool_row, tokenizer)[0]  # tools and calls are in what is counted
 
 
 def test_stats_percentiles_equal_a_direct_computation(tmp_path, tokenizer):
@@ -134,25 +160,51 @@ def test_stats_percentiles_equal_a_direct_computation(tmp_path, tokenizer):
     assert a["sampled"] == 50 and a["lines"] == 200 and a == b
 
 
-def test_download_fetches_the_right_files_skips_complete_ones_and_explains_offline(tmp_path):
-    calls = []
+def _fake_remote(holds, calls):
+    """A fetch that behaves like modelscope 1.40.2's dataset_file_download for a dataset holding `holds`."""
 
-    def fake_fetch(dataset_id, file_name, local_dir):
-        calls.append((dataset_id, file_name))
+    def fetch(dataset_id, file_name, local_dir):
+        calls.append(file_name)
+        if file_name not in holds:
+            _raise_as_modelscope_does(file_name)
         local_dir.mkdir(parents=True, exist_ok=True)
         (local_dir / file_name).write_text('{"text": "x"}\n')
         return local_dir / file_name
 
+    return fetch
+
+
+def _raise_as_modelscope_does(file_name):
+    # modelscope_hub/compat/file_download.py: the hub's NotExistError (HTTP 404) re-raised as a requests HTTPError
+    # with response=None, chained from it
+    import requests
+    from modelscope.hub.errors import NotExistError
+
+    try:
+        raise NotExistError(f"File {file_name} not found", status_code=404)
+    except NotExistError as e:
+        raise requests.exceptions.HTTPError(str(e), response=getattr(e, "response", None)) from e
+
+
+def test_download_fetches_todays_files_skips_complete_ones_and_explains_offline(tmp_path):
+    calls = []
+    fetch = _fake_remote({"sft_t2t_mini.jsonl", "r1_mix_1024.jsonl", "dpo.jsonl"}, calls)
     (tmp_path / "dpo.jsonl").write_text("complete\n")
-    done = dp.download(["sft", "dpo", "r1_mix_1024.jsonl"], tmp_path, fetch=fake_fetch)
-    assert calls == [("gongjy/minimind_dataset", "sft_mini_512.jsonl"),
-                     ("gongjy/minimind_dataset", "r1_mix_1024.jsonl")]
-    assert done == {"downloaded": ["sft_mini_512.jsonl", "r1_mix_1024.jsonl"], "skipped": ["dpo.jsonl"]}
+    done = dp.download(["sft", "dpo", "r1_mix_1024.jsonl"], tmp_path, fetch=fetch)
+    assert calls == ["sft_t2t_mini.jsonl", "r1_mix_1024.jsonl"]
+    assert done == {"downloaded": ["sft_t2t_mini.jsonl", "r1_mix_1024.jsonl"], "skipped": ["dpo.jsonl"],
+                    "fallback": {}}
     assert (tmp_path / "dpo.jsonl").read_text() == "complete\n"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["dpo.jsonl", "r1_mix_1024.jsonl", "sft_mini_512.jsonl"]
-    assert set(dp.resolve_files(["all"])) == set(dp.STAGE_FILES.values())
-    with pytest.raises(SystemExit, match="unknown stage or file 'sfft'"):
-        dp.download(["sfft"], tmp_path, fetch=fake_fetch)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dpo.jsonl", "r1_mix_1024.jsonl", "sft_t2t_mini.jsonl"]
+    # any *.jsonl name goes to the remote as it is, known to our stages or not
+    calls.clear()
+    with pytest.raises(SystemExit, match=r"new_thing\.jsonl is not on gongjy/minimind_dataset.*download --list"):
+        dp.download(["new_thing.jsonl"], tmp_path, fetch=fetch)
+    assert calls == ["new_thing.jsonl"] and not (tmp_path / ".new_thing.jsonl.part").exists()
+    with pytest.raises(SystemExit, match=r"stage lora: .*holds none of lora_medical\.jsonl.*download --list.*medical"):
+        dp.download(["lora"], tmp_path, fetch=fetch)
+    with pytest.raises(SystemExit, match="unknown stage or file 'sfft'.*download --list"):
+        dp.download(["sfft"], tmp_path, fetch=fetch)
 
     from modelscope.hub.errors import NetworkError
 
@@ -163,6 +215,135 @@ def test_download_fetches_the_right_files_skips_complete_ones_and_explains_offli
     with pytest.raises(SystemExit, match=r"could not reach ModelScope.*lora_medical\.jsonl.*modelscope\.cn/datasets"):
         dp.download(["lora"], tmp_path, fetch=offline)
     assert not (tmp_path / "lora_medical.jsonl").exists() and not (tmp_path / ".lora_medical.jsonl.part").exists()
+    # only "missing" falls back: another HTTP error (here 403) is not taken for a missing file
+    import requests
+
+    def forbidden(dataset_id, file_name, local_dir):
+        raise requests.exceptions.HTTPError("403", response=type("R", (), {"status_code": 403})())
+
+    with pytest.raises(requests.exceptions.HTTPError):
+        dp.download(["pretrain"], tmp_path, fetch=forbidden)
+
+
+def test_download_falls_back_to_the_seeds_name_when_todays_is_missing(tmp_path, capsys):
+    calls = []
+    fetch = _fake_remote({"sft_mini_512.jsonl", "sft_1024.jsonl", "dpo.jsonl"}, calls)
+    done = dp.download(["sft", "kd", "dpo"], tmp_path, fetch=fetch)
+    assert calls == ["sft_t2t_mini.jsonl", "sft_mini_512.jsonl", "sft_1024.jsonl", "dpo.jsonl"]  # asked once
+    assert done == {"downloaded": ["sft_mini_512.jsonl", "sft_1024.jsonl", "dpo.jsonl"], "skipped": [],
+                    "fallback": {"sft": "sft_mini_512.jsonl", "kd": "sft_1024.jsonl"}}
+    out = capsys.readouterr().out
+    assert "sft_t2t_mini.jsonl: not on gongjy/minimind_dataset; sft falls back to the older sft_mini_512.jsonl" in out
+    assert "kd falls back to the older sft_1024.jsonl" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dpo.jsonl", "sft_1024.jsonl", "sft_mini_512.jsonl"]
+    # a plain HTTP 404 (an HTTPError with its response) counts as missing too
+    import requests
+
+    def not_found(dataset_id, file_name, local_dir):
+        if file_name == "pretrain_hq.jsonl":
+            return _fake_remote({file_name}, calls)(dataset_id, file_name, local_dir)
+        raise requests.exceptions.HTTPError("404", response=type("R", (), {"status_code": 404})())
+
+    assert dp.download(["pretrain"], tmp_path, fetch=not_found)["fallback"] == {"pretrain": "pretrain_hq.jsonl"}
+
+
+def test_download_recognises_the_missing_file_error_of_the_installed_modelscope(tmp_path, monkeypatch):
+    """The real modelscope.hub.file_download.dataset_file_download, with the hub below it answering 404."""
+    import modelscope_hub.api
+    from modelscope_hub.errors import NotExistError
+
+    def no_such_file(self, repo_id, **kwargs):
+        raise NotExistError(f"File {kwargs['file_path']} not found", status_code=404)
+
+    def no_endpoint(self, *args, **kwargs):
+        raise RuntimeError("offline test")
+
+    monkeypatch.setattr(modelscope_hub.api.HubApi, "download_file", no_such_file)
+    monkeypatch.setattr(modelscope_hub.api.HubApi, "resolve_endpoint_for_read", no_endpoint)
+    with pytest.raises(Exception) as raised:
+        dp.modelscope_dataset_file(dp.DATASET_ID, "pretrain_t2t_mini.jsonl", tmp_path / ".part")
+    assert dp.is_missing(raised.value) and not isinstance(raised.value, dp._network_errors())
+    with pytest.raises(SystemExit) as stop:
+        dp.download(["pretrain"], tmp_path)
+    message = str(stop.value)
+    assert "stage pretrain" in message and "pretrain_t2t_mini.jsonl, pretrain_hq.jsonl" in message
+    assert "download --list" in message and "download NAME.jsonl" in message and "--data_path" in message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_download_skips_files_already_here_under_either_name(tmp_path, capsys):
+    calls = []
+    fetch = _fake_remote({"sft_t2t_mini.jsonl", "pretrain_t2t_mini.jsonl", "sft_1024.jsonl"}, calls)
+    (tmp_path / "sft_mini_512.jsonl").write_text("the seed's sft file\n")
+    (tmp_path / "pretrain_t2t_mini.jsonl").write_text("today's pretrain file\n")
+    done = dp.download(["sft", "pretrain"], tmp_path, fetch=fetch)
+    assert calls == [] and done["skipped"] == ["sft_mini_512.jsonl", "pretrain_t2t_mini.jsonl"]
+    assert "sft_mini_512.jsonl: already complete (the older name; today's is sft_t2t_mini.jsonl)" in \
+        capsys.readouterr().out
+    assert (tmp_path / "sft_mini_512.jsonl").read_text() == "the seed's sft file\n"
+    # a file fetched for one stage serves the next stage that takes it
+    done = dp.download(["kd", "reason"], tmp_path / "b", fetch=fetch)
+    assert calls == ["sft_t2t_mini.jsonl"] and done["downloaded"] == ["sft_t2t_mini.jsonl"]
+
+
+def test_all_is_every_stage_but_the_full_ones(tmp_path):
+    wants = dp.resolve_files(["all"])
+    assert wants == [("pretrain", ("pretrain_t2t_mini.jsonl", "pretrain_hq.jsonl")),
+                     ("sft", ("sft_t2t_mini.jsonl", "sft_mini_512.jsonl")),
+                     ("kd", ("sft_t2t_mini.jsonl", "sft_1024.jsonl")),
+                     ("dpo", ("dpo.jsonl",)),
+                     ("reason", ("sft_t2t_mini.jsonl", "r1_mix_1024.jsonl")),
+                     ("grpo/ppo", ("rlaif.jsonl",)),
+                     ("agent", ("agent_rl.jsonl",)), ("agent", ("agent_rl_math.jsonl",)),
+                     ("lora", ("lora_medical.jsonl",))]
+    assert dp.resolve_files(["sft_full", "pretrain_full"]) == [("sft_full", ("sft_t2t.jsonl",)),
+                                                               ("pretrain_full", ("pretrain_t2t.jsonl",))]
+    assert dp.resolve_files(["dpo", "dpo.jsonl", "all"])[0] == ("dpo/dpo.jsonl", ("dpo.jsonl",))
+    today = {"pretrain_t2t_mini.jsonl", "sft_t2t_mini.jsonl", "dpo.jsonl", "rlaif.jsonl", "agent_rl.jsonl",
+             "agent_rl_math.jsonl", "lora_medical.jsonl"}
+    calls = []
+    done = dp.download(["all"], tmp_path, fetch=_fake_remote(today, calls))
+    assert calls == ["pretrain_t2t_mini.jsonl", "sft_t2t_mini.jsonl", "dpo.jsonl", "rlaif.jsonl", "agent_rl.jsonl",
+                     "agent_rl_math.jsonl", "lora_medical.jsonl"]
+    assert done["downloaded"] == calls and done["fallback"] == {}
+    assert "pretrain_full" in dp.build_parser()._subparsers._group_actions[0].choices["download"].format_help()
+
+
+_REMOTE = [("README.md", 9_000), ("agent_rl.jsonl", 86 * 10**6), ("agent_rl_math.jsonl", 18 * 10**6),
+           ("dpo.jsonl", 53 * 10**6), ("pretrain_t2t.jsonl", 10 * 10**9), ("pretrain_t2t_mini.jsonl", 12 * 10**8),
+           ("rlaif.jsonl", 24 * 10**6), ("sft_t2t.jsonl", 14 * 10**9), ("sft_t2t_mini.jsonl", 16 * 10**8),
+           ("images/logo.png", 1234)]
+
+
+def test_download_list_shows_the_remote_with_the_stages_that_use_each_file(monkeypatch, capsys):
+    asked = []
+    monkeypatch.setattr(dp, "modelscope_dataset_listing", lambda dataset_id: asked.append(dataset_id) or _REMOTE)
+    result = dp.main(["download", "--list"])
+    assert asked == ["gongjy/minimind_dataset"]
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.strip()}
+    assert lines["sft_t2t_mini.jsonl"].split(None, 1)[1] == "1.6 GB  sft, kd, reason"
+    assert lines["pretrain_t2t_mini.jsonl"].endswith("pretrain")
+    assert lines["pretrain_t2t.jsonl"].split(None, 1)[1] == "10.0 GB  pretrain_full"
+    assert lines["rlaif.jsonl"].endswith("24.0 MB  grpo, ppo")
+    assert lines["agent_rl_math.jsonl"].endswith("agent") and lines["README.md"].endswith("9.0 kB  -")
+    assert lines["images/logo.png"].endswith("-")
+    assert "pretrain_hq.jsonl (pretrain (fallback))" in lines["not"]  # "not on the remote: ..."
+    assert "lora_medical.jsonl (lora)" in lines["not"]
+    assert result["files"] == 10 and result["absent"] == ["pretrain_hq.jsonl", "sft_mini_512.jsonl",
+                                                          "sft_1024.jsonl", "r1_mix_1024.jsonl",
+                                                          "lora_medical.jsonl"]
+    assert dp.stage_marks()["sft_1024.jsonl"] == ["kd (fallback)"]
+
+    from modelscope.hub.errors import NetworkError
+
+    def offline(dataset_id):
+        raise NetworkError("Max retries exceeded")
+
+    monkeypatch.setattr(dp, "modelscope_dataset_listing", offline)
+    with pytest.raises(SystemExit, match=r"could not reach ModelScope.*file list.*modelscope\.cn/datasets"):
+        dp.main(["download", "--list"])
+    with pytest.raises(SystemExit, match="--list"):
+        dp.main(["download"])
 
 
 def test_tokenizer_is_fetched_checked_and_refused_when_unusable(tmp_path):

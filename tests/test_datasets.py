@@ -7,7 +7,8 @@ import torch
 from conftest import write_jsonl
 
 from dataset import BadLineError, JsonlFile, PretrainDataset, SFTDataset, encode_chat, pad_collate
-from dataset.jsonl import check_conversations, check_text
+from dataset.chat import check_conversations
+from dataset.jsonl import check_text
 
 DOCS = ["北京是中国的首都。", "The cat sat on the mat.", "3 加 5 等于 8。", "Hello, world!\nSecond line.",
         "一个很长的句子，" * 30, "short"]

@@ -4,6 +4,7 @@ Every write goes to a temporary name first and is renamed into place, and the re
 COMPLETE marker exists, so a crash mid-save never destroys or impersonates the last good checkpoint.
 """
 
+import contextlib
 import json
 import os
 import random
@@ -30,6 +31,28 @@ def resolve_checkpoint(name_or_path, out_root="out") -> Path:
     made_by = f"; it is made by `python {STAGE_SCRIPTS[stage]}`" if stage else ""
     raise FileNotFoundError(f"no checkpoint at {path} (looked for {path / 'config.json'} and {path / WEIGHTS})"
                             f"{made_by}")
+
+
+def resolve_tokenizer(tokenizer_arg, init_from=None, out_root="out", default=None) -> Path:
+    """The tokenizer a run uses: --tokenizer if given, else the one saved beside the --from checkpoint (every stage
+    saves it), else `default` (ours). A --tokenizer whose vocabulary differs from the checkpoint's is an error:
+    the embeddings were trained for the saved one."""
+    saved = None
+    if init_from and str(init_from).lower() != "none":
+        with contextlib.suppress(FileNotFoundError):  # a missing checkpoint is reported where the model is built
+            path = resolve_checkpoint(init_from, out_root)
+            saved = path if (path / "tokenizer_config.json").exists() else None
+    if tokenizer_arg is None:
+        return saved or Path(default)
+    if saved is not None and Path(tokenizer_arg).resolve() != saved.resolve():
+        from transformers import AutoTokenizer
+
+        given, kept = AutoTokenizer.from_pretrained(tokenizer_arg), AutoTokenizer.from_pretrained(saved)
+        if given.get_vocab() != kept.get_vocab():
+            raise SystemExit(f"--tokenizer {tokenizer_arg} does not match the tokenizer the checkpoint {saved} was "
+                             f"trained with ({len(given)} vs {len(kept)} tokens, or other ids); leave --tokenizer out "
+                             f"to use the checkpoint's")
+    return Path(tokenizer_arg)
 
 
 def _atomic_write_dir(tmp: Path, final: Path) -> None:

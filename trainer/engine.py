@@ -45,7 +45,9 @@ def add_train_args(parser: argparse.ArgumentParser, *, epochs: int, batch_size: 
       help="initialise from a stage's output (pretrain, sft, ...) or a checkpoint folder; none = random init")
     a("--preset", default=preset, help="model size when starting from scratch: 26m, 104m, moe-145m, tiny, ...")
     a("--use_moe", action="store_true", help="mixture-of-experts feed-forward layers (from scratch only)")
-    a("--tokenizer", default=str(TOKENIZER_DIR), help="tokenizer folder (ours, or MiniMind's official one)")
+    a("--tokenizer", default=None,
+      help="tokenizer folder (ours, or MiniMind's official one); default: the one saved beside the --from checkpoint, "
+           "else ours")
     a("--epochs", type=int, default=epochs)
     a("--max_steps", type=int, default=0, help="stop after this many optimizer steps (0 = run all epochs)")
     a("--batch_size", type=int, default=batch_size, help="rows per micro-batch per process")
@@ -186,6 +188,7 @@ class Trainer:
                          else torch.autocast(self.device.type, dtype=self.dtype))
         self.stage_dir = Path(args.out_dir) / stage
         self._check_writable()
+        args.tokenizer = str(ckpt.resolve_tokenizer(args.tokenizer, args.init_from, args.out_dir, TOKENIZER_DIR))
         self.tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
         torch.manual_seed(args.seed)
 
