@@ -74,6 +74,7 @@ THINGS = [
     ("茄子", "eggplants", "紫色", "purple", "are"),
     ("橙子", "oranges", "橙色", "orange", "are"),
 ]
+TOOL_HELD_OUT = 40  # two-digit problems the tool metric asks, never in training
 MAX_SUM = 10  # sums: a + b <= 10; differences: b <= a <= 10 (they undo every sum)
 
 # how many facts of each kind, and sums, only pretraining sees (and the eval splits ask about)
@@ -239,6 +240,15 @@ CLOSING = {"zh": ["希望这个回答对你有帮助！", "如果还想知道别
 MORE = {"zh": ["能再详细说说吗？", "还有呢？"], "en": ["Can you tell me more?", "What else?"]}
 
 JOIN = {"zh": "", "en": " "}
+# inference.tools.tool_schema(calculator), written out to keep this file standard-library only (a test checks it)
+CALCULATOR_SCHEMA = {"type": "function", "function": {
+    "name": "calculator", "description": "Evaluate an arithmetic expression (numbers, + - * / // % **, parentheses).",
+    "parameters": {"type": "object", "properties": {"expression": {
+        "type": "string", "description": 'the arithmetic expression, e.g. "37+25" or "(3.5*2)**2"'}},
+        "required": ["expression"]}}}
+# two-digit problems: beyond what the demo model can do in its head, easy with the calculator tool
+TOOL_QUESTIONS = {"zh": ["{a}{w}{b}等于多少？", "请用计算器算一下{a}{w}{b}。", "{a}{sym}{b}是多少？"],
+                  "en": ["What is {a} {w} {b}?", "Please use the calculator: {a} {sym} {b}.", "How much is {a} {w} {b}?"]}
 
 
 def strip_end(sentence):
@@ -428,6 +438,60 @@ class Curriculum:
             lang, fact = rng.choice(LANGS), rng.choice(self.held)
             msgs = self.qa(rng, self.train_fact(rng), lang) + self.qa(rng, fact, lang)
             rows.append({"conversations": msgs})
+        return rows
+
+    def sft_with_tools(self):
+        rows = self.sft() + self.sft_tools()
+        self.rng("sft-mix").shuffle(rows)
+        return rows
+
+    def tool_pairs(self):
+        """(train, held out) two-digit problems (kind, a, b) whose answers stay below 100."""
+        pairs = [("add", a, b) for a in range(10, 90) for b in range(10, 100 - a)]
+        pairs += [("sub", a, b) for a in range(20, 100) for b in range(10, a - 9)]
+        held = self.rng("tools-held-out").sample(pairs, TOOL_HELD_OUT)
+        return [p for p in pairs if p not in set(held)], held
+
+    def tool_system(self, rng, lang):
+        """MiniMind's form: the tools as a JSON string on the system message."""
+        content = rng.choice(SYSTEM[lang]) if rng.random() < 0.5 else ""
+        return {"role": "system", "content": content, "tools": json.dumps([CALCULATOR_SCHEMA], ensure_ascii=False)}
+
+    def tool_problem(self, rng, pair, lang):
+        kind, a, b = pair
+        w_zh, w_en, op = ARITH[kind]
+        sym, c = "+" if kind == "add" else "-", op(a, b)
+        question = rng.choice(TOOL_QUESTIONS[lang]).format(a=a, b=b, w=w_zh if lang == "zh" else w_en, sym=sym)
+        answer = f"{a}{w_zh}{b}等于{c}。" if lang == "zh" else f"{a} {w_en} {b} is {c}."
+        return question, {"name": "calculator", "arguments": {"expression": f"{a}{sym}{b}"}}, str(c), answer
+
+    def sft_tools(self, n=800, direct_share=0.25):
+        """Tool-call chats: a two-digit problem -> a calculator call -> its result -> the answer; and questions the
+        model answers without calling anything although the tool is there."""
+        rng, rows = self.rng("sft_tools"), []
+        train, _ = self.tool_pairs()
+        for _ in range(n):
+            lang = rng.choice(LANGS)
+            msgs = [self.tool_system(rng, lang)]
+            if rng.random() < direct_share:
+                msgs += self.qa(rng, rng.choice(self.train_world), lang)
+            else:
+                question, call, result, answer = self.tool_problem(rng, rng.choice(train), lang)
+                msgs += [{"role": "user", "content": question},
+                         {"role": "assistant", "content": "", "tool_calls": json.dumps([call], ensure_ascii=False)},
+                         {"role": "tool", "content": result},
+                         {"role": "assistant", "content": answer}]
+            rows.append({"conversations": msgs})
+        return rows
+
+    def tools_eval(self):
+        """agent_rl format (conversations + gt), plus the call a right answer makes, for the tool-use metric."""
+        rng, rows = self.rng("tools_eval"), []
+        for i, pair in enumerate(self.tool_pairs()[1]):
+            lang = LANGS[i % 2]
+            question, call, result, _ = self.tool_problem(rng, pair, lang)
+            rows.append({"conversations": [self.tool_system(rng, lang), {"role": "user", "content": question}],
+                         "gt": [result], "expected_call": call})
         return rows
 
     # ---------------------------------------------------------------------------------------- 3 KD
@@ -658,7 +722,8 @@ class Curriculum:
         pretrain = self.pretrain()
         lora, lora_eval = self.medical()
         files = {"pretrain.jsonl": pretrain, "pretrain_eval.jsonl": self.pretrain_eval(pretrain),
-                 "sft.jsonl": self.sft(), "sft_eval.jsonl": self.sft_eval(), "kd.jsonl": self.kd(),
+                 "sft.jsonl": self.sft_with_tools(), "sft_eval.jsonl": self.sft_eval(),
+                 "tools_eval.jsonl": self.tools_eval(), "kd.jsonl": self.kd(),
                  "kd_eval.jsonl": self.kd_eval(),
                  "dpo.jsonl": self.dpo(), "dpo_eval.jsonl": self.dpo_eval(),
                  "lora_medical.jsonl": lora, "lora_medical_eval.jsonl": lora_eval}
@@ -681,6 +746,9 @@ class Curriculum:
         for train, held in EVAL_OF.items():
             train_rows = {json.dumps(r, ensure_ascii=False) for r in files[train]}
             assert not any(json.dumps(r, ensure_ascii=False) in train_rows for r in files[held]), (train, held)
+        tool_questions = {r["conversations"][-1]["content"] for r in files["tools_eval.jsonl"]}
+        asked = {m["content"] for r in files["sft.jsonl"] for m in r["conversations"] if m["role"] == "user"}
+        assert not tool_questions & asked, "a held-out tool problem is in the SFT data"
         medical_questions = [r["conversations"][0]["content"] for r in files["lora_medical_eval.jsonl"]]
         assert not any(q in pretrain for q in medical_questions), "a held-out medical question is in pretraining"
         for held, trains in [("reason_eval.jsonl", ["reason.jsonl", "reason_prompts.jsonl"]),
@@ -778,7 +846,11 @@ def readme(files, seed):
                            "sentences; little stories; hospital departments (zh)"),
         "pretrain_eval.jsonl": ("1 pretrain", "同分布的留出文本，用于困惑度", "held-out texts of the same kind, for "
                                 "perplexity"),
-        "sft.jsonl": ("2 SFT", "单轮/多轮问答，部分带 system", "single- and multi-turn Q&A, some with a system turn"),
+        "sft.jsonl": ("2 SFT", "单轮/多轮问答，部分带 system；计算器工具调用对话（两位数加减：调用 → 结果 → 回答）",
+                      "single- and multi-turn Q&A, some with a system turn; calculator tool-call chats (two-digit "
+                      "sums: call -> result -> answer)"),
+        "tools_eval.jsonl": ("2 SFT", "留出的两位数计算题（agent_rl 格式：conversations + gt）",
+                             "held-out two-digit problems (agent_rl format: conversations + gt)"),
         "sft_eval.jsonl": ("2 SFT", "只在预训练文本里出现过的事实与算式的问答", "Q&A about facts and sums that only "
                            "the pretraining text states"),
         "kd.jsonl": ("3 KD", "较长的多轮对话，回答更丰富（sft_1024 格式）", "longer multi-turn chats with richer "

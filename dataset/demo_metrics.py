@@ -6,6 +6,8 @@
     preference_accuracy  dpo_eval.jsonl               is the chosen reply more likely (or more rewarded under DPO)?
     domain_accuracy      lora_medical_eval.jsonl      does the reply send the patient to the right department?
     reasoning_scores     reason_eval.jsonl            <think>/<answer> format, and the right number
+    tool_use_scores      tools_eval.jsonl             a valid calculator call with the right arguments, and the right
+                                                      answer once the tool ran -- beside the same model without tools
 
 Judging one generated string against its reference is done by pure functions (`contains_answer`, `department_of`,
 `format_reward`, `correctness_reward`): the tests check them by hand and GRPO uses the last two as rewards.
@@ -120,11 +122,17 @@ def generate_replies(model, tokenizer, prompts, max_new_tokens=32, batch_size=32
     return [text for text, _ in _generate(model, tokenizer, prompts, max_new_tokens, batch_size)]
 
 
+EMPTY_THINK = "<think>\n\n</think>\n\n"  # adaptive thinking's "no thinking" block: not part of the answer
+
+
 @torch.no_grad()
-def _generate(model, tokenizer, prompts, max_new_tokens, batch_size) -> list:
-    """[(reply, stopped)]: stopped = the model ended its reply with eos within max_new_tokens."""
+def _generate(model, tokenizer, prompts, max_new_tokens, batch_size, tools=None) -> list:
+    """[(reply, stopped)]: stopped = the model ended its reply with eos within max_new_tokens. tools: one tools
+    list (or None) per prompt, rendered into its system turn."""
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
+    tools = tools or [None] * len(prompts)
+    texts = [tokenizer.apply_chat_template(p, tools=t, add_generation_prompt=True, tokenize=False)
+             for p, t in zip(prompts, tools)]
     ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     replies = [None] * len(ids)
     with eval_mode(model):
@@ -143,7 +151,8 @@ def _generate(model, tokenizer, prompts, max_new_tokens, batch_size) -> list:
                 stopped = eos in new
                 if stopped:
                     new = new[:new.index(eos)]
-                replies[i] = (tokenizer.decode(new, skip_special_tokens=False).strip(), stopped)
+                text = tokenizer.decode(new, skip_special_tokens=False)
+                replies[i] = (text.removeprefix(EMPTY_THINK).strip(), stopped)
     return replies
 
 
@@ -191,6 +200,72 @@ def reasoning_scores(model, tokenizer, items, max_new_tokens=160, batch_size=32,
               "stop_rate": _mean([stopped for _, stopped in generated]), "n": len(items)}
     if return_generations:
         result["generations"] = replies
+    return result
+
+
+def final_number(text: str):
+    """The last number of the reply's first sentence ("71减54等于17。" -> "17"), or None."""
+    numbers = re.findall(r"-?\d+(?:\.\d+)?", first_sentence(text))
+    return numbers[-1] if numbers else None
+
+
+def tool_use_scores(model, tokenizer, items, max_new_tokens=64, batch_size=16, max_rounds=2,
+                    return_generations=False) -> dict:
+    """agent_rl-format items (conversations with tools, "gt", optionally "expected_call"): the model's first reply
+    is parsed for `<tool_call>` blocks; the calls run (inference.tools) and their results go back as tool messages
+    for up to `max_rounds` rounds; the last reply must state the answer.
+    {"valid_call": share whose first reply holds a parsable call and nothing malformed, "right_tool",
+    "right_arguments" (the expected call exactly, spaces aside), "answer_accuracy" (tools executed),
+    "answer_accuracy_without_tools" (the same questions with no tools in the prompt), "n"}."""
+    from inference import parse_tool_calls, run_tool
+
+    from .chat import normalize_chat
+
+    chats = [normalize_chat(x["conversations"], complete=False) for x in items]
+    histories, tools = [list(m) for m, _ in chats], [t for _, t in chats]
+    first, finals, open_rows = [None] * len(items), [""] * len(items), list(range(len(items)))
+    for _ in range(max_rounds + 1):
+        if not open_rows:
+            break
+        replies = _generate(model, tokenizer, [histories[i] for i in open_rows], max_new_tokens, batch_size,
+                            [tools[i] for i in open_rows])
+        still_open = []
+        for i, (reply, _) in zip(open_rows, replies):
+            content, calls, errors = parse_tool_calls(reply)
+            if first[i] is None:
+                first[i] = (calls, errors)
+            finals[i] = content
+            if calls and not errors:
+                histories[i].append({"role": "assistant", "content": content, "tool_calls": calls})
+                histories[i] += [{"role": "tool", "content": run_tool(c["function"]["name"], c["function"]["arguments"])}
+                                 for c in calls]
+                still_open.append(i)
+        open_rows = still_open
+
+    def right(i, text):
+        return final_number(text) in [str(g) for g in items[i]["gt"]]
+
+    def same_call(call, expected):
+        squash = lambda v: json.dumps(v, sort_keys=True).replace(" ", "")  # noqa: E731
+        return call["function"]["name"] == expected["name"] and \
+            squash(call["function"]["arguments"]) == squash(expected["arguments"])
+
+    plain = [[m for m in msgs if m["role"] != "system" or m["content"].strip()] for msgs, _ in chats]
+    without = [text for text, _ in _generate(model, tokenizer, plain, max_new_tokens, batch_size)]
+    valid = [bool(calls) and not errors for calls, errors in first]
+    expected = [x.get("expected_call") for x in items]
+    result = {"valid_call": _mean(valid),
+              "right_tool": _mean([v and e is not None and first[i][0][0]["function"]["name"] == e["name"]
+                                   for i, (v, e) in enumerate(zip(valid, expected))]),
+              "right_arguments": _mean([v and e is not None and same_call(first[i][0][0], e)
+                                        for i, (v, e) in enumerate(zip(valid, expected))]),
+              "answer_accuracy": _mean([right(i, finals[i]) for i in range(len(items))]),
+              "answer_accuracy_without_tools": _mean([right(i, without[i]) for i in range(len(items))]),
+              "n": len(items)}
+    if return_generations:
+        result["generations"] = [h[len(c[0]):] + [{"role": "assistant", "content": f}]
+                                 for h, c, f in zip(histories, chats, finals)]
+        result["generations_without_tools"] = without
     return result
 
 

@@ -12,6 +12,7 @@ from conftest import ROOT, make_model
 from transformers import AutoTokenizer
 
 from dataset import demo_data
+from dataset.chat import check_conversations
 from dataset.demo_data import occurs
 from dataset.demo_metrics import (answer_key, contains_answer, department_of, exact_match, first_sentence, load_jsonl,
                                   normalize, preference_accuracy, pretrain_perplexity, qa_accuracy, reasoning_scores,
@@ -36,7 +37,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def demo():
-    return {name: load_jsonl(DEMO / name) for name in CHAT_FILES + DPO_FILES + TEXT_FILES}
+    return {name: load_jsonl(DEMO / name) for name in CHAT_FILES + DPO_FILES + TEXT_FILES + ["tools_eval.jsonl"]}
 
 
 def texts_of(rows):
@@ -70,7 +71,7 @@ def test_shipped_files_equal_the_generator_output():
 
 def test_sizes_and_row_counts():
     counts = {name: sum(1 for _ in open(DEMO / name, encoding="utf-8")) for name in CHAT_FILES + DPO_FILES}
-    assert counts["sft.jsonl"] == 3000 and counts["kd.jsonl"] == 500 and counts["dpo.jsonl"] == 1500
+    assert counts["sft.jsonl"] == 3800 and counts["kd.jsonl"] == 500 and counts["dpo.jsonl"] == 1500
     assert counts["lora_medical.jsonl"] == 1000 and counts["reason.jsonl"] == 1500
     assert 80 <= min(counts[n] for n in ["sft_eval.jsonl", "kd_eval.jsonl", "dpo_eval.jsonl",
                                          "lora_medical_eval.jsonl", "reason_eval.jsonl"])
@@ -100,7 +101,10 @@ def test_every_line_follows_its_schema(name):
             assert set(row) == {"text"} and isinstance(row["text"], str) and row["text"].strip()
         elif name in CHAT_FILES:
             assert set(row) == {"conversations"}
-            assert_chat(row["conversations"])
+            if "tools" in row["conversations"][0]:  # tool chats: checked by the datasets' own schema
+                check_conversations(row)
+            else:
+                assert_chat(row["conversations"])
         else:
             assert set(row) == {"chosen", "rejected"}
             assert_chat(row["chosen"])
@@ -119,6 +123,26 @@ def test_reasoning_replies_think_then_answer_a_number_that_the_steps_reach(demo,
         last = [int(x) for x in steps[-1] if x][-1]
         assert last == int(m.group(2))
         assert format_reward(reply) == 1.0 and correctness_reward(reply, m.group(2)) == 1.0
+
+
+def test_tool_chats_call_the_calculator_and_get_its_real_result(demo):
+    from inference import calculator
+
+    rows = [r["conversations"] for r in demo["sft.jsonl"] if "tools" in r["conversations"][0]]
+    calls = 0
+    for chat in rows:
+        assert json.loads(chat[0]["tools"]) == [demo_data.CALCULATOR_SCHEMA]
+        for i, m in enumerate(chat):
+            if m.get("tool_calls"):
+                (call,) = json.loads(m["tool_calls"])
+                result = calculator(call["arguments"]["expression"])
+                assert chat[i + 1] == {"role": "tool", "content": result}
+                assert chat[i + 2]["content"].rstrip("。.").endswith(result)
+                calls += 1
+    assert 500 <= calls < len(rows)  # and some questions are answered without a call though the tool is there
+    for item in demo["tools_eval.jsonl"]:
+        assert item["gt"] == [calculator(item["expected_call"]["arguments"]["expression"])]
+        assert int(item["gt"][0]) >= 10 or "-" in item["expected_call"]["arguments"]["expression"]
 
 
 def test_every_stated_sum_is_true(demo):

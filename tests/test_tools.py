@@ -1,0 +1,102 @@
+"""Built-in tools, tool-call parsing and the demo's tool-use metric."""
+
+import json
+
+import pytest
+
+from dataset import demo_metrics as metrics
+from dataset.demo_data import CALCULATOR_SCHEMA
+from inference import calculator, parse_tool_calls, run_tool, tool_schema
+
+
+@pytest.mark.parametrize("expression, value", [("37+25", "62"), ("71 - 54", "17"), ("(3.5*2)**2", "49"),
+                                               ("7/2", "3.5"), ("-3*-3", "9"), ("2**10 % 7", "2"), ("9//2", "4")])
+def test_calculator_computes_arithmetic(expression, value):
+    assert calculator(expression) == value
+
+
+@pytest.mark.parametrize("expression, message", [
+    ("__import__('os').system('touch /tmp/pwned')", "not arithmetic"), ("open('x')", "not arithmetic"),
+    ("9**9**9", "too large"), ("1/0", "ZeroDivisionError"), ("2 +", "SyntaxError"), ("'a'*3", "not arithmetic")])
+def test_calculator_refuses_what_is_not_arithmetic_and_never_raises_through_run_tool(expression, message):
+    out = run_tool("calculator", {"expression": expression})
+    assert out.startswith("error:") and message in out
+
+
+def test_run_tool_reports_unknown_tools_and_bad_arguments():
+    assert "unknown tool 'calc'" in run_tool("calc", {"expression": "1"})
+    assert "bad arguments" in run_tool("calculator", {"expr": "1"})
+    assert "bad arguments" in run_tool("calculator", {"expression": "1", "extra": 2})
+
+    def broken(x: int) -> str:
+        raise RuntimeError("boom")
+
+    assert run_tool("broken", {"x": 1}, {"broken": broken}) == "error: broken failed: RuntimeError: boom"
+
+
+def test_schema_comes_from_signature_and_docstring_and_the_demo_uses_it():
+    assert tool_schema(calculator) == CALCULATOR_SCHEMA  # demo_data writes it out to stay standard-library only
+
+    def lookup(query: str, limit: int = 3) -> str:
+        """Find facts.
+
+        query: what to look for
+        """
+    fn = tool_schema(lookup)["function"]
+    assert fn["description"] == "Find facts." and fn["parameters"]["required"] == ["query"]
+    assert fn["parameters"]["properties"] == {"query": {"type": "string", "description": "what to look for"},
+                                              "limit": {"type": "integer"}}
+
+
+def test_parse_tool_calls_splits_content_calls_and_errors():
+    text = ('Let me compute.\n<tool_call>\n{"name": "calculator", "arguments": {"expression": "1+2"}}\n</tool_call>'
+            '\n<tool_call>\n{"name": "calculator", "arguments": "{\\"expression\\": \\"3*4\\"}"}\n</tool_call>')
+    content, calls, errors = parse_tool_calls(text)
+    assert content == "Let me compute." and not errors
+    assert [c["function"]["arguments"] for c in calls] == [{"expression": "1+2"}, {"expression": "3*4"}]
+    for bad, why in [("<tool_call>{oops}</tool_call>", "not valid JSON"),
+                     ('<tool_call>{"arguments": {}}</tool_call>', "is not {"),
+                     ('<tool_call>\n{"name": "f", "arguments": {}}', "not closed")]:
+        content, calls, errors = parse_tool_calls(bad)
+        assert not calls and len(errors) == 1 and why in errors[0]
+
+
+def test_the_template_renders_a_parsed_call_back_to_the_text_it_came_from(tokenizer):
+    generated = '<tool_call>\n{"name": "calculator", "arguments": {"expression": "37+25"}}\n</tool_call>'
+    content, calls, _ = parse_tool_calls(generated)
+    chat = [{"role": "user", "content": "37+25?"}, {"role": "assistant", "content": content, "tool_calls": calls}]
+    prompt = tokenizer.apply_chat_template(chat[:1], add_generation_prompt=True, tokenize=False)
+    assert tokenizer.apply_chat_template(chat, tokenize=False) == prompt + generated + "<|im_end|>\n"
+
+
+def test_tool_use_scores_count_exactly_what_the_replies_did(monkeypatch):
+    tools = json.dumps([CALCULATOR_SCHEMA])
+    items = [{"conversations": [{"role": "system", "content": "", "tools": tools},
+                                {"role": "user", "content": f"{a}+{b}?"}], "gt": [str(a + b)],
+              "expected_call": {"name": "calculator", "arguments": {"expression": f"{a}+{b}"}}}
+             for a, b in [(37, 25), (40, 11), (12, 30), (50, 20)]]
+    call = '<tool_call>\n{{"name": "calculator", "arguments": {{"expression": "{}"}}}}\n</tool_call>'
+    script = {  # last user/tool message -> reply
+        "37+25?": call.format("37+25"), "62": "37加25等于62。",           # right call, right answer
+        "40+11?": call.format("40 + 11"), "51": "40加11等于52。",         # right call (spaces aside), wrong answer
+        "12+30?": call.format("12+31"), "43": "12加30等于43。",           # wrong arguments: the answer follows them
+        "50+20?": "50加20等于70。",                                        # no call, right anyway
+    }
+    seen_tools = []
+
+    def fake_generate(model, tokenizer, prompts, max_new_tokens, batch_size, tools=None):
+        seen_tools.append(tools)
+        return [(script.get(p[-1]["content"], "不知道。"), True) for p in prompts]
+
+    monkeypatch.setattr(metrics, "_generate", fake_generate)
+    scores = metrics.tool_use_scores(None, None, items)
+    assert scores["valid_call"] == 3 / 4 and scores["right_tool"] == 3 / 4 and scores["right_arguments"] == 2 / 4
+    assert scores["answer_accuracy"] == 2 / 4  # 62 right; 52 wrong; 43 is 12+31's, not 12+30's; 70 right
+    assert scores["answer_accuracy_without_tools"] == 1 / 4  # only 50+20 is answered without the tool
+    assert seen_tools[-1] is None and seen_tools[0][0][0]["function"]["name"] == "calculator"
+
+
+def test_final_number_reads_the_answer_not_the_question():
+    assert metrics.final_number("71减54等于17。还有呢") == "17"
+    assert metrics.final_number("3.5 plus 1 is 4.5. ok") == "4.5"
+    assert metrics.final_number("不知道") is None
