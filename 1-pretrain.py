@@ -1,7 +1,7 @@
 """Stage 1 -- pretraining: next-token prediction on {"text": ...} jsonl.
 
-    python 1-pretrain.py --data_path dataset/pretrain_hq.jsonl
-    torchrun --nproc_per_node 4 1-pretrain.py --data_path dataset/pretrain_hq.jsonl
+    python 1-pretrain.py --data_path dataset/pretrain_t2t_mini.jsonl
+    torchrun --nproc_per_node 4 1-pretrain.py --data_path dataset/pretrain_t2t_mini.jsonl
 """
 
 import argparse
@@ -13,7 +13,7 @@ from trainer import add_train_args, stage_main
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_train_args(parser, epochs=2, batch_size=32, learning_rate=5e-4, max_seq_len=512,
-                   data_path="dataset/pretrain_hq.jsonl")
+                   data_path="dataset/pretrain_t2t_mini.jsonl")
     parser.add_argument("--padded", action="store_true",
                         help="one document per row padded to max_seq_len (MiniMind's way) instead of packing")
     return parser

@@ -1,7 +1,7 @@
 """Stage 2 -- supervised fine-tuning on {"conversations": [...]} jsonl; loss only on the assistant replies.
 
-    python 2-sft.py --data_path dataset/sft_mini_512.jsonl
-    torchrun --nproc_per_node 4 2-sft.py --data_path dataset/sft_mini_512.jsonl
+    python 2-sft.py --data_path dataset/sft_t2t_mini.jsonl
+    torchrun --nproc_per_node 4 2-sft.py --data_path dataset/sft_t2t_mini.jsonl
 """
 
 import argparse
@@ -14,7 +14,7 @@ from trainer import add_train_args, stage_main
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_train_args(parser, epochs=2, batch_size=32, learning_rate=5e-5, max_seq_len=512,
-                   data_path="dataset/sft_mini_512.jsonl", init_from="pretrain")
+                   data_path="dataset/sft_t2t_mini.jsonl", init_from="pretrain")
     return parser
 
 

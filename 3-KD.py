@@ -1,11 +1,11 @@
 """Stage 3 -- knowledge distillation into the SFT model.
 
 Black-box (no --teacher): SFT on dialogues a larger teacher wrote, e.g. MiniMind's sft_1024.jsonl.
-    python 3-KD.py --data_path dataset/sft_1024.jsonl
+    python 3-KD.py --data_path dataset/sft_t2t_mini.jsonl
 White-box (--teacher DIR): also match the teacher's next-token distribution on the assistant tokens,
     loss = alpha * CE + (1 - alpha) * T^2 * KL(teacher || student)   at temperature T.
-    python 3-KD.py --data_path dataset/sft_1024.jsonl --teacher out/sft_104m
-    torchrun --nproc_per_node 4 3-KD.py --data_path dataset/sft_1024.jsonl --teacher out/sft_104m
+    python 3-KD.py --data_path dataset/sft_t2t_mini.jsonl --teacher out/sft_104m
+    torchrun --nproc_per_node 4 3-KD.py --data_path dataset/sft_t2t_mini.jsonl --teacher out/sft_104m
 The teacher is any causal LM with the same tokenizer (our model of another preset, or a Hugging Face one); it is
 frozen, in eval mode, runs without gradients in the compute dtype.
 """
@@ -26,7 +26,7 @@ from trainer.checkpoint import resolve_checkpoint
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_train_args(parser, epochs=2, batch_size=64, learning_rate=5e-5, max_seq_len=1024,
-                   data_path="dataset/sft_1024.jsonl", init_from="sft")
+                   data_path="dataset/sft_t2t_mini.jsonl", init_from="sft")
     parser.add_argument("--teacher", default=None, help="teacher checkpoint folder or stage name (white-box KD)")
     parser.add_argument("--alpha", type=float, default=0.5, help="weight of the cross-entropy on the labels")
     parser.add_argument("--temperature", type=float, default=2.0, help="softmax temperature of the KL term")

@@ -1,16 +1,18 @@
 """Stage 6 -- the reasoning model: replies `<think>\\n...\\n</think>\\n<answer>\\n...\\n</answer>`.
 
---method sft (default): SFT on r1_mix_1024-style chats, with the loss on the tokens of the four tags inside the
-replies weighted --tag_weight times (MiniMind's trick to make the format stick), found as whole strings so it is
+--method sft (default): SFT on reasoning chats -- today's sft_t2t rows, whose replies carry `reasoning_content`
+(rendered as <think>...</think>), or the seed's r1_mix_1024 rows with the tags in the content -- with the loss on the
+tokens of the tags inside the replies weighted --tag_weight times (MiniMind's trick to make the format stick), found as whole strings so it is
 right whatever the tokenizer does with the tags.
-    python 6-reason.py --data_path dataset/r1_mix_1024.jsonl
-    torchrun --nproc_per_node 4 6-reason.py --data_path dataset/r1_mix_1024.jsonl
+    python 6-reason.py --data_path dataset/sft_t2t_mini.jsonl
+    torchrun --nproc_per_node 4 6-reason.py --data_path dataset/sft_t2t_mini.jsonl
 
 --method grpo: online RL with rule rewards (GRPO, arXiv 2402.03300). Per prompt it samples --num_generations
 replies with the KV cache, scores each with the --reward functions (summed), normalises the rewards within the
 group into advantages, and maximises the clipped ratio objective minus --beta x KL(policy || reference), where the
-reference is the frozen starting model. Rows are chats whose last assistant reply is the reference answer.
-    python 6-reason.py --method grpo --data_path dataset/reason_prompts.jsonl           # starts from out/reason
+reference is the frozen starting model. Rows: chats whose last assistant reply is the reference answer (the seed's),
+rlaif.jsonl's prompt-only rows (no reference: only rewards that need none score), or agent_rl rows with "gt".
+    python 6-reason.py --method grpo --data_path dataset/rlaif.jsonl           # starts from out/reason
     python 6-reason.py --method grpo --reward format,my_rewards.py:length_penalty
 A reward is any function (completion: str, reference: str) -> float; see dataset/rewards.py.
 """
@@ -30,7 +32,7 @@ from trainer import add_train_args, stage_main
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_train_args(parser, epochs=1, batch_size=8, learning_rate=1e-6, max_seq_len=1024,
-                   data_path="dataset/r1_mix_1024.jsonl", init_from="dpo")
+                   data_path="dataset/sft_t2t_mini.jsonl", init_from="dpo")
     parser.add_argument("--method", choices=["sft", "grpo"], default="sft")
     parser.add_argument("--tag_weight", type=float, default=10.0, help="sft: loss weight of the tag tokens")
     g = parser.add_argument_group("grpo (--batch_size counts prompts; --from defaults to reason)")
@@ -148,7 +150,7 @@ def main(argv=None):
         if args.init_from == defaults.init_from:
             args.init_from = "reason"
         if args.data_path == defaults.data_path:
-            args.data_path = "dataset/reason_prompts.jsonl"
+            args.data_path = "dataset/rlaif.jsonl"
     return stage_main("grpo" if args.method == "grpo" else "reason", build_parser, run, args)
 
 

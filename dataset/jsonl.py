@@ -32,7 +32,9 @@ class JsonlFile:
     def __init__(self, path, check=None, strict: bool = False, verbose: bool = True):
         self.path = os.fspath(path)
         if not os.path.isfile(self.path):
-            raise FileNotFoundError(f"data file not found: {self.path}")
+            raise FileNotFoundError(
+                f"data file not found: {self.path}. MiniMind's files: `python data_process.py download --list`; "
+                f"`python data_process.py download <stage>` fetches a stage's file into dataset/")
         offsets, sizes, linenos, self.bad_lines = [], [], [], []
         with open(self.path, "rb") as f:
             offset = 0
