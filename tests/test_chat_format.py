@@ -289,3 +289,35 @@ def test_checkpoint_keeps_its_tokenizer_and_a_mismatching_one_is_refused(tmp_pat
     with pytest.raises(SystemExit, match="does not match the tokenizer the checkpoint"):
         resolve_tokenizer(str(TOKENIZER_DIR), "sft", tmp_path / "out", TOKENIZER_DIR)
     assert resolve_tokenizer(str(TOKENIZER_DIR), "none", tmp_path / "out", TOKENIZER_DIR) == TOKENIZER_DIR
+
+
+def test_stages_run_on_files_in_todays_formats(tmp_path):
+    """SFT on tool/reasoning rows, GRPO on rlaif prompt-only rows and agent_rl gt rows: every row usable (the old
+    code skipped each tool row and stopped GRPO with 'no usable lines'); the correctness reward scores gt rows."""
+    from conftest import load_script, tiny_args
+
+    sft_rows = [TOOL_ROW] * 6 + [{"conversations": [{"role": "user", "content": "hi"},
+                                                    {"role": "assistant", "content": "hello",
+                                                     "reasoning_content": "greet"}]}] * 2
+    rlaif = {"conversations": [{"role": "user", "content": "写一句话"}, {"role": "assistant", "content": ""}]}
+    agent = {"conversations": TOOL_ROW["conversations"][:2], "gt": ["12"]}
+    sft_path = write_jsonl(tmp_path / "sft_t2t_mini.jsonl", sft_rows)
+    rl_path = write_jsonl(tmp_path / "rl.jsonl", [rlaif, agent] * 2)
+    summary = load_script("2-sft.py").main(tiny_args(tmp_path, sft_path, "--from", "none", "--max_steps", 2,
+                                                     "--batch_size", 4, "--max_seq_len", 512))
+    assert summary["steps"] == 2 and not JsonlFile(sft_path, check_conversations).bad_lines
+    summary = load_script("6-reason.py").main(tiny_args(
+        tmp_path, rl_path, "--method", "grpo", "--from", tmp_path / "out/sft", "--max_steps", 2, "--batch_size", 2,
+        "--num_generations", 2, "--max_new_tokens", 8, "--reward", "format,correctness"))
+    assert summary["steps"] == 2
+    assert all(torch.isfinite(torch.tensor(m["reward"])) for _, m in summary["metric_history"])
+
+
+def test_correctness_reward_takes_gt_lists_and_never_raises_on_other_references():
+    from dataset.rewards import correctness_reward
+
+    reply = "<think>3*4</think><answer>12</answer>"
+    assert correctness_reward(reply, ["11", "12"]) == 1.0 and correctness_reward(reply, ["13"]) == 0.0
+    assert correctness_reward(reply, None) == 0.0  # rlaif: no reference
+    assert correctness_reward(reply, "a poem about spring") == 0.0  # states no integer: 0, not ValueError
+    assert correctness_reward(reply, "<answer>12</answer>") == 1.0
