@@ -321,3 +321,34 @@ def test_correctness_reward_takes_gt_lists_and_never_raises_on_other_references(
     assert correctness_reward(reply, None) == 0.0  # rlaif: no reference
     assert correctness_reward(reply, "a poem about spring") == 0.0  # states no integer: 0, not ValueError
     assert correctness_reward(reply, "<answer>12</answer>") == 1.0
+
+
+@pytest.mark.parametrize("kwargs, tail", [({}, ""), ({"enable_thinking": True}, "<think>\n"),
+                                          ({"enable_thinking": False}, "<think>\n\n</think>\n\n"),
+                                          ({"open_thinking": True}, "<think>\n"),
+                                          ({"open_thinking": False}, "<think>\n\n</think>\n\n"),
+                                          ({"enable_thinking": False, "open_thinking": True}, "<think>\n\n</think>\n\n")])
+def test_generation_prompt_thinking_switch(tokenizer, kwargs, tail):
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
+                                         tokenize=False, **kwargs)
+    assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n" + tail
+
+
+def test_a_reply_generated_after_either_prompt_renders_back_exactly(tokenizer):
+    """Training and inference see the same text: thinking on/off prompt + what the model wrote == the history turn."""
+    user = [{"role": "user", "content": "hi"}]
+    for kwargs, written, turn in [({"enable_thinking": True}, "r\n</think>\n\nok", {"reasoning_content": "r"}),
+                                  ({"enable_thinking": False}, "ok", {"reasoning_content": ""}),
+                                  ({}, "ok", {})]:
+        prompt = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False, **kwargs)
+        history = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": "ok", **turn}],
+                                                tokenize=False)
+        assert history == prompt + written + "<|im_end|>\n"
+
+
+def test_tools_are_listed_in_the_system_turn_hermes_style(tokenizer):
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "q"}], tools=[CALC], tokenize=False,
+                                         add_generation_prompt=True)
+    assert text.startswith("<|im_start|>system\n# Tools\n")
+    assert "<tools>\n" + json.dumps(CALC, ensure_ascii=False) + "\n</tools>" in text
+    assert '<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call><|im_end|>' in text
