@@ -23,24 +23,11 @@ import model as _registers_microlm  # noqa: F401  (AutoModelForCausalLM must kno
 from model import TOKENIZER_DIR
 from model.lora import from_adapter, is_adapter_dir, load_adapter
 from trainer.checkpoint import STAGE_SCRIPTS, resolve_checkpoint
+from trainer.distributed import fast_dtype
 
 TEST_PROMPTS = ["你好，请介绍一下你自己。", "中国的首都是哪里？", "3加5等于几？", "What color is the sky?",
                 "小明有3个苹果，又买了4个，现在有几个？", "我最近一直咳嗽，应该挂什么科？"]
 DIM, RESET = "\033[2m", "\033[0m"
-
-
-def fast_dtype(device) -> torch.dtype:
-    """bf16 where the device computes it natively (CUDA with bf16; CPUs with AVX512-BF16 or AMX): decoding one token
-    reads every weight once, so half the bytes is nearly twice the speed. fp16 on older GPUs, fp32 elsewhere."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu":
-        try:
-            return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
-        except (AttributeError, RuntimeError):
-            return torch.float32
-    return torch.float32
 
 
 def compile_decoding(model):

@@ -23,6 +23,20 @@ class DistEnv:
         return self.world_size > 1
 
 
+def fast_dtype(device) -> torch.dtype:
+    """bf16 where the device computes it natively (CUDA with bf16; CPUs with AVX512-BF16 or AMX): decoding one token
+    reads every weight once, so half the bytes is nearly twice the speed. fp16 on older GPUs, fp32 elsewhere."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu":
+        try:
+            return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+        except (AttributeError, RuntimeError):
+            return torch.float32
+    return torch.float32
+
+
 def pick_device(requested: str | None = None, local_rank: int = 0) -> torch.device:
     if requested and requested != "auto":
         device = torch.device(requested)

@@ -27,7 +27,7 @@ from transformers.utils import logging as hf_logging
 from model import TOKENIZER_DIR, MicroLMConfig, MicroLMForCausalLM
 
 from . import checkpoint as ckpt
-from .distributed import barrier, cleanup, init_distributed
+from .distributed import barrier, cleanup, fast_dtype, init_distributed
 from .tracking import Tracker, plot_loss
 
 log = logging.getLogger("trainer")
@@ -58,7 +58,9 @@ def add_train_args(parser: argparse.ArgumentParser, *, epochs: int, batch_size: 
     a("--weight_decay", type=float, default=0.01)
     a("--grad_clip", type=float, default=1.0, help="max gradient norm (0 = no clipping)")
     a("--max_seq_len", type=int, default=max_seq_len)
-    a("--dtype", default="bfloat16", choices=sorted(DTYPES), help="autocast dtype; float16 adds a GradScaler")
+    a("--dtype", default="auto", choices=["auto", *sorted(DTYPES)],
+      help="autocast dtype; float16 adds a GradScaler; auto: bf16 where the device computes it natively (CUDA with "
+           "bf16, CPUs with AVX512-BF16/AMX), fp16 on older GPUs, fp32 elsewhere (emulated bf16 is ~50x slower)")
     a("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
     a("--num_workers", type=int, default=1, help="DataLoader worker processes")
     a("--seed", type=int, default=42)
@@ -180,6 +182,8 @@ class Trainer:
                             force=True)
         hf_logging.disable_progress_bar()  # our own bar is the one that matters
         self.device = self.env.device
+        if args.dtype == "auto":
+            args.dtype = {v: k for k, v in DTYPES.items()}[fast_dtype(self.device)]
         self.dtype = DTYPES[args.dtype]
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: ~free speed, fp32 checkpoints unchanged
