@@ -440,11 +440,6 @@ class Curriculum:
             rows.append({"conversations": msgs})
         return rows
 
-    def sft_with_tools(self):
-        rows = self.sft() + self.sft_tools()
-        self.rng("sft-mix").shuffle(rows)
-        return rows
-
     def tool_pairs(self):
         """(train, held out) two-digit problems (kind, a, b) whose answers stay below 100."""
         pairs = [("add", a, b) for a in range(10, 90) for b in range(10, 100 - a)]
@@ -722,8 +717,8 @@ class Curriculum:
         pretrain = self.pretrain()
         lora, lora_eval = self.medical()
         files = {"pretrain.jsonl": pretrain, "pretrain_eval.jsonl": self.pretrain_eval(pretrain),
-                 "sft.jsonl": self.sft_with_tools(), "sft_eval.jsonl": self.sft_eval(),
-                 "tools_eval.jsonl": self.tools_eval(), "kd.jsonl": self.kd(),
+                 "sft.jsonl": self.sft(), "sft_eval.jsonl": self.sft_eval(),
+                 "sft_tools.jsonl": self.sft_tools(), "tools_eval.jsonl": self.tools_eval(), "kd.jsonl": self.kd(),
                  "kd_eval.jsonl": self.kd_eval(),
                  "dpo.jsonl": self.dpo(), "dpo_eval.jsonl": self.dpo_eval(),
                  "lora_medical.jsonl": lora, "lora_medical_eval.jsonl": lora_eval}
@@ -747,7 +742,8 @@ class Curriculum:
             train_rows = {json.dumps(r, ensure_ascii=False) for r in files[train]}
             assert not any(json.dumps(r, ensure_ascii=False) in train_rows for r in files[held]), (train, held)
         tool_questions = {r["conversations"][-1]["content"] for r in files["tools_eval.jsonl"]}
-        asked = {m["content"] for r in files["sft.jsonl"] for m in r["conversations"] if m["role"] == "user"}
+        asked = {m["content"] for name in ("sft.jsonl", "sft_tools.jsonl") for r in files[name]
+                 for m in r["conversations"] if m["role"] == "user"}
         assert not tool_questions & asked, "a held-out tool problem is in the SFT data"
         medical_questions = [r["conversations"][0]["content"] for r in files["lora_medical_eval.jsonl"]]
         assert not any(q in pretrain for q in medical_questions), "a held-out medical question is in pretraining"
@@ -795,9 +791,9 @@ MED_DUR = ["最近", "这两天", "这一周", "这几个月", "从昨天开始"
 MED_DUR2 = ["好几天", "一个星期", "半个月"]
 MED_ANSWER = "根据您的描述，建议您到{dept}就诊。{advice}（仅供参考，请以医生面诊为准。）"
 
-TRAIN_CHAT_FILES = ["sft.jsonl", "kd.jsonl", "dpo.jsonl", "lora_medical.jsonl", "reason.jsonl",
+TRAIN_CHAT_FILES = ["sft.jsonl", "sft_tools.jsonl", "kd.jsonl", "dpo.jsonl", "lora_medical.jsonl", "reason.jsonl",
                     "reason_prompts.jsonl"]
-EVAL_OF = {"pretrain.jsonl": "pretrain_eval.jsonl", "sft.jsonl": "sft_eval.jsonl", "kd.jsonl": "kd_eval.jsonl",
+EVAL_OF = {"pretrain.jsonl": "pretrain_eval.jsonl", "sft.jsonl": "sft_eval.jsonl", "sft_tools.jsonl": "tools_eval.jsonl", "kd.jsonl": "kd_eval.jsonl",
            "dpo.jsonl": "dpo_eval.jsonl",
            "lora_medical.jsonl": "lora_medical_eval.jsonl", "reason.jsonl": "reason_eval.jsonl"}
 
@@ -846,9 +842,10 @@ def readme(files, seed):
                            "sentences; little stories; hospital departments (zh)"),
         "pretrain_eval.jsonl": ("1 pretrain", "同分布的留出文本，用于困惑度", "held-out texts of the same kind, for "
                                 "perplexity"),
-        "sft.jsonl": ("2 SFT", "单轮/多轮问答，部分带 system；计算器工具调用对话（两位数加减：调用 → 结果 → 回答）",
-                      "single- and multi-turn Q&A, some with a system turn; calculator tool-call chats (two-digit "
-                      "sums: call -> result -> answer)"),
+        "sft.jsonl": ("2 SFT", "单轮/多轮问答，部分带 system", "single- and multi-turn Q&A, some with a system turn"),
+        "sft_tools.jsonl": ("2 SFT", "计算器工具调用对话（MiniMind 今天的行格式；两位数加减：调用 → 结果 → 回答），以及有工具但直接回答的问答",
+                            "calculator tool-call chats (MiniMind's row format of today; two-digit sums: call -> "
+                            "result -> answer), and questions answered without a call although the tool is there"),
         "tools_eval.jsonl": ("2 SFT", "留出的两位数计算题（agent_rl 格式：conversations + gt）",
                              "held-out two-digit problems (agent_rl format: conversations + gt)"),
         "sft_eval.jsonl": ("2 SFT", "只在预训练文本里出现过的事实与算式的问答", "Q&A about facts and sums that only "

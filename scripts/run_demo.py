@@ -34,9 +34,8 @@ DEMO_MODEL = ["--preset", "demo"]
 STAGES = {
     "pretrain": ("1-pretrain.py", ["--data_path", DEMO / "pretrain.jsonl", *DEMO_MODEL, "--epochs", 4,
                                    "--batch_size", 16, "--max_seq_len", 256, "--learning_rate", 1e-2]),
-    # 512: a tool chat carries the tool schemas in its system turn (~400 tokens in all)
     "sft": ("2-sft.py", ["--data_path", DEMO / "sft.jsonl", "--from", "pretrain", "--epochs", 2,
-                         "--batch_size", 16, "--max_seq_len", 512, "--learning_rate", 5e-4]),
+                         "--batch_size", 16, "--max_seq_len", 256, "--learning_rate", 5e-4]),
     # the demo pretrains 256-token rows, so KD keeps to 256 positions (the real stage uses 1024 after a 512 pretrain)
     "kd": ("3-KD.py", ["--data_path", DEMO / "kd.jsonl", "--from", "sft", "--epochs", 3, "--batch_size", 8,
                        "--max_seq_len", 256, "--learning_rate", 5e-4]),
@@ -66,14 +65,6 @@ def chat_metrics(model, tokenizer) -> dict:
     qa = metrics.qa_accuracy(model, tokenizer, items)
     return {"held-out QA accuracy": qa["accuracy"], "held-out reply stop rate": qa["stop_rate"],
             "held-out QA reply loss": metrics.reply_loss(model, tokenizer, items)["loss"]}
-
-
-def tool_metrics(model, tokenizer) -> dict:
-    """Held-out two-digit problems with the calculator tool (executed) and the same questions without tools."""
-    scores = metrics.tool_use_scores(model, tokenizer, metrics.load_jsonl(DEMO / "tools_eval.jsonl"))
-    return {"tool call valid": scores["valid_call"], "tool arguments right": scores["right_arguments"],
-            "tool answer accuracy": scores["answer_accuracy"],
-            "answer accuracy without tools": scores["answer_accuracy_without_tools"]}
 
 
 def teacher_answer_loss(model, tokenizer) -> float:
@@ -108,9 +99,9 @@ def held_out_metric(stage, out_dir, tokenizer) -> dict:
     if stage == "pretrain":
         ppl = metrics.pretrain_perplexity(model, tokenizer, [r["text"] for r in metrics.load_jsonl(
             DEMO / "pretrain_eval.jsonl")])
-        return {"held-out perplexity": ppl["perplexity"], **chat_metrics(model, tokenizer), **tool_metrics(model, tokenizer)}
+        return {"held-out perplexity": ppl["perplexity"], **chat_metrics(model, tokenizer)}
     if stage == "sft":
-        return {**chat_metrics(model, tokenizer), **tool_metrics(model, tokenizer)}
+        return chat_metrics(model, tokenizer)
     if stage == "kd":  # black-box KD: the student takes on the teacher's answers, also for unseen questions
         return with_before(lambda m, tok: {"teacher-answer loss": teacher_answer_loss(m, tok)}, "sft")
     if stage == "dpo":

@@ -37,7 +37,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def demo():
-    return {name: load_jsonl(DEMO / name) for name in CHAT_FILES + DPO_FILES + TEXT_FILES + ["tools_eval.jsonl"]}
+    return {name: load_jsonl(DEMO / name) for name in CHAT_FILES + DPO_FILES + TEXT_FILES + ["tools_eval.jsonl", "sft_tools.jsonl"]}
 
 
 def texts_of(rows):
@@ -71,7 +71,7 @@ def test_shipped_files_equal_the_generator_output():
 
 def test_sizes_and_row_counts():
     counts = {name: sum(1 for _ in open(DEMO / name, encoding="utf-8")) for name in CHAT_FILES + DPO_FILES}
-    assert counts["sft.jsonl"] == 3800 and counts["kd.jsonl"] == 500 and counts["dpo.jsonl"] == 1500
+    assert counts["sft.jsonl"] == 3000 and counts["kd.jsonl"] == 500 and counts["dpo.jsonl"] == 1500
     assert counts["lora_medical.jsonl"] == 1000 and counts["reason.jsonl"] == 1500
     assert 80 <= min(counts[n] for n in ["sft_eval.jsonl", "kd_eval.jsonl", "dpo_eval.jsonl",
                                          "lora_medical_eval.jsonl", "reason_eval.jsonl"])
@@ -128,7 +128,7 @@ def test_reasoning_replies_think_then_answer_a_number_that_the_steps_reach(demo,
 def test_tool_chats_call_the_calculator_and_get_its_real_result(demo):
     from inference import calculator
 
-    rows = [r["conversations"] for r in demo["sft.jsonl"] if "tools" in r["conversations"][0]]
+    rows = [r["conversations"] for r in demo["sft_tools.jsonl"]]
     calls = 0
     for chat in rows:
         assert json.loads(chat[0]["tools"]) == [demo_data.CALCULATOR_SCHEMA]
