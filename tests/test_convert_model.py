@@ -110,7 +110,9 @@ def test_gguf_export_holds_weights_hyperparameters_and_tokenizer(tmp_path, token
     assert types[500] == gguf.TokenType.NORMAL
     assert meta["tokenizer.ggml.eos_token_id"] == tokenizer.eos_token_id
     assert meta["tokenizer.chat_template"] == tokenizer.chat_template
-    assert meta["tokenizer.ggml.merges"][0] == "Ġ t"
+    merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
+    assert meta["tokenizer.ggml.merges"] == [m if isinstance(m, str) else " ".join(m) for m in merges]
+    assert types[tokenizer.convert_tokens_to_ids("<|reserved_0|>")] == gguf.TokenType.CONTROL
 
     sd = ours.state_dict()
     assert len(tensors) == len(sd)  # every tensor, output.weight included (untied)
