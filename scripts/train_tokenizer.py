@@ -17,6 +17,7 @@ Ids 0..2 match MiniMind2's tokenizer (<|endoftext|>, <|im_start|>, <|im_end|>); 
 """
 
 import argparse
+import shutil
 import hashlib
 import io
 import itertools
@@ -41,15 +42,8 @@ SPECIAL_TOKENS = [PAD_TOKEN, BOS_TOKEN, EOS_TOKEN]
 TAG_TOKENS = ["<think>", "</think>", "<answer>", "</answer>"]  # visible text: not special, kept by decode
 MODEL_MAX_LENGTH = 32768
 
-# ChatML. No default system prompt is injected: what you pass is exactly what the model sees.
-CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' -}}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}"
-    "{{- '<|im_start|>assistant\\n' -}}"
-    "{%- endif -%}"
-)
+# The chat template's one source: ChatML with Hermes-style tools and a thinking switch (see the file's header).
+CHAT_TEMPLATE_PATH = DEFAULT_OUT_DIR / "chat_template.jinja"
 
 # Pinned so the same command gives the same corpus (and so the same tokenizer).
 POETRY_PKG = ("chinese-poetry", "2.0.1")
@@ -570,18 +564,16 @@ def tokenizer_config(tok):
         "clean_up_tokenization_spaces": False,
         "model_max_length": MODEL_MAX_LENGTH,
         "added_tokens_decoder": added,
-        "chat_template": CHAT_TEMPLATE,
     }
 
 
-def save_tokenizer(tok, out_dir):
-    """tokenizer.json + tokenizer_config.json, the chat template inside the config.
-
-    transformers 5 reads the "chat_template" key of tokenizer_config.json, and would let a chat_template.jinja beside
-    it take priority, so none is written: one copy of the template, no way for two to drift apart.
-    """
+def save_tokenizer(tok, out_dir, template=CHAT_TEMPLATE_PATH):
+    """tokenizer.json + tokenizer_config.json + chat_template.jinja (a copy of `template`): transformers 5 reads the
+    template from that file, so the config carries none and the two cannot drift apart."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if Path(template).resolve() != (out_dir / "chat_template.jinja").resolve():
+        shutil.copyfile(template, out_dir / "chat_template.jinja")
     tok.save(str(out_dir / "tokenizer.json"), pretty=True)
     with open(out_dir / "tokenizer_config.json", "w", encoding="utf-8") as f:
         json.dump(tokenizer_config(tok), f, ensure_ascii=False, indent=2)

@@ -66,8 +66,8 @@ def test_shipped_config_is_what_the_script_writes(script):
     assert shipped == script.tokenizer_config(Tokenizer.from_file(str(TOKENIZER_DIR / "tokenizer.json")))
     assert shipped["add_bos_token"] is False and shipped["add_eos_token"] is False
     assert shipped["clean_up_tokenization_spaces"] is False
-    assert shipped["chat_template"] == script.CHAT_TEMPLATE
-    assert not (TOKENIZER_DIR / "chat_template.jinja").exists(), "a .jinja file would override the config's template"
+    assert "chat_template" not in shipped, "the template lives in chat_template.jinja only"
+    assert script.CHAT_TEMPLATE_PATH == TOKENIZER_DIR / "chat_template.jinja"
 
 
 # ----------------------------------------------------------------------------- lossless round trip
@@ -136,8 +136,8 @@ def test_chat_template_system_and_two_rounds(tok):
 
 
 def test_chat_template_without_generation_prompt_ends_after_last_turn(tok):
-    messages = [{"role": "user", "content": "Hi"}, {"role": "tool", "content": "{\"ok\": true}"}]
-    expected = "<|im_start|>user\nHi<|im_end|>\n<|im_start|>tool\n{\"ok\": true}<|im_end|>\n"
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    expected = "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello<|im_end|>\n"
     assert render(tok, messages, add_generation_prompt=False) == expected
 
 
