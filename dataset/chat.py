@@ -222,16 +222,14 @@ class ChatEncoder:
         return offset + start, offset + end
 
     def _spans_by_prefix(self, messages, tools, text):
-        spans, prev = [], None
+        spans = []
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
-            before = self.render(messages[:i], tools) if prev is None or prev[0] != i else prev[1]
-            upto = self.render(messages[:i + 1], tools)
+            before, upto = self.render(messages[:i], tools), self.render(messages[:i + 1], tools)
             if not (upto.startswith(before) and text.startswith(upto)):
                 raise _Unmapped
             spans.append(self._turn_span(upto[len(before):], len(before)))
-            prev = (i + 1, upto)
         return spans
 
     def _spans_by_marker(self, messages, text):
