@@ -60,7 +60,8 @@ def load_teacher(trainer, name_or_path, student_vocab: int):
 
 def run(trainer, args):
     model = trainer.build_model()
-    data = SFTDataset(args.data_path, trainer.tokenizer, args.max_seq_len, strict=args.strict)
+    data = SFTDataset(args.data_path, trainer.tokenizer, args.max_seq_len, strict=args.strict,
+                      empty_think_ratio=args.empty_think_ratio, seed=args.seed)
     collate = partial(pad_collate, pad_id=trainer.tokenizer.pad_token_id or 0)
     if not args.teacher:
         return trainer.fit(model, data, collate_fn=collate)  # black-box: plain SFT on the teacher's text

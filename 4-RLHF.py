@@ -69,7 +69,8 @@ def precompute_ref_logps(trainer, ref_model, dataset, collate) -> torch.Tensor:
 
 def run(trainer, args):
     model = trainer.build_model()
-    data = DPODataset(args.data_path, trainer.tokenizer, args.max_seq_len, strict=args.strict)
+    data = DPODataset(args.data_path, trainer.tokenizer, args.max_seq_len, strict=args.strict,
+                      empty_think_ratio=args.empty_think_ratio, seed=args.seed)
     collate = partial(dpo_collate, pad_id=trainer.tokenizer.pad_token_id or 0)
     ref = copy.deepcopy(model).eval().requires_grad_(False)
     ref_table = None

@@ -132,7 +132,8 @@ def run(trainer, args):
     model = trainer.build_model()
     pad_id = trainer.tokenizer.pad_token_id or 0
     if args.method == "sft":
-        data = ReasonDataset(args.data_path, trainer.tokenizer, args.max_seq_len, args.tag_weight, strict=args.strict)
+        data = ReasonDataset(args.data_path, trainer.tokenizer, args.max_seq_len, args.tag_weight, strict=args.strict,
+                             empty_think_ratio=args.empty_think_ratio, seed=args.seed)
         # the rows carry "weights": the engine's lm_loss / count_label_tokens weight each label by them
         return trainer.fit(model, data, collate_fn=partial(pad_collate, pad_id=pad_id))
     rewards = [load_reward(spec.strip()) for spec in args.reward.split(",") if spec.strip()]
