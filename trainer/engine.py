@@ -253,8 +253,11 @@ class Trainer:
                              f"({W} ranks x batch {B} x accumulation {A})")
         total_steps = min(args.max_steps or 10 ** 12, args.epochs * steps_per_epoch)
         warmup = args.warmup_steps if args.warmup_steps >= 0 else max(1, total_steps // 100)
+        # the loader's own generator: iter(loader) draws the workers' base seed from it, not from the global RNG that
+        # --resume restores (that draw shifted every later dropout mask and sampled token after a resume)
+        loader_rng = torch.Generator()
         loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=args.num_workers,
-                            pin_memory=self.device.type == "cuda", persistent_workers=False)
+                            pin_memory=self.device.type == "cuda", persistent_workers=False, generator=loader_rng)
 
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.learning_rate,
@@ -300,6 +303,7 @@ class Trainer:
                 break
             sampler.set_epoch(epoch, state["row"] if epoch == state["epoch"] else 0)
             state["epoch"], state["row"] = epoch, state["row"] if epoch == state["epoch"] else 0
+            loader_rng.manual_seed(args.seed + epoch)  # same worker seeds per epoch, resumed or not, any world size
             batches = iter(loader)
             while state["step"] < total_steps:
                 micro = [to_device(b, self.device) for b in islice(batches, A)]
