@@ -30,6 +30,22 @@ def test_packing_covers_every_token_once_with_separators_and_no_padding(tmp_path
     assert stream.count(tokenizer.eos_token_id) == len(DOCS)
 
 
+def test_packing_pads_only_the_partial_last_block_and_labels_its_padding_minus_100(tmp_path, tokenizer):
+    """A stream that is not a multiple of max_seq_len: the last block holds the remaining tokens, then pad ids that
+    carry no label; no block is dropped and no token is repeated."""
+    path = write_jsonl(tmp_path / "pre.jsonl", [{"text": t} for t in DOCS])
+    n_tokens = len(PretrainDataset(path, tokenizer, max_seq_len=16).tokens)
+    L = next(m for m in range(13, 40) if n_tokens % m >= 3)  # a block size that leaves a partial block
+    data = PretrainDataset(path, tokenizer, max_seq_len=L, packed=True)
+    assert len(data) == -(-n_tokens // L)
+    last, rest = data[len(data) - 1], n_tokens % L
+    assert len(last["input_ids"]) == L
+    assert last["input_ids"][:rest].tolist() == data.tokens[-rest:].tolist()
+    assert (last["input_ids"][rest:] == tokenizer.pad_token_id).all()
+    assert (last["labels"][:rest] == last["input_ids"][:rest]).all() and (last["labels"][rest:] == -100).all()
+    assert sum(int((data[i]["labels"] != -100).sum()) for i in range(len(data))) == n_tokens
+
+
 def test_packing_cache_is_reused_and_invalidated_by_a_changed_file(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "pre.jsonl", [{"text": t} for t in DOCS])
     first = PretrainDataset(path, tokenizer, max_seq_len=16)

@@ -107,3 +107,63 @@ def test_kd_under_two_gloo_ranks_matches_one_process(tmp_path, models):
     torchrun_2("3-KD.py", tiny_args(tmp_path / "ddp", DEMO / "sft_eval.jsonl", *common, "--batch_size", 2))
     kd.main(tiny_args(tmp_path / "one", DEMO / "sft_eval.jsonl", *common, "--batch_size", 4))
     assert max_weight_diff(tmp_path / "ddp/out/kd", tmp_path / "one/out/kd") <= 1e-5
+
+
+def test_kd_loss_equals_an_independent_reference_and_is_not_the_reverse_kl():
+    """alpha * CE + (1 - alpha) * T^2 * KL(teacher || student) on labelled positions only, computed here with
+    F.kl_div(log_target=True) -- not with the function under test."""
+    g = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(2, 7, 11, generator=g) * 3, torch.randn(2, 7, 11, generator=g) * 3
+    labels = torch.randint(0, 11, (2, 7), generator=g)
+    labels[0, :3] = -100
+    labels[1, 5:] = -100
+    alpha, t = 0.3, 2.0
+    loss, ce, kl = kd.kd_loss(student, teacher, labels, alpha, t)
+
+    s, te, y = student[:, :-1], teacher[:, :-1], labels[:, 1:]
+    mask = y != -100
+    ref_ce = torch.nn.functional.cross_entropy(s[mask], y[mask], reduction="sum")
+    s_logp, t_logp = (torch.log_softmax(x[mask] / t, -1) for x in (s, te))
+    ref_kl = torch.nn.functional.kl_div(s_logp, t_logp, log_target=True, reduction="sum")  # KL(teacher || student)
+    reverse = torch.nn.functional.kl_div(t_logp, s_logp, log_target=True, reduction="sum")
+    torch.testing.assert_close(ce, ref_ce)
+    torch.testing.assert_close(kl, ref_kl)
+    torch.testing.assert_close(loss, alpha * ref_ce + (1 - alpha) * t * t * ref_kl)
+    assert not torch.allclose(kl, reverse, rtol=1e-2)  # the direction matters on these logits
+    assert not torch.allclose(loss, alpha * ref_ce + (1 - alpha) * ref_kl, rtol=1e-2)  # and so does T^2
+
+
+def test_a_larger_teacher_vocabulary_is_cut_to_the_students_ids(tmp_path, tokenizer):
+    """A teacher with 64 extra vocabulary rows: the KD stage's logged KL (one step at lr 0, every row in the batch)
+    equals KL(teacher's first vocab_size logits || student), computed here; over the full vocabulary it would not."""
+    pretrain.main(tiny_args(tmp_path / "s", DEMO / "pretrain_eval.jsonl", "--max_steps", 1, "--max_seq_len", 32,
+                            "--batch_size", 2))
+    student_dir = tmp_path / "s/out/pretrain"
+    student = MicroLMForCausalLM.from_pretrained(student_dir).eval()
+    vocab = student.config.vocab_size
+    teacher_dir = tmp_path / "big"
+    make_model(vocab_size=vocab + 64, seed=3).save_pretrained(teacher_dir)
+    tokenizer.save_pretrained(teacher_dir)
+    teacher = MicroLMForCausalLM.from_pretrained(teacher_dir).eval()
+    rows = write_jsonl(tmp_path / "kd.jsonl", [
+        {"conversations": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+        for q, a in [("hi", "hello there"), ("2+2?", "4"), ("name?", "a tiny model"), ("ok", "fine, thanks")]])
+    summary = kd.main(tiny_args(tmp_path, rows, "--from", student_dir, "--teacher", teacher_dir, "--max_steps", 1,
+                                "--batch_size", 4, "--learning_rate", 0, "--temperature", 1.0,
+                                "--empty_think_ratio", 0))
+    logged = summary["metric_history"][-1][1]["kl"]
+
+    data = SFTDataset(rows, tokenizer, 512, empty_think_ratio=0)
+    batch = pad_collate([data[i] for i in range(len(data))], pad_id=0)
+    with torch.no_grad():
+        s_logp = torch.log_softmax(student(input_ids=batch["input_ids"]).logits[:, :-1], -1)
+        t_all = teacher(input_ids=batch["input_ids"]).logits[:, :-1]
+    mask = batch["labels"][:, 1:] != -100
+
+    def kl(t_logits):
+        t_logp = torch.log_softmax(t_logits, -1)
+        return ((t_logp.exp() * (t_logp - s_logp[..., :t_logp.size(-1)])).sum(-1)[mask].sum() / mask.sum()).item()
+
+    assert logged == pytest.approx(kl(t_all[..., :vocab]), rel=1e-4)
+    uncut = torch.log_softmax(t_all, -1)[..., :vocab]  # the full-vocabulary softmax, restricted afterwards
+    assert ((uncut.exp() * (uncut - s_logp)).sum(-1)[mask].mean().item()) != pytest.approx(logged, rel=1e-3)

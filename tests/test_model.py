@@ -354,3 +354,23 @@ def test_generation_stops_at_eos(tiny_model):
     first = tiny_model.generate(prompt, max_new_tokens=1, do_sample=False)[0, -1].item()
     out = tiny_model.generate(prompt, max_new_tokens=10, do_sample=False, eos_token_id=first, pad_token_id=0)
     assert out.shape[1] == 6 and out[0, -1].item() == first
+
+
+def test_moe_balance_loss_equals_a_hand_computation():
+    """Switch-Transformer loss, coef * E * sum_e f_e * P_e, with f_e the share of the N*k routing slots that go to
+    expert e and P_e its mean router probability -- counted here with plain loops over tokens."""
+    cfg = MicroLMConfig.from_preset("tiny-moe", num_experts=4, num_experts_per_tok=2, router_aux_loss_coef=0.1)
+    torch.manual_seed(0)
+    moe = MoEFeedForward(cfg)
+    x = torch.randn(3, 5, cfg.hidden_size)
+    _, aux = moe(x)
+    tokens = x.reshape(-1, cfg.hidden_size)
+    probs = [torch.softmax(moe.gate(t), -1).tolist() for t in tokens]
+    E, k, N = 4, 2, len(probs)
+    slots = [0] * E
+    for p in probs:
+        for e in sorted(range(E), key=lambda e: -p[e])[:k]:
+            slots[e] += 1
+    expected = 0.1 * E * sum(slots[e] / (N * k) * sum(p[e] for p in probs) / N for e in range(E))
+    assert aux.item() == pytest.approx(expected, rel=1e-5)
+    assert 0.1 * E * sum(slots[e] / N * sum(p[e] for p in probs) / N for e in range(E)) != pytest.approx(expected)
