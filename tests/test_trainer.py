@@ -4,6 +4,7 @@ checkpoints and logs are written, bad data is handled."""
 import json
 import os
 import random
+import re
 
 import pytest
 import torch
@@ -135,7 +136,8 @@ def test_wandb_offline_writes_a_run_resumed_under_the_same_id_and_disabled_write
     runs = sorted((tmp_path / "offline/out/pretrain/wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(any(r.rglob("*.wandb")) for r in runs)
     run_id = json.loads((tmp_path / "offline/out/pretrain/resume/state.json").read_text())["run_id"]
-    assert run_id and all(r.name.endswith(run_id) for r in runs)  # the resumed run continues the same wandb run
+    # the resumed run continues the same wandb run (wandb adds "-1" to the folder when both start in one second)
+    assert run_id and all(re.fullmatch(rf"offline-run-\d{{8}}_\d{{6}}-{run_id}(-\d+)?", r.name) for r in runs), runs
     monkeypatch.setenv("WANDB_MODE", "disabled")
     pretrain.main(tiny_args(tmp_path / "disabled", pretrain_file, *common))
     assert not (tmp_path / "disabled/out/pretrain/wandb").exists()
