@@ -301,3 +301,29 @@ def test_group_by_length_is_opt_in_and_sft_rows_have_lengths(tmp_path, sft_file)
     assert len(data.lengths) == len(data) and (data.lengths > 0).all()
     s = ShardedBatchSampler(len(data), 2, 1, 0, 0, lengths=data.lengths)
     assert sorted(sum(list(s), [])) == sorted(sum(list(ShardedBatchSampler(len(data), 2, 1, 0, 0)), []))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_mixed_precision_trains_and_resumes_bit_identically(tmp_path, pretrain_file, dtype):
+    """The engine's real autocast paths (bf16 is the default wherever the hardware has it; fp16 adds a GradScaler
+    whose scale must survive a resume) with a DataLoader worker, as users run it."""
+    common = ("--max_seq_len", 32, "--batch_size", 4, "--max_steps", 8, "--save_interval", 100,
+              "--learning_rate", 3e-3)
+
+    def run(folder, *extra):
+        args = tiny_args(tmp_path / folder, pretrain_file, *common, *extra)
+        args[args.index("--dtype") + 1] = dtype
+        args[args.index("--num_workers") + 1] = "1"
+        return pretrain.main(args)
+
+    full = run("a")
+    losses = [v for _, v in full["history"]]
+    assert losses[-1] < losses[0]
+    run("b", "--stop_at_step", 3)
+    if dtype == "float16":
+        scale = torch.load(tmp_path / "b/out/pretrain/resume/scaler.pt", weights_only=True)["scale"]
+        assert scale > 0
+    resumed = run("b", "--resume")
+    assert [v for _, v in resumed["history"]] == losses
+    a, b = _weights(tmp_path / "a/out/pretrain"), _weights(tmp_path / "b/out/pretrain")
+    assert all(a[k].dtype == torch.float32 and torch.equal(a[k], b[k]) for k in a)  # fp32 master weights
