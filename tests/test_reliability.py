@@ -343,3 +343,67 @@ def test_weights_that_do_not_fit_the_config_name_the_tensor(tmp_path):
     (tmp_path / "ckpt/config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"wrong shapes: model\.layers\.\d+\.mlp\.\w+_proj\.weight \(checkpoint"):
         MicroLMForCausalLM.from_pretrained(tmp_path / "ckpt")
+
+
+class _FailingNth:
+    """A stand-in for a module (os or shutil) whose `name` function raises on its n-th call (power cut);
+    `before` runs before every call of it."""
+
+    def __init__(self, module, name, n, calls, before):
+        self._module, self._name, self._n, self._calls, self._before = module, name, n, calls, before
+
+    def __getattr__(self, attr):
+        real = getattr(self._module, attr)
+        if attr != self._name:
+            return real
+
+        def wrapper(*args, **kwargs):
+            self._before()
+            self._calls.append(attr)
+            if len(self._calls) == self._n:
+                raise KeyboardInterrupt(f"power cut in {attr} #{self._n}")
+            return real(*args, **kwargs)
+        return wrapper
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module,name", [("os", "replace"), ("shutil", "rmtree")])
+def test_a_fault_inside_the_real_checkpoint_swap_never_loses_a_complete_checkpoint(tmp_path, pretrain_file,
+                                                                                  monkeypatch, module, name):
+    """The real swap (_atomic_write_dir and friends), cut at its n-th os.replace / shutil.rmtree for every n that a
+    run reaches: a complete folder is always found, only folders with the completeness marker are used, and the
+    resumed run ends bit-identical to an uninterrupted one."""
+    import shutil
+
+    common = [*TINY, "--max_steps", 6, "--save_interval", 1]
+    pretrain.main(tiny_args(tmp_path / "ref", pretrain_file, *common))
+    real = {"os": os, "shutil": shutil}[module]
+    cut = resumed_from = 0
+    for n in range(1, 60, 1 if name == "rmtree" else 4):
+        run = tmp_path / f"run{n}"
+        calls, saved = [], [0]  # saved: the newest step a complete checkpoint held before the cut
+
+        def note_complete(stage_dir=run / "out/pretrain"):
+            found = ckpt.find_resume(stage_dir)
+            saved[0] = max(saved[0], _resume_step(found.parent) if found and found.name == "resume" else 0)
+
+        monkeypatch.setattr(ckpt, module, _FailingNth(real, name, n, calls, note_complete))
+        try:
+            pretrain.main(tiny_args(run, pretrain_file, *common))
+        except KeyboardInterrupt:
+            cut += 1
+        finally:
+            monkeypatch.setattr(ckpt, module, real)
+        if len(calls) < n:  # this run never reached the n-th call: every later n is the same
+            break
+        stage_dir = run / "out/pretrain"
+        found = ckpt.find_resume(stage_dir)  # None only when the cut came before the first save completed
+        assert found is None or (found / ckpt.COMPLETE).exists(), sorted(p.name for p in stage_dir.iterdir())
+        if saved[0]:  # a complete checkpoint existed before the cut: one at least as new is still there
+            assert found is not None, (n, saved[0], sorted(p.name for p in stage_dir.iterdir()))
+            assert json.loads((found / "state.json").read_text())["step"] >= saved[0]
+        resumed_from += found is not None
+        resumed = pretrain.main(tiny_args(run, pretrain_file, *common, "--resume"))
+        assert resumed["steps"] == 6
+        assert max_weight_diff(tmp_path / "ref/out/pretrain", stage_dir) == 0.0, n
+    assert cut >= 2 and resumed_from >= 2  # runs really were cut at several points, and after saves

@@ -8,7 +8,7 @@ import re
 
 import pytest
 import torch
-from conftest import load_script, max_weight_diff, tiny_args, torchrun_2, write_jsonl
+from conftest import ROOT, load_script, max_weight_diff, tiny_args, torchrun_2, write_jsonl
 from safetensors.torch import load_file
 
 from model import MicroLMForCausalLM
@@ -327,3 +327,90 @@ def test_mixed_precision_trains_and_resumes_bit_identically(tmp_path, pretrain_f
     assert [v for _, v in resumed["history"]] == losses
     a, b = _weights(tmp_path / "a/out/pretrain"), _weights(tmp_path / "b/out/pretrain")
     assert all(a[k].dtype == torch.float32 and torch.equal(a[k], b[k]) for k in a)  # fp32 master weights
+
+
+def _dump_grads(tmp_path, name, script, argv, ranks=1):
+    """Raw gradients of the first optimizer step (tests/helpers/grad_dump.py), rank 0's."""
+    import subprocess
+    import sys
+
+    prefix = tmp_path / name
+    helper = [str(ROOT / "tests/helpers/grad_dump.py"), str(prefix), script, *map(str, argv)]
+    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks), *helper]
+           if ranks > 1 else [sys.executable, *helper])
+    subprocess.run(cmd, check=True, cwd=ROOT, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                   stdout=subprocess.DEVNULL)
+    grads = torch.load(f"{prefix}.rank0.pt", weights_only=True)
+    if ranks > 1:  # DDP: every rank applies the same all-reduced gradient
+        other = torch.load(f"{prefix}.rank1.pt", weights_only=True)
+        assert all(torch.equal(a, b) for a, b in zip(grads, other))
+    return grads
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["pretrain", "sft"])
+def test_raw_gradients_of_one_rank_two_ranks_and_accumulation_equal_the_mean_loss_gradient(tmp_path, kind):
+    """Gradients, not weights after AdamW and clipping (which would hide a constant factor): 1 rank x batch 4,
+    1 rank x batch 2 x accumulation 2 and 2 ranks x batch 2 all apply exactly d(mean loss over the labelled tokens
+    of the 4 rows)/dw, computed here by hand."""
+    from functools import partial
+
+    from dataset import PretrainDataset, SFTDataset, pad_collate
+    from trainer.engine import lm_loss, param_groups
+
+    pretrain.main(tiny_args(tmp_path / "init", pretrain_file_for(tmp_path), "--max_steps", 1, "--max_seq_len", 16,
+                            "--batch_size", 2))
+    base = tmp_path / "init/out/pretrain"
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    if kind == "pretrain":  # exactly 4 packed blocks (the last one partly padding)
+        data_file = write_jsonl(tmp_path / "p4.jsonl", [{"text": "北京是一个城市。The cat runs fast." * 2}] * 2)
+        n_tokens = len(PretrainDataset(data_file, tokenizer, 16).tokens)
+        seq = -(-n_tokens // 4)
+        probe = PretrainDataset(data_file, tokenizer, seq)
+        assert len(probe) == 4
+        script = "1-pretrain.py"
+        rows, collate = [probe[i] for i in range(4)], None
+    else:  # 4 chats of different lengths: padding differs between the layouts, the token-normalised loss must not
+        data_file = write_jsonl(tmp_path / "s4.jsonl", _sft_rows(4, seed=3))
+        probe = SFTDataset(data_file, tokenizer, 64, empty_think_ratio=0)
+        script, seq = "2-sft.py", 64
+        rows, collate = [probe[i] for i in range(4)], partial(pad_collate, pad_id=0)
+    common = ["--from", base, "--max_steps", 1, "--max_seq_len", seq, "--grad_clip", 0, "--learning_rate", 1e-3,
+              "--empty_think_ratio", 0]
+
+    def args(folder, *extra):
+        return tiny_args(tmp_path / folder, data_file, *common, *extra)
+
+    one = _dump_grads(tmp_path, "one", script, args("one", "--batch_size", 4))
+    acc = _dump_grads(tmp_path, "acc", script, args("acc", "--batch_size", 2, "--accumulation_steps", 2))
+    ddp = _dump_grads(tmp_path, "ddp", script, args("ddp", "--batch_size", 2), ranks=2)
+
+    model = MicroLMForCausalLM.from_pretrained(base).train()
+    batch = collate(rows) if collate else {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+    loss_sum, _ = lm_loss(model, batch)
+    (loss_sum / (batch["labels"][:, 1:] != -100).sum()).backward()
+    reference = [p.grad for group in param_groups(model, 0.0) for p in group["params"]]
+    assert len(reference) == len(one)
+    for name, grads in [("1 x 4", one), ("accumulation 2", acc), ("2 ranks", ddp)]:
+        for ref, got in zip(reference, grads):
+            torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-7, msg=name)
+    if kind == "pretrain":  # --grad_clip c scales the whole gradient to norm c, and only when it is larger
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in reference])).item()
+        clip = norm / 3
+        clipped = _dump_grads(tmp_path, "clip", script, args("clip", "--batch_size", 4, "--grad_clip", clip))
+        for ref, got in zip(reference, clipped):
+            torch.testing.assert_close(got, ref * (clip / norm), rtol=1e-4, atol=1e-7)
+
+
+def test_weight_decay_goes_to_matrices_only_and_every_parameter_is_in_one_group(tiny_model):
+    from trainer.engine import param_groups
+
+    decay, no_decay = param_groups(tiny_model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in tiny_model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    kept = {names[id(p)] for p in no_decay["params"]}
+    assert not decayed & kept and decayed | kept == set(names.values())
+    assert all(n.endswith("proj.weight") for n in decayed), decayed  # attention and MLP matrices
+    assert any("embed_tokens" in n for n in kept) and all("norm" in n or "embed" in n for n in kept), kept
