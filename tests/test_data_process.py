@@ -84,6 +84,31 @@ def test_medical_csvs_become_sft_jsonl_deduplicated_shuffled_and_split(tmp_path,
     assert again.read_bytes() == out.read_bytes()
 
 
+def test_medical_length_filter_bounds_are_inclusive_and_the_seed_sets_the_order(tmp_path):
+    """min_len / max_len count question + answer characters, both bounds kept; 40 rows shuffled by the seed: the
+    same seed gives the same order, another seed another one, and neither is the file order."""
+    (tmp_path / "csv").mkdir()
+    lines = ["department,title,ask,answer"]
+    lines += [f"内科,t,问题{i:02d},答" for i in range(40)]  # 5 characters each
+    lines += ["内科,t,短,答", "内科,t,问题很长很长很长,回答也很长很长很"]  # 2 and 16 characters
+    (tmp_path / "csv" / "m.csv").write_bytes(("\n".join(lines) + "\n").encode("gb18030"))
+
+    def run(name, **kw):
+        counts = dp.medical(tmp_path / "csv", tmp_path / name, **kw)
+        asks = [json.loads(x)["conversations"][0]["content"]
+                for x in (tmp_path / name).read_text(encoding="utf-8").splitlines()]
+        return counts, asks
+
+    counts, asks = run("a.jsonl", seed=1, min_len=5, max_len=15)
+    assert counts["dropped: length"] == 2 and sorted(asks) == [f"问题{i:02d}" for i in range(40)]
+    counts, kept = run("b.jsonl", seed=1, min_len=2, max_len=16)  # both bounds inclusive
+    assert counts["dropped: length"] == 0 and {"短", "问题很长很长很长"} <= set(kept)
+    assert run("c.jsonl", seed=1, min_len=5, max_len=15)[1] == asks
+    other = run("d.jsonl", seed=2, min_len=5, max_len=15)[1]
+    assert other != asks and sorted(other) == sorted(asks)
+    assert asks != [f"问题{i:02d}" for i in range(40)]
+
+
 def test_validate_finds_exactly_the_planted_bad_lines(tmp_path, capsys):
     good = {"conversations": [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！"}]}
     lines = [json.dumps(good, ensure_ascii=False)] * 3

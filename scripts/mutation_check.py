@@ -1,0 +1,147 @@
+"""Does the test suite catch what it claims? Break one behaviour at a time in a temporary copy of the repository and
+run the tests that should fail; report which breaks they catch.
+
+    python scripts/mutation_check.py                      # every break (a few minutes each on 2 CPU cores)
+    python scripts/mutation_check.py --only rng,kd-t2     # some of them
+    python scripts/mutation_check.py --list
+
+Not part of CI. Each break is a single textual replacement that must match exactly once (so a refactoring that
+moves the code makes the check say so instead of silently testing nothing); the copy holds the files git tracks.
+When a bug is found that the suite missed, add its break here together with the test that catches it.
+Exit status 1 if any break survives.
+"""
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Break:
+    name: str
+    what: str  # the behaviour that breaks
+    path: str
+    old: str
+    new: str
+    tests: list  # pytest node ids / files, with -k expressions after "::-k "
+
+
+BREAKS = [
+    Break("rng", "resume draws a worker seed from the global RNG (dropout/sampling drift after --resume)",
+          "trainer/engine.py", "persistent_workers=False, generator=loader_rng)", "persistent_workers=False)",
+          ["tests/test_lora_stage.py::-k dropout"]),
+    Break("ddp-scale", "DDP gradients halved (the loss is not multiplied back by the world size)",
+          "trainer/engine.py", "loss = loss * W  #", "loss = loss * 1  #",
+          ["tests/test_trainer.py::-k raw_gradients"]),
+    Break("accum-norm", "accumulation normalises each micro-batch by its own token count",
+          "trainer/engine.py", "loss = loss_sum / total.clamp(min=1)", "loss = loss_sum / counts[i].clamp(min=1)",
+          ["tests/test_trainer.py::-k raw_gradients"]),
+    Break("clip", "gradient clipping ignores --grad_clip",
+          "trainer/engine.py", 'args.grad_clip or float("inf")', 'float("inf")',
+          ["tests/test_trainer.py::-k 'raw_gradients and pretrain'"]),
+    Break("decay-groups", "weight decay also applied to embeddings",
+          "trainer/engine.py", "p.dim() >= 2 and id(p) not in embeddings", "p.dim() >= 2",
+          ["tests/test_trainer.py::-k weight_decay"]),
+    Break("kd-direction", "KD uses KL(student || teacher)",
+          "3-KD.py", "kl = (teacher_logp.exp() * (teacher_logp - student_logp)).sum()",
+          "kl = (student_logp.exp() * (student_logp - teacher_logp)).sum()",
+          ["tests/test_kd.py::-k reference"]),
+    Break("kd-t2", "KD drops the T^2 factor", "3-KD.py", "(1 - alpha) * t * t * kl, ce, kl", "(1 - alpha) * kl, ce, kl",
+          ["tests/test_kd.py::-k reference"]),
+    Break("kd-vocab", "KD normalises the teacher over its whole (larger) vocabulary",
+          "3-KD.py", "teacher_logits = teacher(input_ids=batch[\"input_ids\"]).logits[..., :vocab]",
+          "teacher_logits = torch.log_softmax(teacher(input_ids=batch[\"input_ids\"]).logits, -1)[..., :vocab]",
+          ["tests/test_kd.py::-k larger"]),
+    Break("moe-balance", "MoE balance loss counts each token's k slots k times",
+          "model/model.py", "float().mean(dim=(0, 1))", "float().sum(dim=1).mean(dim=0)",
+          ["tests/test_model.py::-k hand"]),
+    Break("packing-tail", "packing drops the partial last block",
+          "dataset/pretrain.py", "math.ceil(len(self.tokens) / max_seq_len)", "len(self.tokens) // max_seq_len",
+          ["tests/test_datasets.py::-k partial"]),
+    Break("swap", "the checkpoint swap deletes the previous folder before the new one is in place",
+          "trainer/checkpoint.py", "        os.replace(final, old)\n", "        shutil.rmtree(final)\n",
+          ["tests/test_reliability.py::-k fault_inside"]),
+    Break("medical-shuffle", "data_process medical ignores --seed (rows keep one fixed order)",
+          "data_process.py", "random.Random(seed).shuffle(rows)", "rows.reverse()",
+          ["tests/test_data_process.py::-k length_filter"]),
+    Break("medical-length", "data_process medical drops rows exactly at --min_len / --max_len",
+          "data_process.py", "not min_len <= len(ask) + len(answer) <= max_len",
+          "not min_len < len(ask) + len(answer) < max_len", ["tests/test_data_process.py::-k length_filter"]),
+    Break("chat-header", "chat labels include the template's role header",
+          "dataset/chat.py", "start = len(_common_prefix(turn, self.header))", "start = 0",
+          ["tests/test_chat_format.py"]),
+]
+
+
+def copy_repo(dest: Path) -> None:
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    for name in files.decode().split("\0"):
+        if name and (ROOT / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, dest / name)
+
+
+def pytest_args(spec: str) -> list:
+    if "::-k " in spec:
+        path, expr = spec.split("::-k ", 1)
+        return [path, "-k", expr.strip("'")]
+    return [spec]
+
+
+def check(b: Break, timeout: int) -> tuple[str, float]:
+    t0 = time.time()
+    with tempfile.TemporaryDirectory(prefix=f"mutation-{b.name}-") as tmp:
+        tmp = Path(tmp)
+        copy_repo(tmp)
+        target = tmp / b.path
+        text = target.read_text(encoding="utf-8")
+        if text.count(b.old) != 1:
+            return f"NOT APPLIED ({text.count(b.old)} matches: update this break)", time.time() - t0
+        target.write_text(text.replace(b.old, b.new), encoding="utf-8")
+        outcomes = []
+        for spec in b.tests:  # one pytest run per spec: pytest keeps only the last -k of a command line
+            try:
+                run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                                      *pytest_args(spec)], cwd=tmp, capture_output=True, text=True, timeout=timeout,
+                                     env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+            except subprocess.TimeoutExpired:
+                return "timeout", time.time() - t0
+            if run.returncode == 1:
+                return "caught", time.time() - t0
+            outcomes.append((run.returncode, (run.stdout.strip().splitlines() or [""])[-1]))
+        if all(rc == 0 for rc, _ in outcomes):
+            return f"SURVIVED ({'; '.join(last for _, last in outcomes)})", time.time() - t0
+        return f"error ({'; '.join(f'rc={rc} {last}' for rc, last in outcomes)})", time.time() - t0
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default="", help="comma-separated break names")
+    parser.add_argument("--list", action="store_true")
+    parser.add_argument("--timeout", type=int, default=900, help="seconds per break")
+    args = parser.parse_args(argv)
+    chosen = [b for b in BREAKS if not args.only or b.name in args.only.split(",")]
+    if args.list:
+        for b in chosen:
+            print(f"{b.name:14} {b.what}  [{b.path}]")
+        return 0
+    results = []
+    for b in chosen:
+        verdict, seconds = check(b, args.timeout)
+        results.append((b, verdict))
+        print(f"{b.name:14} {verdict:10} {seconds:5.0f} s  {b.what}", flush=True)
+    caught = sum(v == "caught" for _, v in results)
+    print(f"\n{caught} of {len(results)} breaks caught")
+    return 0 if caught == len(results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
