@@ -168,3 +168,106 @@ def test_a_flood_of_good_and_bad_requests_leaves_the_server_up_with_bounded_memo
     # tokenized huge prompt would add hundreds over 280 requests
     assert growth < 128, f"resident memory grew by {growth:.0f} MiB over 280 requests"
     assert httpx.get(base_url + "/health").json()["status"] == "ok"
+
+
+class ScriptedLM:
+    """Stands in for the model behind the real server: generate() writes a fixed reply (a think part, then the
+    answer, then eos) token by token, a little slowly, and counts how many generate() calls ever ran at once."""
+
+    REPLY = "<think>\n3加5等于8。\n</think>\n\n8 < 9"
+
+    def __init__(self, tokenizer):
+        self.model = make_model("tiny")
+        self.config, self.generation_config, self.device = self.model.config, self.model.generation_config, "cpu"
+        self.ids = tokenizer(self.REPLY + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+        self.guard, self.active, self.most_at_once = __import__("threading").Lock(), 0, 0
+
+    def generate(self, input_ids, streamer=None, stopping_criteria=(), max_new_tokens=64, **kwargs):
+        import time
+
+        import torch
+
+        with self.guard:
+            self.active += 1
+            self.most_at_once = max(self.most_at_once, self.active)
+        try:
+            if streamer is not None:
+                streamer.put(input_ids)  # the prompt first, as generate() does
+            out = input_ids
+            for t in self.ids[:max_new_tokens]:
+                time.sleep(0.004)
+                out = torch.cat([out, torch.tensor([[t]])], 1)
+                if streamer is not None:
+                    streamer.put(torch.tensor([t]))
+                if any(c(out, None) for c in stopping_criteria):
+                    break
+            return out
+        finally:
+            if streamer is not None:
+                streamer.end()
+            with self.guard:
+                self.active -= 1
+
+
+@pytest.fixture(scope="module")
+def scripted(tokenizer):
+    lm = ScriptedLM(tokenizer)
+    with server.serve_in_background(server.create_app(lm, tokenizer, "scripted", max_tokens_cap=64)) as url:
+        yield lm, OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+
+
+def test_reasoning_content_through_the_openai_client_stream_and_not(scripted):
+    _, client = scripted
+    kwargs = dict(model="scripted", messages=QUESTION, max_tokens=60)
+    message = client.chat.completions.create(**kwargs).choices[0].message
+    assert (message.reasoning_content, message.content) == ("3加5等于8。", "8 < 9")
+    chunks = list(client.chat.completions.create(stream=True, **kwargs))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    reasoning = "".join(getattr(d, "reasoning_content", None) or "" for d in deltas)
+    content = "".join(d.content or "" for d in deltas)
+    assert (reasoning.strip(), content.strip()) == ("3加5等于8。", "8 < 9")
+    assert not any("<think>" in (d.content or "") + (getattr(d, "reasoning_content", None) or "") for d in deltas)
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_the_lock_lets_one_request_at_a_time_reach_the_model(scripted):
+    lm, client = scripted
+
+    def ask(i):
+        kwargs = dict(model="scripted", messages=QUESTION, max_tokens=60)
+        if i % 2:
+            return "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(stream=True,
+                                                                                                    **kwargs)
+                           if c.choices).strip()
+        return client.chat.completions.create(**kwargs).choices[0].message.content
+
+    lm.most_at_once = 0
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(ask, range(12)))
+    assert answers == ["8 < 9"] * 12
+    assert lm.most_at_once == 1  # without the lock, overlapping requests would share the model (and its cache)
+
+
+def test_requests_leave_no_tensors_behind(client):
+    """Live torch tensors before and after 20 requests (stream and not) on the real model: a KV cache or a streamer
+    kept per request would show up here, which the RSS of a shared test process cannot resolve."""
+    import gc
+
+    import torch
+
+    def live():
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if issubclass(type(o), torch.Tensor))
+
+    def ask(i):
+        kwargs = dict(model="microlm-test", messages=QUESTION, temperature=0, max_tokens=12)
+        if i % 2:
+            return list(client.chat.completions.create(stream=True, **kwargs))
+        return client.chat.completions.create(**kwargs)
+
+    for i in range(4):
+        ask(i)
+    before = live()
+    for i in range(20):
+        ask(i)
+    assert live() - before <= 2, live() - before
