@@ -37,7 +37,7 @@ class Break:
 BREAKS = [
     Break("rng", "resume draws a worker seed from the global RNG (dropout/sampling drift after --resume)",
           "trainer/engine.py", "persistent_workers=False, generator=loader_rng)", "persistent_workers=False)",
-          ["tests/test_lora_stage.py::-k dropout"]),
+          ["tests/test_lora_stage.py::-k dropout", "tests/test_reason.py::-k resumed_mid_run"]),
     Break("ddp-scale", "DDP gradients halved (the loss is not multiplied back by the world size)",
           "trainer/engine.py", "loss = loss * W  #", "loss = loss * 1  #",
           ["tests/test_trainer.py::-k raw_gradients"]),
