@@ -379,7 +379,7 @@ def test_a_fault_inside_the_real_checkpoint_swap_never_loses_a_complete_checkpoi
     pretrain.main(tiny_args(tmp_path / "ref", pretrain_file, *common))
     real = {"os": os, "shutil": shutil}[module]
     cut = resumed_from = 0
-    for n in range(1, 60, 1 if name == "rmtree" else 4):
+    for n in range(1, 60, 1 if name == "rmtree" else 6):
         run = tmp_path / f"run{n}"
         calls, saved = [], [0]  # saved: the newest step a complete checkpoint held before the cut
 

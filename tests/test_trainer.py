@@ -327,6 +327,13 @@ def test_mixed_precision_trains_and_resumes_bit_identically(tmp_path, pretrain_f
     assert [v for _, v in resumed["history"]] == losses
     a, b = _weights(tmp_path / "a/out/pretrain"), _weights(tmp_path / "b/out/pretrain")
     assert all(a[k].dtype == torch.float32 and torch.equal(a[k], b[k]) for k in a)  # fp32 master weights
+    if dtype == "float16":  # the scaler's own state comes back on resume (a scale set in the saved state stays)
+        run("c", "--stop_at_step", 3)
+        saved = tmp_path / "c/out/pretrain/resume/scaler.pt"
+        state = torch.load(saved, weights_only=True)
+        torch.save({**state, "scale": 1024.0}, saved)
+        run("c", "--resume")
+        assert torch.load(saved, weights_only=True)["scale"] == 1024.0
 
 
 def _dump_grads(tmp_path, name, script, argv, ranks=1):
