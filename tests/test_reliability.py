@@ -375,11 +375,11 @@ def test_a_fault_inside_the_real_checkpoint_swap_never_loses_a_complete_checkpoi
     resumed run ends bit-identical to an uninterrupted one."""
     import shutil
 
-    common = [*TINY, "--max_steps", 6, "--save_interval", 1]
+    common = [*TINY, "--max_steps", 4, "--save_interval", 1]
     pretrain.main(tiny_args(tmp_path / "ref", pretrain_file, *common))
     real = {"os": os, "shutil": shutil}[module]
     cut = resumed_from = 0
-    for n in range(1, 60, 1 if name == "rmtree" else 6):
+    for n in range(1, 80):  # every call: a stride could keep hitting the same place in each save
         run = tmp_path / f"run{n}"
         calls, saved = [], [0]  # saved: the newest step a complete checkpoint held before the cut
 
@@ -404,6 +404,6 @@ def test_a_fault_inside_the_real_checkpoint_swap_never_loses_a_complete_checkpoi
             assert json.loads((found / "state.json").read_text())["step"] >= saved[0]
         resumed_from += found is not None
         resumed = pretrain.main(tiny_args(run, pretrain_file, *common, "--resume"))
-        assert resumed["steps"] == 6
+        assert resumed["steps"] == 4
         assert max_weight_diff(tmp_path / "ref/out/pretrain", stage_dir) == 0.0, n
     assert cut >= 2 and resumed_from >= 2  # runs really were cut at several points, and after saves
