@@ -337,7 +337,7 @@ def test_mixed_precision_trains_and_resumes_bit_identically(tmp_path, pretrain_f
 
 
 def _dump_grads(tmp_path, name, script, argv, ranks=1):
-    """Raw gradients of the first optimizer step (tests/helpers/grad_dump.py), rank 0's."""
+    """(raw gradients of the first optimizer step, each parameter's weight decay), rank 0's (tests/helpers/grad_dump.py)."""
     import subprocess
     import sys
 
@@ -347,11 +347,12 @@ def _dump_grads(tmp_path, name, script, argv, ranks=1):
            if ranks > 1 else [sys.executable, *helper])
     subprocess.run(cmd, check=True, cwd=ROOT, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
                    stdout=subprocess.DEVNULL)
-    grads = torch.load(f"{prefix}.rank0.pt", weights_only=True)
+    dumped = torch.load(f"{prefix}.rank0.pt", weights_only=True)
+    grads = dumped["grads"]
     if ranks > 1:  # DDP: every rank applies the same all-reduced gradient
-        other = torch.load(f"{prefix}.rank1.pt", weights_only=True)
+        other = torch.load(f"{prefix}.rank1.pt", weights_only=True)["grads"]
         assert all(torch.equal(a, b) for a, b in zip(grads, other))
-    return grads
+    return grads, dumped["weight_decay"]
 
 
 @pytest.mark.slow
@@ -389,9 +390,9 @@ def test_raw_gradients_of_one_rank_two_ranks_and_accumulation_equal_the_mean_los
     def args(folder, *extra):
         return tiny_args(tmp_path / folder, data_file, *common, *extra)
 
-    one = _dump_grads(tmp_path, "one", script, args("one", "--batch_size", 4))
-    acc = _dump_grads(tmp_path, "acc", script, args("acc", "--batch_size", 2, "--accumulation_steps", 2))
-    ddp = _dump_grads(tmp_path, "ddp", script, args("ddp", "--batch_size", 2), ranks=2)
+    one, weight_decay = _dump_grads(tmp_path, "one", script, args("one", "--batch_size", 4))
+    acc, _ = _dump_grads(tmp_path, "acc", script, args("acc", "--batch_size", 2, "--accumulation_steps", 2))
+    ddp, _ = _dump_grads(tmp_path, "ddp", script, args("ddp", "--batch_size", 2), ranks=2)
 
     model = MicroLMForCausalLM.from_pretrained(base).train()
     batch = collate(rows) if collate else {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
@@ -399,13 +400,17 @@ def test_raw_gradients_of_one_rank_two_ranks_and_accumulation_equal_the_mean_los
     (loss_sum / (batch["labels"][:, 1:] != -100).sum()).backward()
     reference = [p.grad for group in param_groups(model, 0.0) for p in group["params"]]
     assert len(reference) == len(one)
+    # the optimizer the engine built decays exactly the attention/MLP matrices (default --weight_decay 0.01)
+    names = {id(p): n for n, p in model.named_parameters()}
+    order = [names[id(p)] for group in param_groups(model, 0.0) for p in group["params"]]
+    assert weight_decay == [0.01 if n.endswith("proj.weight") else 0.0 for n in order], order
     for name, grads in [("1 x 4", one), ("accumulation 2", acc), ("2 ranks", ddp)]:
         for ref, got in zip(reference, grads):
             torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-7, msg=name)
     if kind == "pretrain":  # --grad_clip c scales the whole gradient to norm c, and only when it is larger
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in reference])).item()
         clip = norm / 3
-        clipped = _dump_grads(tmp_path, "clip", script, args("clip", "--batch_size", 4, "--grad_clip", clip))
+        clipped, _ = _dump_grads(tmp_path, "clip", script, args("clip", "--batch_size", 4, "--grad_clip", clip))
         for ref, got in zip(reference, clipped):
             torch.testing.assert_close(got, ref * (clip / norm), rtol=1e-4, atol=1e-7)
 

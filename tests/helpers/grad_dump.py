@@ -1,5 +1,5 @@
 """Run a stage script with AdamW.step patched to save, before the first step, the raw gradients it is about to
-apply (one file per rank), for tests/test_trainer.py's gradient-level equivalence checks.
+apply and each parameter's weight decay (one file per rank), for tests/test_trainer.py's gradient-level checks.
 
     python tests/helpers/grad_dump.py OUT_PREFIX SCRIPT [stage args...]      -> OUT_PREFIX.rank0.pt
     torchrun --nproc_per_node 2 tests/helpers/grad_dump.py OUT_PREFIX SCRIPT ...  -> .rank0.pt, .rank1.pt
@@ -25,7 +25,8 @@ _step = torch.optim.AdamW.step
 def _dumping_step(self, *args, **kwargs):
     if not getattr(self, "_grads_dumped", False):
         grads = [p.grad.detach().clone() for group in self.param_groups for p in group["params"]]
-        torch.save(grads, f"{out_prefix}.rank{os.environ.get('RANK', '0')}.pt")
+        decay = [group["weight_decay"] for group in self.param_groups for _ in group["params"]]
+        torch.save({"grads": grads, "weight_decay": decay}, f"{out_prefix}.rank{os.environ.get('RANK', '0')}.pt")
         self._grads_dumped = True
     return _step(self, *args, **kwargs)
 
