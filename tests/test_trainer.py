@@ -337,7 +337,8 @@ def test_mixed_precision_trains_and_resumes_bit_identically(tmp_path, pretrain_f
 
 
 def _dump_grads(tmp_path, name, script, argv, ranks=1):
-    """(raw gradients of the first optimizer step, each parameter's weight decay), rank 0's (tests/helpers/grad_dump.py)."""
+    """(raw gradients of the first optimizer step, each parameter's weight decay), rank 0's
+    (tests/helpers/grad_dump.py)."""
     import subprocess
     import sys
 
