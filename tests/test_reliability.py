@@ -407,3 +407,17 @@ def test_a_fault_inside_the_real_checkpoint_swap_never_loses_a_complete_checkpoi
         assert resumed["steps"] == 4
         assert max_weight_diff(tmp_path / "ref/out/pretrain", stage_dir) == 0.0, n
     assert cut >= 2 and resumed_from >= 2  # runs really were cut at several points, and after saves
+
+
+def test_a_resume_folder_without_its_completeness_marker_is_never_used(tmp_path):
+    """A "resume" folder that lost its marker (copied half, or written by a tool that crashed) is skipped for the
+    complete "resume.old"; with neither complete, nothing is resumed."""
+    stage = tmp_path / "stage"
+    for name, step, complete in (("resume", 6, False), ("resume.old", 4, True)):
+        (stage / name).mkdir(parents=True)
+        (stage / name / "state.json").write_text(json.dumps({"step": step}))
+        if complete:
+            (stage / name / ckpt.COMPLETE).write_text("ok\n")
+    assert ckpt.find_resume(stage) == stage / "resume.old"
+    (stage / "resume.old" / ckpt.COMPLETE).unlink()
+    assert ckpt.find_resume(stage) is None
