@@ -42,7 +42,7 @@ STAGES = {
     # DPO keeps the stage's default learning rate (1e-6): the README's sweep on this demo shows why
     "dpo": ("4-RLHF.py", ["--data_path", DEMO / "dpo.jsonl", "--from", "kd", "--epochs", 1, "--batch_size", 8,
                           "--max_seq_len", 256, "--precompute_ref"]),
-    "lora": ("5-LoRA.py", ["--data_path", DEMO / "lora_medical.jsonl", "--from", "dpo", "--epochs", 8,
+    "lora": ("5-LoRA.py", ["--data_path", DEMO / "lora_medical.jsonl", "--from", "dpo", "--epochs", 10,
                            "--batch_size", 16, "--max_seq_len", 256, "--learning_rate", 2e-3, "--lora_rank", 16]),
     "reason": ("6-reason.py", ["--data_path", DEMO / "reason.jsonl", "--from", "dpo", "--epochs", 2,
                                "--batch_size", 16, "--max_seq_len", 256, "--learning_rate", 1e-3]),
