@@ -99,10 +99,9 @@ def test_resume_with_dropout_is_bit_identical_to_an_uninterrupted_run(tmp_path, 
     common = ("--from", base, "--max_steps", 6, "--batch_size", 4, "--max_seq_len", 64, "--learning_rate", 1e-2,
               "--lora_dropout", 0.3, "--save_interval", 100)
 
-    def run(folder, *extra):
-        args = tiny_args(tmp_path / folder, DEMO / "lora_medical_eval.jsonl", *common, *extra)
-        args[args.index("--num_workers") + 1] = str(workers)
-        return lora.main(args)
+    def run(folder, *extra):  # the later --num_workers overrides tiny_args' 0
+        return lora.main(tiny_args(tmp_path / folder, DEMO / "lora_medical_eval.jsonl", *common, *extra,
+                                   "--num_workers", workers))
 
     full = run("a")
     run("b", "--stop_at_step", 3)

@@ -1,12 +1,16 @@
 """scripts/serve_openai_api.py: the real server on a loopback port, driven by the official openai client (stream and
 not) and raw HTTP for bad input; max_tokens honoured, stop strings cut, concurrent requests all answered alike."""
 
+import gc
 import json
 import os
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+import torch
 from conftest import load_script, make_model
 from openai import OpenAI
 
@@ -180,13 +184,9 @@ class ScriptedLM:
         self.model = make_model("tiny")
         self.config, self.generation_config, self.device = self.model.config, self.model.generation_config, "cpu"
         self.ids = tokenizer(self.REPLY + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
-        self.guard, self.active, self.most_at_once = __import__("threading").Lock(), 0, 0
+        self.guard, self.active, self.most_at_once = threading.Lock(), 0, 0
 
     def generate(self, input_ids, streamer=None, stopping_criteria=(), max_new_tokens=64, **kwargs):
-        import time
-
-        import torch
-
         with self.guard:
             self.active += 1
             self.most_at_once = max(self.most_at_once, self.active)
@@ -251,10 +251,6 @@ def test_the_lock_lets_one_request_at_a_time_reach_the_model(scripted):
 def test_requests_leave_no_tensors_behind(client):
     """Live torch tensors before and after 20 requests (stream and not) on the real model: a KV cache or a streamer
     kept per request would show up here, which the RSS of a shared test process cannot resolve."""
-    import gc
-
-    import torch
-
     def live():
         gc.collect()
         return sum(1 for o in gc.get_objects() if issubclass(type(o), torch.Tensor))

@@ -310,11 +310,9 @@ def test_mixed_precision_trains_and_resumes_bit_identically(tmp_path, pretrain_f
     common = ("--max_seq_len", 32, "--batch_size", 4, "--max_steps", 8, "--save_interval", 100,
               "--learning_rate", 3e-3)
 
-    def run(folder, *extra):
-        args = tiny_args(tmp_path / folder, pretrain_file, *common, *extra)
-        args[args.index("--dtype") + 1] = dtype
-        args[args.index("--num_workers") + 1] = "1"
-        return pretrain.main(args)
+    def run(folder, *extra):  # the later --dtype / --num_workers override tiny_args' float32 / 0
+        return pretrain.main(tiny_args(tmp_path / folder, pretrain_file, *common, *extra, "--dtype", dtype,
+                                       "--num_workers", 1))
 
     full = run("a")
     losses = [v for _, v in full["history"]]
@@ -343,11 +341,12 @@ def _dump_grads(tmp_path, name, script, argv, ranks=1):
     import sys
 
     prefix = tmp_path / name
-    helper = [str(ROOT / "tests/helpers/grad_dump.py"), str(prefix), script, *map(str, argv)]
-    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks), *helper]
-           if ranks > 1 else [sys.executable, *helper])
-    subprocess.run(cmd, check=True, cwd=ROOT, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                   stdout=subprocess.DEVNULL)
+    helper = ["tests/helpers/grad_dump.py", prefix, script, *argv]
+    if ranks > 1:
+        torchrun_2(helper[0], helper[1:])
+    else:
+        subprocess.run([sys.executable, *map(str, helper)], check=True, cwd=ROOT, timeout=300,
+                       stdout=subprocess.DEVNULL)
     dumped = torch.load(f"{prefix}.rank0.pt", weights_only=True)
     grads = dumped["grads"]
     if ranks > 1:  # DDP: every rank applies the same all-reduced gradient

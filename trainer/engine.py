@@ -24,6 +24,7 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 from transformers.utils import logging as hf_logging
 
+from dataset.sft import EMPTY_THINK_RATIO
 from model import TOKENIZER_DIR, MicroLMConfig, MicroLMForCausalLM
 
 from . import checkpoint as ckpt
@@ -80,7 +81,7 @@ def add_train_args(parser: argparse.ArgumentParser, *, epochs: int, batch_size: 
     a("--use_wandb", action="store_true", help="same as --logger wandb")
     a("--wandb_project", default="LLM_implementation", help="wandb / SwanLab project name")
     a("--image_dir", default="images", help="where the loss-curve PNG is written")
-    a("--empty_think_ratio", type=float, default=0.2,
+    a("--empty_think_ratio", type=float, default=EMPTY_THINK_RATIO,
       help="chat stages: share of rows without reasoning whose assistant turns get the empty think block "
            "(adaptive thinking, MiniMind's way; picked per row by a seeded hash)")
     return parser
