@@ -63,23 +63,31 @@ class JsonlFile:
                         len(self.offsets) + len(self.bad_lines))
         if len(self.offsets) == 0:
             raise BadLineError(f"{self.path} has no usable lines ({len(self.bad_lines)} bad)")
-        self._file = None
+        self._file, self._pid = None, None
 
     def __len__(self):
         return len(self.offsets)
 
+    def _read(self, offset: int, size: int) -> bytes:
+        # Opened lazily, and again in each process: a forked DataLoader worker inherits the parent's open file, whose
+        # offset the OS shares between processes, so seek + read in two workers at once returned truncated rows or
+        # another line's row. Positional reads (pread) use no shared offset at all.
+        if self._file is None or self._pid != os.getpid():
+            self._file, self._pid = open(self.path, "rb"), os.getpid()
+        if hasattr(os, "pread"):
+            return os.pread(self._file.fileno(), size, offset)
+        self._file.seek(offset)
+        return self._file.read(size)
+
     def __getitem__(self, i):
-        if self._file is None:  # opened lazily so that the object pickles into DataLoader workers
-            self._file = open(self.path, "rb")
-        self._file.seek(int(self.offsets[i]))
-        return json.loads(self._file.readline())
+        return json.loads(self._read(int(self.offsets[i]), int(self.sizes[i])))
 
     def where(self, i) -> str:
         """file:line of the i-th good line, for messages about a row."""
         return f"{self.path}:{int(self.linenos[i])}"
 
     def __getstate__(self):
-        return {**self.__dict__, "_file": None}
+        return {**self.__dict__, "_file": None, "_pid": None}
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))

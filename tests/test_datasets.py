@@ -153,3 +153,15 @@ def test_jsonl_reads_lazily_by_offset(tmp_path):
     assert data.offsets.dtype.name == "int64" and len(data) == 50
     assert data[37] == rows[37] and data[0] == rows[0]
     assert json.loads(json.dumps(data[49])) == rows[49]
+
+
+def test_jsonl_rows_are_right_in_forked_workers_after_a_read_in_the_parent(tmp_path):
+    # DPO's --precompute_ref reads rows in the main process before the DataLoader forks its workers; with one file
+    # object shared by two workers, seek + readline raced on the shared offset (truncated or foreign rows)
+    rows = [{"text": f"row {i} " + "abcdefgh" * (i % 37 + 1)} for i in range(3000)]
+    data = JsonlFile(write_jsonl(tmp_path / "rows.jsonl", rows), check_text)
+    assert data[5] == rows[5]  # the parent opens the file
+    loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=2,
+                                         multiprocessing_context="fork", prefetch_factor=64)
+    seen = [row["text"] for row in loader]
+    assert seen == [r["text"] for r in rows]
