@@ -240,12 +240,12 @@ CLOSING = {"zh": ["希望这个回答对你有帮助！", "如果还想知道别
 MORE = {"zh": ["能再详细说说吗？", "还有呢？"], "en": ["Can you tell me more?", "What else?"]}
 
 JOIN = {"zh": "", "en": " "}
-# inference.tools.tool_schema(calculator), written out to keep this file standard-library only (a test checks it)
+# inference.tools.tool_schema(calculator), written out to keep this file standard-library only (a test checks it);
+# short, because the demo model's chats must fit its context with the whole tool prompt in front
 CALCULATOR_SCHEMA = {"type": "function", "function": {
-    "name": "calculator", "description": "Evaluate an arithmetic expression (numbers, + - * / // % **, parentheses).",
-    "parameters": {"type": "object", "properties": {"expression": {
-        "type": "string", "description": 'the arithmetic expression, e.g. "37+25" or "(3.5*2)**2"'}},
-        "required": ["expression"]}}}
+    "name": "calculator", "description": "Evaluate arithmetic: + - * / // % ** ( ).",
+    "parameters": {"type": "object", "properties": {"expression": {"type": "string", "description": "e.g. 37+25"}},
+                   "required": ["expression"]}}}
 # two-digit problems: beyond what the demo model can do in its head, easy with the calculator tool
 TOOL_QUESTIONS = {"zh": ["{a}{w}{b}等于多少？", "请用计算器算一下{a}{w}{b}。", "{a}{sym}{b}是多少？"],
                   "en": ["What is {a} {w} {b}?", "Please use the calculator: {a} {sym} {b}.", "How much is {a} {w} {b}?"]}
@@ -442,10 +442,12 @@ class Curriculum:
 
     def tool_pairs(self):
         """(train, held out) two-digit problems (kind, a, b) whose answers stay below 100."""
-        pairs = [("add", a, b) for a in range(10, 90) for b in range(10, 100 - a)]
-        pairs += [("sub", a, b) for a in range(20, 100) for b in range(10, a - 9)]
-        held = self.rng("tools-held-out").sample(pairs, TOOL_HELD_OUT)
-        return [p for p in pairs if p not in set(held)], held
+        if not hasattr(self, "_tool_pairs"):
+            pairs = [("add", a, b) for a in range(10, 90) for b in range(10, 100 - a)]
+            pairs += [("sub", a, b) for a in range(20, 100) for b in range(10, a - 9)]
+            held = self.rng("tools-held-out").sample(pairs, TOOL_HELD_OUT)
+            self._tool_pairs = [p for p in pairs if p not in set(held)], held
+        return self._tool_pairs
 
     def tool_system(self, rng, lang):
         """MiniMind's form: the tools as a JSON string on the system message."""
@@ -745,6 +747,9 @@ class Curriculum:
         asked = {m["content"] for name in ("sft.jsonl", "sft_tools.jsonl") for r in files[name]
                  for m in r["conversations"] if m["role"] == "user"}
         assert not tool_questions & asked, "a held-out tool problem is in the SFT data"
+        held_exprs = [r["expected_call"]["arguments"]["expression"] for r in files["tools_eval.jsonl"]]
+        assert not any(re.search(rf"(?<!\d){re.escape(e)}(?!\d)", pretrain) for e in held_exprs), \
+            "a held-out tool problem is in pretraining"
         medical_questions = [r["conversations"][0]["content"] for r in files["lora_medical_eval.jsonl"]]
         assert not any(q in pretrain for q in medical_questions), "a held-out medical question is in pretraining"
         for held, trains in [("reason_eval.jsonl", ["reason.jsonl", "reason_prompts.jsonl"]),

@@ -17,6 +17,7 @@ template in its metadata, for llama.cpp, llama-cpp-python and ollama (dense mode
 """
 
 import argparse
+import json
 import re
 import shutil
 import sys
@@ -104,6 +105,30 @@ def interleave_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, 2, d // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
+# llama.cpp picks its pre-tokenizer split by this name; each is the exact regex it implements.
+GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def gguf_pre(tokenizer):
+    """llama.cpp's name for the tokenizer's pre-tokenizer ("gpt-2", "qwen2"); anything else is refused, since
+    llama.cpp would split text differently from the tokenizer the model was trained with."""
+    pre = json.loads(tokenizer.backend_tokenizer.to_str())["pre_tokenizer"] or {}
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        return "gpt-2"
+    steps = pre.get("pretokenizers") or []
+    if (pre.get("type") == "Sequence" and len(steps) == 2 and steps[0].get("type") == "Split"
+            and steps[1].get("type") == "ByteLevel" and not steps[1].get("use_regex", True)):
+        regex = steps[0].get("pattern", {}).get("Regex")
+        if regex == QWEN2_REGEX:
+            return "qwen2"
+        if regex == GPT2_REGEX:
+            return "gpt-2"
+    raise ValueError(f"GGUF export: llama.cpp has no pre-tokenizer known to match {json.dumps(pre)[:200]}; "
+                     "export a Hugging Face folder instead (--out)")
+
+
 def gguf_vocab(tokenizer, vocab_size: int):
     """(tokens, token types, merges) in GGUF's gpt2 (byte-level BPE) form; ids beyond the tokenizer are padding."""
     import json
@@ -167,7 +192,7 @@ def export_gguf(model, tokenizer, out, dtype="f16") -> Path:
 
     tokens, types, merges = gguf_vocab(tokenizer, c.vocab_size)
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt-2")  # ByteLevel with the GPT-2 split regex, as our tokenizer.json says
+    writer.add_tokenizer_pre(gguf_pre(tokenizer))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)

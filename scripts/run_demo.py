@@ -44,7 +44,7 @@ STAGES = {
                           "--max_seq_len", 256, "--precompute_ref"]),
     "lora": ("5-LoRA.py", ["--data_path", DEMO / "lora_medical.jsonl", "--from", "dpo", "--epochs", 10,
                            "--batch_size", 16, "--max_seq_len", 256, "--learning_rate", 2e-3, "--lora_rank", 16]),
-    "reason": ("6-reason.py", ["--data_path", DEMO / "reason.jsonl", "--from", "dpo", "--epochs", 2,
+    "reason": ("6-reason.py", ["--data_path", DEMO / "reason.jsonl", "--from", "dpo", "--epochs", 3,
                                "--batch_size", 16, "--max_seq_len", 256, "--learning_rate", 1e-3]),
     "grpo": ("6-reason.py", ["--method", "grpo", "--data_path", DEMO / "reason_prompts.jsonl", "--from", "reason",
                              "--max_steps", 30, "--batch_size", 4, "--num_generations", 4, "--max_new_tokens", 128,

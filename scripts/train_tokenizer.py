@@ -26,6 +26,8 @@ Token layout (both modes): ids 0-2 <|endoftext|> <|im_start|> <|im_end|> (specia
 <think> </think> <answer> </answer> and 7-10 <tool_call> </tool_call> <tool_response> </tool_response> (added
 tokens, never split, NOT special: decode keeps them); ids 11-26 <|reserved_0|> ... <|reserved_15|> (special, unused,
 for later). The chat template is model/tokenizer/chat_template.jinja, copied beside every tokenizer written.
+Text is split as Qwen2's tokenizer splits it (every digit its own piece; llama.cpp's "qwen2" pre-tokenizer) before
+byte-level BPE.
 """
 
 import argparse
@@ -48,7 +50,7 @@ import zipfile
 from html.parser import HTMLParser
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT_DIR = ROOT / "model" / "tokenizer"
@@ -1071,10 +1073,25 @@ def sample_jsonl(path, max_chars, seed=SEED, held_out_every=HELD_OUT_EVERY, prog
 
 # ----------------------------------------------------------------------------- tokenizer
 
+# Qwen2's split (llama.cpp's "qwen2" pre-tokenizer): like GPT-2's, but every digit is its own piece, so a number is
+# always spelled digit by digit. GPT-2's split let BPE merge some digit pairs and not others ("35" one token, " 71"
+# two), which left the model no consistent view of numbers -- the demo's arithmetic and tool arguments need one.
+SPLIT_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def pre_tokenizer():
+    """Split on SPLIT_REGEX, then map bytes to symbols (lossless: every byte has one)."""
+    return pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(SPLIT_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+
+
 def train_tokenizer(texts, vocab_size=6400, progress=False):
     """Byte-level BPE on an iterable of strings. Ids 0..26 are ADDED_TOKENS, in that order."""
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # lossless: every byte has a symbol
+    tok.pre_tokenizer = pre_tokenizer()
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)  # adds no tokens
     trainer = trainers.BpeTrainer(
@@ -1253,6 +1270,7 @@ def write_provenance(path, stats, archives, vocab_size, cpt, train_sha, comparis
         "ids 3–6 `<think>` `</think>` `<answer>` `</answer>` and 7–10 `<tool_call>` `</tool_call>` `<tool_response>` "
         "`</tool_response>` (single tokens, never split, not special: decode keeps them); ids 11–26 "
         "`<|reserved_0|>` … `<|reserved_15|>` (special, unused).",
+        "- pre-tokenizer: Qwen2's split (every digit its own piece; llama.cpp's `qwen2`), then byte-level.",
         f"- chars per token, held-out documents of the training sources: Chinese {fmt(cpt['held-out-zh'])}, English "
         f"{fmt(cpt['held-out-en'])}.",
         f"- chars per token, never-trained Debian Handbook: Chinese {fmt(cpt['handbook-zh'])}, English "

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from conftest import load_script, make_model, random_ids, save_random_adapter
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
@@ -110,6 +111,7 @@ def test_gguf_export_holds_weights_hyperparameters_and_tokenizer(tmp_path, token
     assert types[500] == gguf.TokenType.NORMAL
     assert meta["tokenizer.ggml.eos_token_id"] == tokenizer.eos_token_id
     assert meta["tokenizer.chat_template"] == tokenizer.chat_template
+    assert meta["tokenizer.ggml.pre"] == "qwen2"
     merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
     assert meta["tokenizer.ggml.merges"] == [m if isinstance(m, str) else " ".join(m) for m in merges]
 
@@ -131,6 +133,21 @@ def test_gguf_export_holds_weights_hyperparameters_and_tokenizer(tmp_path, token
     tied = make_model("tiny", seed=4)
     _, _, tied_tensors = _gguf(convert.export_gguf(tied, tokenizer, tmp_path / "tied.gguf"))
     assert "output.weight" not in tied_tensors and len(tied_tensors) == len(tensors) - 1
+
+
+def test_gguf_pre_tokenizer_name_is_the_split_the_tokenizer_uses(tokenizer):
+    from tokenizers import Regex, pre_tokenizers
+
+    assert convert.gguf_pre(tokenizer) == "qwen2"  # the shipped tokenizer splits as Qwen2's does
+    gpt2 = tokenizer.__class__(tokenizer_object=tokenizer.backend_tokenizer.__class__.from_str(
+        tokenizer.backend_tokenizer.to_str()))
+    gpt2.backend_tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    assert convert.gguf_pre(gpt2) == "gpt-2"
+    gpt2.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"\p{N}{1,3}| ?\p{L}+|\s+"), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    with pytest.raises(ValueError, match="no pre-tokenizer known to match"):
+        convert.gguf_pre(gpt2)  # llama.cpp would split differently: refused, not exported wrong
 
 
 def test_gguf_q_k_rows_give_our_attention_under_llama_cpp_rotary_layout(tmp_path, tokenizer):

@@ -213,6 +213,16 @@ def test_chars_per_token_beats_raw_bytes(tok):
     assert en_cpt > 2.5
 
 
+@pytest.mark.parametrize("prefix", ["", " ", "等于", "x="])
+def test_every_number_is_spelled_digit_by_digit(tok, prefix):
+    # Qwen2's split: one token per digit wherever the number stands, so "35" and " 35" share their digit tokens
+    # (GPT-2's split let BPE merge some digit pairs and not others: no consistent view of numbers)
+    digits = [tok.convert_tokens_to_ids(d) for d in "0123456789"]
+    for n in [7, 35, 61, 99, 100, 2026, 31415926]:
+        ids = tok.encode(f"{prefix}{n}")
+        assert ids[-len(str(n)):] == [digits[int(d)] for d in str(n)], (prefix, n, tok.convert_ids_to_tokens(ids))
+
+
 # ----------------------------------------------------------------------------- the training function
 
 TINY_CORPUS = [
@@ -231,6 +241,8 @@ def test_train_tokenizer_puts_the_layout_first_and_round_trips(script, tmp_path)
     text = "<think>计算 12 加 7</think><answer>19</answer><tool_call>{}</tool_call> and the cat 🐱 sat.\n\n  "
     assert trained.decode(trained.encode(text).ids, skip_special_tokens=False) == text
     assert [i for i in trained.encode(text).ids if 3 <= i <= 10] == [3, 4, 5, 6, 7, 8]
+    numbers = trained.encode("12 + 7 = 19, 100 - 1 = 99").tokens  # "12" is frequent in the corpus, yet never merges
+    assert [t for t in numbers if any(c.isdigit() for c in t)] == list("12719100199")
 
     script.save_tokenizer(trained, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["chat_template.jinja", "tokenizer.json",

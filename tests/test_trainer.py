@@ -110,6 +110,13 @@ def test_sft_starts_from_pretrain_and_a_missing_checkpoint_names_its_stage(tmp_p
                                 "--max_seq_len", 64))
     assert result["last_loss"] < result["first_loss"] - 1.0
     assert (tmp_path / "out/sft/model.safetensors").exists()
+    # --save_as: a second SFT run on top of the first writes beside it and leaves it as it was
+    before = (tmp_path / "out/sft/model.safetensors").read_bytes()
+    sft.main(tiny_args(tmp_path, sft_file, "--from", "sft", "--save_as", "sft_tools", "--max_steps", 2,
+                       "--batch_size", 8, "--max_seq_len", 64))
+    assert (tmp_path / "out/sft/model.safetensors").read_bytes() == before
+    assert max_weight_diff(tmp_path / "out/sft", tmp_path / "out/sft_tools") > 0
+    assert (tmp_path / "images/sft_tools_loss.png").exists()
 
 
 def test_malformed_lines_are_counted_and_strict_stops(tmp_path, capsys):

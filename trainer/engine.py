@@ -42,6 +42,9 @@ def add_train_args(parser: argparse.ArgumentParser, *, epochs: int, batch_size: 
     a = parser.add_argument
     a("--data_path", default=data_path, help="jsonl file of this stage's format")
     a("--out_dir", default="out", help="checkpoints go to <out_dir>/<stage>/, resume state to .../resume/")
+    a("--save_as", default=None, metavar="NAME",
+      help="write to <out_dir>/NAME/ instead of <out_dir>/<stage>/ (a second run of a stage that must not replace "
+           "the first, e.g. tool-use SFT on top of sft; MiniMind's --save_weight); later stages take --from NAME")
     a("--from", dest="init_from", default=init_from,
       help="initialise from a stage's output (pretrain, sft, ...) or a checkpoint folder; none = random init")
     a("--preset", default=preset, help="model size when starting from scratch: 26m, 104m, moe-145m, tiny, ...")
@@ -477,7 +480,7 @@ def stage_main(stage: str, build_parser, run, argv=None) -> dict:
     """Shared entry point: parse args (or take an already parsed Namespace), build the Trainer, run the stage, tear
     the process group down."""
     args = argv if isinstance(argv, argparse.Namespace) else build_parser().parse_args(argv)
-    trainer = Trainer(args, stage)
+    trainer = Trainer(args, getattr(args, "save_as", None) or stage)
     try:
         return run(trainer, args)
     finally:
