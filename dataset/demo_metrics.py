@@ -211,9 +211,11 @@ def final_number(text: str):
 
 def tool_use_scores(model, tokenizer, items, max_new_tokens=64, batch_size=16, max_rounds=2,
                     return_generations=False) -> dict:
-    """agent_rl-format items (conversations with tools, "gt", optionally "expected_call"): the model's first reply
-    is parsed for `<tool_call>` blocks; the calls run (inference.tools) and their results go back as tool messages
-    for up to `max_rounds` rounds; the last reply must state the answer.
+    """agent_rl-format items (conversations with tools, "gt", optionally "expected_call" and "tool_results"): the
+    model's first reply is parsed for `<tool_call>` blocks; the calls run and their results go back as tool messages
+    for up to `max_rounds` rounds; the last reply must state the answer (a number: the last one of its first
+    sentence; text: contained in its first sentence). Calls run in inference.tools, or, for an item with
+    "tool_results" ({name: result}), in that scripted environment: a tool whose answer changes from chat to chat.
     {"valid_call": share whose first reply holds a parsable call and nothing malformed, "right_tool",
     "right_arguments" (the expected call exactly, spaces aside), "answer_accuracy" (tools executed),
     "answer_accuracy_without_tools" (the same questions with no tools in the prompt), "n"}."""
@@ -237,13 +239,19 @@ def tool_use_scores(model, tokenizer, items, max_new_tokens=64, batch_size=16, m
             finals[i] = content
             if calls and not errors:
                 histories[i].append({"role": "assistant", "content": content, "tool_calls": calls})
-                histories[i] += [{"role": "tool", "content": run_tool(c["function"]["name"], c["function"]["arguments"])}
+                scripted = items[i].get("tool_results")
+                env = None if scripted is None else {name: (lambda r: lambda **_: r)(r) for name, r in scripted.items()}
+                histories[i] += [{"role": "tool",
+                                  "content": run_tool(c["function"]["name"], c["function"]["arguments"], env)}
                                  for c in calls]
                 still_open.append(i)
         open_rows = still_open
 
     def right(i, text):
-        return final_number(text) in [str(g) for g in items[i]["gt"]]
+        gt = [str(g) for g in items[i]["gt"]]
+        if all(re.fullmatch(r"-?\d+(?:\.\d+)?", g) for g in gt):
+            return final_number(text) in gt
+        return any(g in first_sentence(text) for g in gt)
 
     def same_call(call, expected):
         squash = lambda v: json.dumps(v, sort_keys=True).replace(" ", "")  # noqa: E731

@@ -125,24 +125,28 @@ def test_reasoning_replies_think_then_answer_a_number_that_the_steps_reach(demo,
         assert format_reward(reply) == 1.0 and correctness_reward(reply, m.group(2)) == 1.0
 
 
-def test_tool_chats_call_the_calculator_and_get_its_real_result(demo):
-    from inference import calculator
-
-    rows = [r["conversations"] for r in demo["sft_tools.jsonl"]]
-    calls = 0
-    for chat in rows:
-        assert json.loads(chat[0]["tools"]) == [demo_data.CALCULATOR_SCHEMA]
+def test_tool_chats_call_the_weather_tool_and_answer_with_its_result(demo):
+    capitals = {name for c in demo_data.COUNTRIES for name in (c[2], c[3])}
+    words = {w for pair in demo_data.WEATHER for w in pair}
+    calls, seen = 0, set()
+    for chat in (r["conversations"] for r in demo["sft_tools.jsonl"]):
+        assert json.loads(chat[0]["tools"]) == [demo_data.WEATHER_SCHEMA]
         for i, m in enumerate(chat):
             if m.get("tool_calls"):
                 (call,) = json.loads(m["tool_calls"])
-                result = calculator(call["arguments"]["expression"])
-                assert chat[i + 1] == {"role": "tool", "content": result}
-                assert chat[i + 2]["content"].rstrip("。.").endswith(result)
+                city, result = call["arguments"]["city"], chat[i + 1]["content"]
+                assert call["name"] == "get_weather" and city in capitals and city in chat[i - 1]["content"]
+                assert chat[i + 1]["role"] == "tool" and result in words
+                assert city in chat[i + 2]["content"] and result in chat[i + 2]["content"]
+                seen.add((city, result))
                 calls += 1
-    assert 500 <= calls < len(rows)  # and some questions are answered without a call though the tool is there
+    assert 500 <= calls < len(demo["sft_tools.jsonl"])  # and some questions are answered without a call
+    assert len({r for _, r in seen}) == len(words)  # every weather in both languages: it is not the city's
+    assert len({c for c, _ in seen}) == len(capitals)
+    assert all(len({r for c2, r in seen if c2 == c}) >= 3 for c in capitals)  # a city's weather varies by chat
     for item in demo["tools_eval.jsonl"]:
-        assert item["gt"] == [calculator(item["expected_call"]["arguments"]["expression"])]
-        assert int(item["gt"][0]) >= 10 or "-" in item["expected_call"]["arguments"]["expression"]
+        city = item["expected_call"]["arguments"]["city"]
+        assert city in item["conversations"][-1]["content"] and item["tool_results"] == {"get_weather": item["gt"][0]}
 
 
 def test_every_stated_sum_is_true(demo):

@@ -5,8 +5,14 @@ import json
 import pytest
 
 from dataset import demo_metrics as metrics
-from dataset.demo_data import CALCULATOR_SCHEMA
+from dataset.demo_data import WEATHER_SCHEMA
 from inference import calculator, parse_tool_calls, run_tool, tool_schema
+
+
+CALCULATOR_SCHEMA = {"type": "function", "function": {  # written out: what a client sends
+    "name": "calculator", "description": "Evaluate arithmetic: + - * / // % ** ( ).",
+    "parameters": {"type": "object", "properties": {"expression": {"type": "string", "description": "e.g. 37+25"}},
+                   "required": ["expression"]}}}
 
 
 @pytest.mark.parametrize("expression, value", [("37+25", "62"), ("71 - 54", "17"), ("(3.5*2)**2", "49"),
@@ -34,8 +40,8 @@ def test_run_tool_reports_unknown_tools_and_bad_arguments():
     assert run_tool("broken", {"x": 1}, {"broken": broken}) == "error: broken failed: RuntimeError: boom"
 
 
-def test_schema_comes_from_signature_and_docstring_and_the_demo_uses_it():
-    assert tool_schema(calculator) == CALCULATOR_SCHEMA  # demo_data writes it out to stay standard-library only
+def test_schema_comes_from_signature_and_docstring():
+    assert tool_schema(calculator) == CALCULATOR_SCHEMA
 
     def lookup(query: str, limit: int = 3) -> str:
         """Find facts.
@@ -94,6 +100,36 @@ def test_tool_use_scores_count_exactly_what_the_replies_did(monkeypatch):
     assert scores["answer_accuracy"] == 2 / 4  # 62 right; 52 wrong; 43 is 12+31's, not 12+30's; 70 right
     assert scores["answer_accuracy_without_tools"] == 1 / 4  # only 50+20 is answered without the tool
     assert seen_tools[-1] is None and seen_tools[0][0][0]["function"]["name"] == "calculator"
+
+
+def test_tool_use_scores_run_calls_in_the_items_scripted_environment_and_match_text_answers(monkeypatch):
+    tools = json.dumps([WEATHER_SCHEMA])
+    items = [{"conversations": [{"role": "system", "content": "", "tools": tools},
+                                {"role": "user", "content": f"{city}今天天气怎么样？"}], "gt": [weather],
+              "expected_call": {"name": "get_weather", "arguments": {"city": city}},
+              "tool_results": {"get_weather": weather}}
+             for city, weather in [("北京", "晴"), ("巴黎", "下雨"), ("东京", "下雪")]]
+    call = '<tool_call>\n{{"name": "get_weather", "arguments": {{"city": "{}"}}}}\n</tool_call>'
+    script = {"北京今天天气怎么样？": call.format("北京"), "巴黎今天天气怎么样？": call.format("伦敦"),
+              "东京今天天气怎么样？": call.format("东京")}
+    seen_results = []
+
+    def fake_generate(model, tokenizer, prompts, max_new_tokens, batch_size, tools=None):
+        replies = []
+        for p in prompts:
+            last = p[-1]["content"]
+            if p[-1]["role"] == "tool":  # the answer repeats what the tool said, except for Tokyo's
+                seen_results.append(last)
+                replies.append("东京今天晴。" if p[-3]["content"].startswith("东京") else f"今天{last}。")
+            else:
+                replies.append(script[last] if tools else "今天晴。")
+        return [(r, True) for r in replies]
+
+    monkeypatch.setattr(metrics, "_generate", fake_generate)
+    scores = metrics.tool_use_scores(None, None, items)
+    assert seen_results == ["晴", "下雨", "下雪"]  # each chat's own result, whatever the arguments
+    assert scores["valid_call"] == 1 and scores["right_arguments"] == 2 / 3
+    assert scores["answer_accuracy"] == 2 / 3 and scores["answer_accuracy_without_tools"] == 1 / 3  # "晴" by luck
 
 
 def test_final_number_reads_the_answer_not_the_question():
