@@ -36,11 +36,11 @@ STAGES = {
                                    "--batch_size", 16, "--max_seq_len", 256, "--learning_rate", 1e-2]),
     "sft": ("2-sft.py", ["--data_path", DEMO / "sft.jsonl", "--from", "pretrain", "--epochs", 2,
                          "--batch_size", 16, "--max_seq_len", 256, "--learning_rate", 5e-4]),
-    # the demo pretrains 256-token rows, so KD keeps to 256 positions (the real stage uses 1024 after a 512 pretrain)
     # tool use: a second SFT pass on weather tool chats, on top of sft and saved beside it (a branch, like lora);
     # the tool prompt in front (~200 tokens of schema and instructions) needs a context longer than 256
     "tools": ("2-sft.py", ["--data_path", DEMO / "sft_tools.jsonl", "--from", "sft", "--save_as", "tools",
                            "--epochs", 5, "--batch_size", 16, "--max_seq_len", 320, "--learning_rate", 1e-3]),
+    # the demo pretrains 256-token rows, so KD keeps to 256 positions (the real stage uses 1024 after a 512 pretrain)
     "kd": ("3-KD.py", ["--data_path", DEMO / "kd.jsonl", "--from", "sft", "--epochs", 3, "--batch_size", 8,
                        "--max_seq_len", 256, "--learning_rate", 5e-4]),
     # DPO keeps the stage's default learning rate (1e-6): the README's sweep on this demo shows why

