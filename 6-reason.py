@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from dataset import PromptDataset, ReasonDataset, pad_collate, prompt_collate
 from dataset.rewards import load_reward
+from inference import Sampling, generate
 from trainer import add_train_args, stage_main
 
 
@@ -88,6 +89,7 @@ def unwrap(net):
 
 def make_grpo_loss(args, tokenizer, reference, rewards):
     G, eos, pad = args.num_generations, tokenizer.eos_token_id, tokenizer.pad_token_id
+    sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
 
     def loss_fn(net, batch):
         policy = unwrap(net)
@@ -96,11 +98,9 @@ def make_grpo_loss(args, tokenizer, reference, rewards):
         with torch.no_grad():
             training = policy.training
             policy.eval()
-            out = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True,
-                                  temperature=args.temperature, top_k=0, top_p=1.0,
-                                  max_new_tokens=args.max_new_tokens, eos_token_id=eos, pad_token_id=pad)
+            # rollouts through the inference core's decode loop (the one chat, server and evaluation use)
+            completion = generate(policy, prompt_ids, prompt_mask, sampling, eos_id=eos, pad_id=pad)
             policy.train(training)
-        completion = out[:, prompt_ids.size(1):]
         mask = completion_mask(completion, eos)
         texts = tokenizer.batch_decode([c[:int(m.sum())] for c, m in zip(completion, mask)],
                                        skip_special_tokens=True)

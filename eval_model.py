@@ -1,4 +1,4 @@
-"""Chat with any stage's checkpoint, streamed token by token.
+"""Chat with any stage's checkpoint, streamed token by token, through the inference core (inference/).
 
     python eval_model.py                         # out/sft, interactive; /clear forgets the history, /quit ends
     python eval_model.py --stage reason          # the think part is shown dimmed; --hide_think hides it
@@ -7,178 +7,136 @@
     python eval_model.py --stage pretrain        # a pretrained model continues raw text (no chat template)
     python eval_model.py --auto                  # answer the built-in test questions and exit
     python eval_model.py --prompts questions.txt --temperature 0 --show_speed
+    python eval_model.py --stage tools --tools builtin          # the model may call calculator / time / units
+    python eval_model.py --tools builtin,my_tools.py:lookup     # plus a function of yours (schema from its signature)
+    python eval_model.py --stage reason --no_think              # --think / --no_think: the template's switch
 
 Sampling: --temperature (0 = greedy) --top_p --top_k --repetition_penalty --max_new_tokens --seed.
 """
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
 
-import model as _registers_microlm  # noqa: F401  (AutoModelForCausalLM must know our model type)
-from model import TOKENIZER_DIR
-from model.lora import from_adapter, is_adapter_dir, load_adapter
-from trainer.checkpoint import STAGE_SCRIPTS, resolve_checkpoint
-from trainer.distributed import fast_dtype
+from inference import Sampling, TextStream, load_tools, tool_schema
+from inference.engine import drain
+from inference.load import add_model_args, load, load_engine  # noqa: F401  (the scripts' shared loading)
+from trainer.distributed import fast_dtype  # noqa: F401
 
 TEST_PROMPTS = ["你好，请介绍一下你自己。", "中国的首都是哪里？", "3加5等于几？", "What color is the sky?",
                 "小明有3个苹果，又买了4个，现在有几个？", "我最近一直咳嗽，应该挂什么科？"]
 DIM, RESET = "\033[2m", "\033[0m"
 
 
-def compile_decoding(model):
-    """Decode with a torch.compile'd step on a pre-allocated (static) KV cache: transformers' generate() compiles the
-    forward once it is handed a static cache (decode_cache) and a compile config. The first reply of each cache size
-    pays for compilation (tens of seconds)."""
-    from transformers import CompileConfig
+class Printer:
+    """Writes a reply's events as they stream: the think part dimmed (or hidden), each tool call and its result
+    dimmed on a line of their own, the answer plain; records the time to the first token."""
 
-    config = CompileConfig(fullgraph=False, dynamic=False, mode="default")
-    config._compile_all_devices = True  # transformers compiles on GPUs only unless told
-    model.generation_config.compile_config = config
-    return model
-
-
-def decode_cache(model, n_tokens: int, bucket: int = 256) -> dict:
-    """generate() kwargs: after compile_decoding, a StaticCache rounded up to a multiple of `bucket` positions, so the
-    compiled step is reused across prompt lengths (sized exactly, every new length would recompile); else nothing."""
-    if model.generation_config.compile_config is None:
-        return {}
-    from transformers import StaticCache
-
-    size = min(-(-n_tokens // bucket) * bucket, model.config.max_position_embeddings)
-    return {"cache": StaticCache(config=model.config, max_cache_len=size)}
-
-
-def load(args):
-    """(model, tokenizer, folder) for --stage / --model_path, with --adapter on top; a clear error if missing."""
-    dtype = fast_dtype(args.device) if args.dtype == "auto" else \
-        {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    path = Path(args.model_path or Path(args.out_dir) / args.stage)
-    adapter = args.adapter
-    if is_adapter_dir(path):  # out/lora holds only an adapter: its config names the base
-        adapter, model = path, from_adapter(path, dtype=dtype)
-    else:
-        try:
-            path = resolve_checkpoint(args.model_path or args.stage, args.out_dir)
-        except FileNotFoundError as e:
-            raise SystemExit(str(e)) from None
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        if adapter:
-            load_adapter(model, adapter)
-    tok_dir = path if (Path(path) / "tokenizer_config.json").exists() else TOKENIZER_DIR
-    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-    model = model.to(args.device).eval()
-    if getattr(args, "compile", False):
-        compile_decoding(model)
-    return model, tokenizer, path
-
-
-class Printer(TextStreamer):
-    """Streams decoded text to `out`; the <think> part dimmed (or hidden); records time to first token."""
-
-    def __init__(self, tokenizer, out, hide_think=False, color=True):
-        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=False)
+    def __init__(self, out, hide_think=False, color=True):
         self.out, self.hide_think, self.color = out, hide_think, color
-        self.text, self.thinking, self.first_token_time, self.n_tokens = "", False, None, 0
+        self.first_token_time, self.field = None, "content"
 
-    def put(self, value):
-        if not self.next_tokens_are_prompt:  # the first call carries the prompt
-            self.n_tokens += value.numel()
-            if self.first_token_time is None:
-                self.first_token_time = time.perf_counter()
-        super().put(value)
+    def dim(self, text):
+        return f"{DIM}{text}{RESET}" if self.color else text
 
-    def on_finalized_text(self, text, stream_end=False):
-        text = text.replace(self.tokenizer.eos_token, "")
-        self.text += text
-        for piece in _split_tags(text):
-            if piece == "<think>":
-                self.thinking = True
-            if not (self.thinking and self.hide_think):
-                dim = self.thinking and self.color
-                self.out.write(f"{DIM}{piece}{RESET}" if dim else piece)
-            if piece == "</think>":
-                self.thinking = False
+    def __call__(self, field, value):
+        if self.first_token_time is None:
+            self.first_token_time = time.perf_counter()
+        if field == "reasoning_content":
+            if not self.hide_think:
+                self.out.write(self.dim(("[think] " if self.field != field else "") + value))
+        elif field == "content":
+            if self.field == "reasoning_content" and not self.hide_think:
+                self.out.write("\n")
+            self.out.write(value)
+        elif field == "tool_call":
+            fn = value["function"]
+            self.out.write(self.dim(f"\n[tool call] {fn['name']}({fn['arguments']})\n"))
+        elif field == "tool_result":
+            self.out.write(self.dim(f"[tool result] {value['content']}\n"))
+        self.field = field
         self.out.flush()
 
 
-def _split_tags(text):
-    for tag in ("<think>", "</think>"):
-        if tag in text:
-            before, _, after = text.partition(tag)
-            return [*_split_tags(before), tag, *_split_tags(after)]
-    return [text] if text else []
-
-
 class Chat:
-    """Conversation state: the last `history` turns (user + assistant pairs) go into each prompt."""
+    """Conversation state: the last `history` user turns (with the replies and tool calls after them) go into each
+    prompt; with tools, each reply's calls run and the model continues (at most --max_tool_rounds rounds)."""
 
-    def __init__(self, model, tokenizer, args, raw_text: bool, out=sys.stdout):
-        self.model, self.tokenizer, self.args, self.raw_text, self.out = model, tokenizer, args, raw_text, out
+    def __init__(self, engine, args, raw_text: bool, out=sys.stdout, tools=None):
+        self.engine, self.args, self.raw_text, self.out, self.tools = engine, args, raw_text, out, tools
+        self.tokenizer = engine.tokenizer
         self.messages = []
-        self.context = getattr(model.config, "max_position_embeddings", 2048)
 
     def clear(self):
         self.messages = []
 
+    def sampling(self):
+        a = self.args
+        return Sampling(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
+                        repetition_penalty=a.repetition_penalty)
+
+    def history(self):
+        if self.args.history <= 0:
+            return []
+        starts = [i for i, m in enumerate(self.messages) if m["role"] == "user"]
+        return self.messages[starts[-self.args.history]:] if starts else []
+
     def prompt_ids(self, user_text):
         if self.raw_text:  # a pretrained model continues text: bos + text, no chat template
             ids = [self.tokenizer.bos_token_id] + self.tokenizer(user_text, add_special_tokens=False)["input_ids"]
-        else:
-            turns = self.messages[-2 * self.args.history:] if self.args.history > 0 else []
-            text = self.tokenizer.apply_chat_template(turns + [{"role": "user", "content": user_text}],
-                                                      tokenize=False, add_generation_prompt=True)
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        room = self.context - self.args.max_new_tokens
-        if len(ids) > room:
-            self.out.write(f"[prompt of {len(ids)} tokens cut from the left to {room} to leave room for "
-                           f"{self.args.max_new_tokens} new tokens in a {self.context}-token context]\n")
-            ids = ids[-room:]
-        return ids
+            room = self.engine.context - self.args.max_new_tokens
+            return ids[-room:]
+        text = self.engine.render(self.history() + [{"role": "user", "content": user_text}],
+                                  tools=self._schemas(), thinking=self.args.think)
+        return self.engine.prompt_ids(text, self.args.max_new_tokens, notice=self.out.write)
+
+    def _schemas(self):
+        return [tool_schema(fn) for fn in self.tools.values()] if self.tools else None
 
     def reply(self, user_text) -> str:
-        args, device = self.args, self.model.device
-        ids = torch.tensor([self.prompt_ids(user_text)], device=device)
-        printer = Printer(self.tokenizer, self.out, args.hide_think, color=self.out.isatty())
-        sampling = dict(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k) \
-            if args.temperature > 0 else dict(do_sample=False)
+        args = self.args
         if args.seed is not None:
             torch.manual_seed(args.seed)
+        printer = Printer(self.out, args.hide_think, color=self.out.isatty())
         start = time.perf_counter()
-        with torch.no_grad():
-            self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
-                                repetition_penalty=args.repetition_penalty, streamer=printer,
-                                eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
-                                **sampling, **decode_cache(self.model, ids.size(1) + args.max_new_tokens))
+        if self.raw_text:
+            answer, n_prompt, n_new = self._continue(user_text, printer)
+        else:
+            messages = self.history() + [{"role": "user", "content": user_text}]
+            kwargs = dict(thinking=args.think, sampling=self.sampling(), notice=self.out.write)
+            if self.tools:
+                events = self.engine.run_tools(messages, self.tools, max_rounds=args.max_tool_rounds, **kwargs)
+            else:
+                events = self.engine.stream_reply(messages, **kwargs)
+            result = drain(events, printer)
+            new, last = result if self.tools else ([result.message()], result)
+            new[-1].pop("reasoning_content", None)  # earlier turns go back without their thinking (as Qwen3's)
+            self.messages += [{"role": "user", "content": user_text}] + new
+            answer, n_prompt, n_new = last.content, last.prompt_tokens, last.completion_tokens
         end = time.perf_counter()
         self.out.write("\n")
         if args.show_speed and printer.first_token_time:
             prefill = printer.first_token_time - start
             decode = end - printer.first_token_time
-            self.out.write(f"[prompt {ids.size(1)} tokens at {ids.size(1) / prefill:,.0f} tok/s; "
-                           f"{printer.n_tokens} new tokens at {(printer.n_tokens - 1) / max(decode, 1e-9):,.1f} tok/s]\n")
-        answer = printer.text.strip()
-        if not self.raw_text:
-            self.messages += [{"role": "user", "content": user_text}, {"role": "assistant", "content": answer}]
+            self.out.write(f"[prompt {n_prompt} tokens at {n_prompt / prefill:,.0f} tok/s; "
+                           f"{n_new} new tokens at {(n_new - 1) / max(decode, 1e-9):,.1f} tok/s]\n")
         return answer
 
-
-def add_model_args(parser):
-    """Which checkpoint to load, and where: shared with scripts/serve_openai_api.py."""
-    parser.add_argument("--stage", default="sft", choices=sorted(STAGE_SCRIPTS), help="out/<stage> to load")
-    parser.add_argument("--model_path", default=None, help="a checkpoint or HF folder instead of --stage")
-    parser.add_argument("--adapter", default=None, help="a LoRA adapter folder to put on top")
-    parser.add_argument("--out_dir", default="out")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                        help="auto: bf16 where the device has it natively (CUDA, recent CPUs), else fp32")
-    parser.add_argument("--compile", action="store_true",
-                        help="static KV cache + compiled decode step: faster tokens after a slow first reply")
-    return parser
+    def _continue(self, text, printer):
+        ids = self.prompt_ids(text)
+        stream, n_new, answer = TextStream(self.tokenizer), 0, ""
+        for token in self.engine.decode([ids], self.sampling()):
+            n_new += 1
+            if int(token[0]) == self.engine.eos_id:
+                break
+            piece = stream.add(int(token[0]))
+            answer += piece
+            printer("content", piece)
+        return answer.strip(), len(ids), n_new
 
 
 def build_parser():
@@ -192,6 +150,14 @@ def build_parser():
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--history", type=int, default=4, help="earlier turns kept in the prompt (0 = none)")
     parser.add_argument("--hide_think", action="store_true", help="do not print the <think> part")
+    think = parser.add_mutually_exclusive_group()
+    think.add_argument("--think", dest="think", action="store_true", default=None,
+                       help="open the think part (the template's enable_thinking)")
+    think.add_argument("--no_think", dest="think", action="store_false", help="answer without thinking")
+    parser.add_argument("--tools", default=None,
+                        help="builtin (calculator, current_time, convert_units), their names, or file.py:function, "
+                             "comma-separated: the model may call them; each call and result is shown")
+    parser.add_argument("--max_tool_rounds", type=int, default=4, help="tool rounds per question at most")
     parser.add_argument("--show_speed", action="store_true", help="print prompt and decode tokens/s")
     parser.add_argument("--auto", action="store_true", help="answer the built-in test questions and exit")
     parser.add_argument("--prompts", default=None, help="a file of prompts, one per line: answer them and exit")
@@ -202,11 +168,16 @@ def build_parser():
 def main(argv=None, stdin=None, out=None):
     args = build_parser().parse_args(argv)
     stdin, out = stdin or sys.stdin, out or sys.stdout
-    model, tokenizer, path = load(args)
+    try:
+        tools = load_tools(args.tools) if args.tools else None
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        raise SystemExit(f"--tools {args.tools}: {e}") from None
+    engine, path = load_engine(args)
     raw = args.raw or (args.model_path is None and args.stage == "pretrain")
-    chat = Chat(model, tokenizer, args, raw, out)
-    out.write(f"[{path}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {args.device}, "
-              f"{'raw text' if raw else 'chat'}]\n")
+    chat = Chat(engine, args, raw, out, tools)
+    out.write(f"[{path}: {sum(p.numel() for p in engine.model.parameters()) / 1e6:.2f}M parameters on "
+              f"{args.device}, {'raw text' if raw else 'chat'}"
+              + (f", tools: {', '.join(tools)}" if tools else "") + "]\n")
     if args.auto or args.prompts:
         prompts = TEST_PROMPTS if args.auto else [
             line.strip() for line in Path(args.prompts).read_text(encoding="utf-8").splitlines() if line.strip()]

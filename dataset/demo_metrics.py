@@ -125,35 +125,18 @@ def generate_replies(model, tokenizer, prompts, max_new_tokens=32, batch_size=32
 EMPTY_THINK = "<think>\n\n</think>\n\n"  # adaptive thinking's "no thinking" block: not part of the answer
 
 
-@torch.no_grad()
 def _generate(model, tokenizer, prompts, max_new_tokens, batch_size, tools=None) -> list:
-    """[(reply, stopped)]: stopped = the model ended its reply with eos within max_new_tokens. tools: one tools
-    list (or None) per prompt, rendered into its system turn."""
-    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    """[(reply, stopped)]: greedy, through the inference core; stopped = the model ended its reply with eos within
+    max_new_tokens. tools: one tools list (or None) per prompt, rendered into its system turn."""
+    from inference import Engine, Sampling
+
+    engine = Engine(model, tokenizer)
     tools = tools or [None] * len(prompts)
-    texts = [tokenizer.apply_chat_template(p, tools=t, add_generation_prompt=True, tokenize=False)
-             for p, t in zip(prompts, tools)]
-    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    replies = [None] * len(ids)
+    rows = [tokenizer(engine.render(p, t), add_special_tokens=False)["input_ids"] for p, t in zip(prompts, tools)]
     with eval_mode(model):
-        for batch in _batches([len(x) for x in ids], batch_size):
-            width = max(len(ids[i]) for i in batch)
-            input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            attention_mask = torch.zeros_like(input_ids)
-            for row, i in enumerate(batch):
-                input_ids[row, width - len(ids[i]):] = torch.tensor(ids[i])
-                attention_mask[row, width - len(ids[i]):] = 1
-            device = _device(model)
-            out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                 do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad)
-            for row, i in enumerate(batch):
-                new = out[row, width:].tolist()
-                stopped = eos in new
-                if stopped:
-                    new = new[:new.index(eos)]
-                text = tokenizer.decode(new, skip_special_tokens=False)
-                replies[i] = (text.removeprefix(EMPTY_THINK).strip(), stopped)
-    return replies
+        out = engine.generate(rows, Sampling(max_new_tokens=max_new_tokens), batch_size)
+    return [(tokenizer.decode(ids, skip_special_tokens=False).removeprefix(EMPTY_THINK).strip(), stopped)
+            for ids, stopped in out]
 
 
 def _mean(flags):

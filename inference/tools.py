@@ -3,8 +3,12 @@ the chat: run_tool turns bad arguments, unknown names and exceptions into an err
 
 import ast
 import datetime
+import importlib
+import importlib.util
 import inspect
 import operator
+import threading
+from pathlib import Path
 
 _BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
            ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
@@ -53,7 +57,72 @@ def current_time(timezone: str = "UTC") -> str:
     return datetime.datetime.now(tz).isoformat(timespec="seconds")
 
 
-BUILTIN_TOOLS = {"calculator": calculator, "current_time": current_time}
+# factor to the base unit of each dimension; temperatures are affine and handled apart
+_UNITS = {"m": 1, "km": 1000, "cm": 0.01, "mm": 0.001, "mi": 1609.344, "ft": 0.3048, "in": 0.0254, "yd": 0.9144,
+          "kg": 1, "g": 0.001, "mg": 1e-6, "lb": 0.45359237, "oz": 0.028349523125, "jin": 0.5,
+          "l": 1, "ml": 0.001, "gal": 3.785411784,
+          "s": 1, "min": 60, "h": 3600, "day": 86400}
+_DIMENSION = {**dict.fromkeys(["m", "km", "cm", "mm", "mi", "ft", "in", "yd"], "length"),
+              **dict.fromkeys(["kg", "g", "mg", "lb", "oz", "jin"], "mass"),
+              **dict.fromkeys(["l", "ml", "gal"], "volume"), **dict.fromkeys(["s", "min", "h", "day"], "time")}
+_TO_KELVIN = {"c": (1, 273.15), "k": (1, 0), "f": (5 / 9, 273.15 - 32 * 5 / 9)}
+
+
+def convert_units(value: float, from_unit: str, to_unit: str) -> str:
+    """Convert a quantity between units of length, mass, volume, time or temperature.
+
+    value: the number to convert
+    from_unit: e.g. km, mi, kg, lb, jin, l, gal, h, C, F, K
+    to_unit: the unit wanted
+    """
+    a, b = str(from_unit).strip().lower(), str(to_unit).strip().lower()
+    value = float(value)
+    if a in _TO_KELVIN and b in _TO_KELVIN:
+        (fa, oa), (fb, ob) = _TO_KELVIN[a], _TO_KELVIN[b]
+        result = ((value * fa + oa) - ob) / fb
+    elif a in _UNITS and b in _UNITS and _DIMENSION[a] == _DIMENSION[b]:
+        result = value * _UNITS[a] / _UNITS[b]
+    else:
+        known = sorted(_UNITS) + ["C", "F", "K"]
+        raise ValueError(f"cannot convert {from_unit!r} to {to_unit!r} (known units: {', '.join(known)})")
+    result = round(result, 6)
+    return f"{int(result) if result.is_integer() else result} {to_unit}"
+
+
+BUILTIN_TOOLS = {"calculator": calculator, "current_time": current_time, "convert_units": convert_units}
+
+
+def load_tools(spec: str) -> dict:
+    """Tools named on a command line: "builtin" (all built-ins), built-in names, `file.py:function` or
+    `module:function`, comma-separated -> {name: function}. A missing file or function names what is wrong."""
+    tools = {}
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        if part == "builtin":
+            tools.update(BUILTIN_TOOLS)
+            continue
+        if part in BUILTIN_TOOLS:
+            tools[part] = BUILTIN_TOOLS[part]
+            continue
+        where, sep, name = part.rpartition(":")
+        if not sep or not where or not name:
+            raise ValueError(f"unknown tool {part!r}: use 'builtin', one of {sorted(BUILTIN_TOOLS)}, "
+                             f"'file.py:function' or 'module:function'")
+        if where.endswith(".py"):
+            path = Path(where)
+            if not path.exists():
+                raise FileNotFoundError(f"tool file {path} (from {part}) does not exist")
+            module_spec = importlib.util.spec_from_file_location(path.stem, path)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(where)
+        fn = getattr(module, name, None)
+        if not callable(fn):
+            raise ValueError(f"{where} has no function {name!r} (from {part})")
+        tools[fn.__name__] = fn
+    return tools
 
 
 def tool_schema(fn) -> dict:
@@ -80,16 +149,29 @@ def tool_schema(fn) -> dict:
                                                             "required": required}}}
 
 
-def run_tool(name: str, arguments: dict, tools=None) -> str:
-    """The tool's result as text, or "error: ..." for an unknown tool, bad arguments or an exception."""
+def run_tool(name: str, arguments: dict, tools=None, timeout: float | None = None) -> str:
+    """The tool's result as text, or "error: ..." for an unknown tool, bad arguments, an exception or a call that
+    takes longer than `timeout` seconds (its thread is left to finish in the background: Python cannot kill it)."""
     tools = BUILTIN_TOOLS if tools is None else tools
     fn = tools.get(name)
     if fn is None:
         return f"error: unknown tool {name!r} (available: {', '.join(sorted(tools))})"
+    if not isinstance(arguments, dict):
+        return f"error: bad arguments for {name}: not a JSON object"
     try:
         inspect.signature(fn).bind(**arguments)
     except TypeError as e:
         return f"error: bad arguments for {name}: {e}"
+    if timeout is None:
+        return _call(name, fn, arguments)
+    result = []
+    worker = threading.Thread(target=lambda: result.append(_call(name, fn, arguments)), daemon=True)
+    worker.start()
+    worker.join(timeout)
+    return result[0] if result else f"error: {name} timed out after {timeout:g} s"
+
+
+def _call(name, fn, arguments) -> str:
     try:
         return str(fn(**arguments))
     except Exception as e:  # the model gets the message; the chat goes on

@@ -15,9 +15,10 @@ What it measures, and how:
   defaults); compiled = ours + torch.compile. Every (preset, mode) runs in a fresh process, so its memory figure is
   its own; modes alternate, --repeats times, and the table shows medians;
 - decoding: new tokens/s at batch 1 and 8, 64-token prompt, 200 new tokens, with the KV cache: baseline = fp32
-  weights, transformers' DynamicCache; ours = the device's fast dtype (eval_model.py --dtype auto: bf16 on CUDA and
-  on CPUs with native bf16); compiled = ours + static KV cache + torch.compile'd decode step (eval_model.py
-  --compile); and peak memory.
+  weights, transformers' generate() (as MiniMind decodes); ours = the inference core's decode loop (inference/,
+  what chat, server, evaluation and rollouts use) in the device's fast dtype (eval_model.py --dtype auto: bf16 on
+  CUDA and on CPUs with native bf16); compiled = ours + static KV cache + torch.compile'd decode step
+  (eval_model.py --compile); and peak memory.
 The figures and the setup go to --json (device, torch version, threads, every number).
 """
 
@@ -153,30 +154,34 @@ def train_child(spec: dict) -> dict:
 # decoding
 
 def decode_child(spec: dict) -> dict:
-    import eval_model
+    from inference import Sampling, decode
     from model import MicroLMConfig, MicroLMForCausalLM
+    from trainer.distributed import fast_dtype
 
     device = torch.device(spec["device"])
     torch.manual_seed(0)
     model = MicroLMForCausalLM(MicroLMConfig.from_preset(spec["preset"])).to(device).eval()
     B, prompt, new = spec["batch_size"], spec["prompt_tokens"], spec["new_tokens"]
     ids = torch.randint(10, model.config.vocab_size, (B, prompt), device=device)
-    kwargs = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
     if spec["mode"] != "baseline":
-        model = model.to(eval_model.fast_dtype(device))
-        if spec["mode"] == "compiled":
-            eval_model.compile_decoding(model)  # static KV cache + compiled decode step
+        model = model.to(fast_dtype(device))
+    step = torch.compile(model, dynamic=False) if spec["mode"] == "compiled" else None
     times = []
     with torch.no_grad():
         for i in range(spec["runs"] + 1):
             sync(device)
             t = time.perf_counter()
-            # compiled: a fresh static cache per run (as each request gets), 256-position buckets
-            out = model.generate(ids, **kwargs, **eval_model.decode_cache(model, prompt + new))
+            if spec["mode"] == "baseline":  # transformers' generate() in fp32, as MiniMind decodes
+                out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                                     pad_token_id=0)[:, prompt:]
+            else:  # the inference core's loop; compiled: a fresh static cache per run (as each request gets)
+                out = torch.stack(list(decode(model, ids, sampling=Sampling(max_new_tokens=new),
+                                              static_cache=step is not None, cache_len=256 * -(-(prompt + new) // 256),
+                                              step=step)), 1)
             sync(device)
             if i:  # the first run warms up (and compiles)
                 times.append(time.perf_counter() - t)
-    assert out.shape == (B, prompt + new)
+    assert out.shape == (B, new)
     seconds = statistics.median(times)
     return {"seconds": seconds, "tokens_per_s": B * new / seconds, "peak_memory_mib": peak_memory_mib(device)}
 

@@ -23,6 +23,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import convert_model  # noqa: E402
 import eval_model  # noqa: E402
+from inference import Sampling, generate  # noqa: E402
 
 
 def llama_greedy(llm, ids, max_new_tokens, eos):
@@ -44,8 +45,7 @@ def our_greedy(model, ids, max_new_tokens, eos):
     with torch.no_grad():
         x = torch.tensor([ids])
         first = model(x).logits[0, -1].float().numpy()
-        new = model.generate(x, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
-                             pad_token_id=eos)[0, len(ids):].tolist()
+        new = generate(model, x, sampling=Sampling(max_new_tokens=max_new_tokens), eos_id=eos, pad_id=eos)[0].tolist()
     return first, new[:new.index(eos)] if eos in new else new
 
 

@@ -4,10 +4,14 @@
     python scripts/serve_openai_api.py --stage reason --port 8000
     python scripts/serve_openai_api.py --stage lora --host 0.0.0.0   # listen beyond this machine (no auth!)
 
-Endpoints: POST /v1/chat/completions (stream or not; temperature, top_p, max_tokens, stream, stop), GET /v1/models,
-GET /health, GET / (the web chat). A reasoning model's <think> part comes back as `reasoning_content`. Requests are
-validated (400 with a JSON error), max_tokens and the prompt length are capped, and generation runs one request at a
-time, so concurrent requests are all answered and never share a cache.
+Endpoints: POST /v1/chat/completions (stream or not; temperature, top_p, max_tokens, stream, stop, tools,
+tool_choice, chat_template_kwargs.enable_thinking / open_thinking), GET /v1/models, GET /health, GET / (the web chat).
+OpenAI's tool-call protocol: `tools` are rendered into the prompt, the model's <tool_call> blocks come back as
+`tool_calls` (finish_reason "tool_calls", streamed as OpenAI streams them), the client runs them and sends `tool`
+messages with their `tool_call_id`; a malformed call comes back as plain content. A reasoning model's <think> part
+comes back as `reasoning_content`. Requests are validated (400 with a JSON error), max_tokens and the prompt length
+are capped, and generation runs one request at a time, so concurrent requests are all answered and never share a
+cache. Everything model-side is the inference core (inference/engine.py); this file is HTTP.
 
     from openai import OpenAI
     client = OpenAI(base_url="http://127.0.0.1:8998/v1", api_key="none")
@@ -17,6 +21,8 @@ time, so concurrent requests are all answered and never share a cache.
 import argparse
 import contextlib
 import json
+import queue
+import re
 import socket
 import sys
 import threading
@@ -24,20 +30,85 @@ import time
 import uuid
 from pathlib import Path
 
-import torch
-from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import eval_model  # noqa: E402  (the chat script: one set of model-loading arguments and rules)
+from dataset.jsonl import BadLineError  # noqa: E402
+from dataset.chat import normalize_chat  # noqa: E402
+from inference import Engine, Sampling, split_reasoning  # noqa: E402,F401  (split_reasoning: tests and users)
+from inference.load import add_model_args, load  # noqa: E402
 
-ROLES = {"system", "user", "assistant"}
+ROLES = {"system", "user", "assistant", "tool"}
 PAGE = Path(__file__).with_name("web_chat.html")
+_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for function names
 
 
 class BadRequest(ValueError):
     pass
+
+
+def _text(content, where):
+    """A message's content: a string, null, or OpenAI's list of {"type": "text", "text": ...} parts."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" and
+                                         isinstance(p.get("text"), str) for p in content):
+        return "".join(p["text"] for p in content)
+    raise BadRequest(f"{where} content must be a string or a list of text parts")
+
+
+def parse_tools(tools, tool_choice):
+    """(tools, choice) checked: choice is "auto", "none", "required" or the name of the function to call."""
+    if tools is None:
+        tools = []
+    if not isinstance(tools, list):
+        raise BadRequest("'tools' must be a list of {'type': 'function', 'function': {...}}")
+    names = []
+    for i, t in enumerate(tools):
+        fn = t.get("function") if isinstance(t, dict) and t.get("type", "function") == "function" else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not _NAME.match(fn["name"]):
+            raise BadRequest(f"tools[{i}] must be {{'type': 'function', 'function': {{'name': 1-64 of a-z A-Z 0-9 _ -"
+                             f", 'description': string, 'parameters': JSON schema object}}}}")
+        if not isinstance(fn.get("description", ""), str) or not isinstance(fn.get("parameters", {}), dict):
+            raise BadRequest(f"tools[{i}].function: 'description' must be a string, 'parameters' an object")
+        names.append(fn["name"])
+    if len(set(names)) != len(names):
+        raise BadRequest("tools: function names must be unique")
+    choice = tool_choice if tool_choice is not None else ("auto" if tools else "none")
+    if isinstance(choice, dict):
+        name = choice.get("function", {}).get("name") if isinstance(choice.get("function"), dict) else None
+        if choice.get("type") != "function" or name not in names:
+            raise BadRequest(f"'tool_choice' names a function that is not in 'tools' (have: {names})")
+        choice = name
+    elif choice not in ("auto", "none", "required"):
+        raise BadRequest("'tool_choice' must be 'auto', 'none', 'required' or {'type': 'function', 'function': "
+                         "{'name': ...}}")
+    elif choice == "required" and not tools:
+        raise BadRequest("'tool_choice' is 'required' but no 'tools' were given")
+    return [{"type": "function", "function": t["function"]} for t in tools], choice
+
+
+def parse_messages(messages):
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("'messages' must be a non-empty list")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise BadRequest(f"messages[{i}] must be {{'role': one of {sorted(ROLES)}, 'content': string}}")
+        m = {**m, "content": _text(m.get("content"), f"messages[{i}]")}
+        if m["role"] in ("system", "user") and not m["content"].strip():
+            raise BadRequest(f"messages[{i}] has empty content")
+        if m["role"] == "tool" and not isinstance(m.get("tool_call_id"), str):
+            raise BadRequest(f"messages[{i}] (tool) needs the 'tool_call_id' of the call it answers")
+        out.append({k: m[k] for k in ("role", "content", "tool_calls", "tool_call_id", "name", "reasoning_content")
+                    if m.get(k) is not None})
+    if out[-1]["role"] not in ("user", "tool"):
+        raise BadRequest("the last message must come from the user (or be a tool result)")
+    try:
+        out, _ = normalize_chat(out, key="messages", complete=False)  # the order and the tool calls, as in training
+    except BadLineError as e:
+        raise BadRequest(str(e)) from None
+    return out
 
 
 def parse_request(body: bytes, max_tokens_cap: int) -> dict:
@@ -48,16 +119,8 @@ def parse_request(body: bytes, max_tokens_cap: int) -> dict:
         raise BadRequest(f"body is not valid JSON: {e}") from None
     if not isinstance(req, dict):
         raise BadRequest("body must be a JSON object")
-    messages = req.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise BadRequest("'messages' must be a non-empty list")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise BadRequest(f"messages[{i}] must be {{'role': one of {sorted(ROLES)}, 'content': string}}")
-        if not m["content"].strip():
-            raise BadRequest(f"messages[{i}] has empty content")
-    if messages[-1]["role"] != "user":
-        raise BadRequest("the last message must come from the user")
+    messages = parse_messages(req.get("messages"))
+    tools, choice = parse_tools(req.get("tools"), req.get("tool_choice"))
 
     def number(name, default, lo, hi, kind=float):
         value = req.get(name, default)
@@ -73,160 +136,99 @@ def parse_request(body: bytes, max_tokens_cap: int) -> dict:
         raise BadRequest("'stop' must be a string or a list of up to 4 non-empty strings")
     if not isinstance(req.get("stream", False), bool):
         raise BadRequest("'stream' must be true or false")
-    return {"messages": [{"role": m["role"], "content": m["content"]} for m in messages],
+    kwargs = req.get("chat_template_kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise BadRequest("'chat_template_kwargs' must be an object")
+    thinking = kwargs.get("enable_thinking", req.get("open_thinking"))  # vLLM's switch, or MiniMind's
+    if thinking is not None and not isinstance(thinking, bool):
+        raise BadRequest("'enable_thinking' / 'open_thinking' must be true or false")
+    if req.get("max_completion_tokens") is not None:  # OpenAI's newer name
+        req["max_tokens"] = req["max_completion_tokens"]
+    return {"messages": messages, "tools": tools, "tool_choice": choice, "thinking": thinking,
             "temperature": number("temperature", 0.7, 0.0, 2.0), "top_p": number("top_p", 1.0, 0.0, 1.0),
             "max_tokens": number("max_tokens", min(512, max_tokens_cap), 1, max_tokens_cap, int),
             "stream": req.get("stream", False), "stop": stop, "model": req.get("model")}
 
 
-def split_reasoning(text: str) -> tuple:
-    """(reasoning_content, content): the <think> part apart from the rest; the <answer> tags are dropped."""
-    reasoning = None
-    if "<think>" in text:
-        before, _, rest = text.partition("<think>")
-        reasoning, _, after = rest.partition("</think>")
-        text, reasoning = before + after, reasoning.strip()
-    content = text.replace("<answer>", "").replace("</answer>", "").strip()
-    return reasoning, content
-
-
-def cut_at_stop(text: str, stop: list) -> tuple:
-    """(text before the first stop string, whether one was found)."""
-    cuts = [text.find(s) for s in stop if s in text]
-    return (text[:min(cuts)], True) if cuts else (text, False)
-
-
-class ThinkRouter:
-    """Streamed text to (field, text) pieces: inside <think>...</think> to reasoning_content, the rest to content with
-    the <answer> tags dropped. A tail that may be the start of a tag split across tokens waits for the next text."""
-
-    def __init__(self):
-        self.thinking, self.pending = False, ""
-
-    def _field(self):
-        return "reasoning_content" if self.thinking else "content"
-
-    def feed(self, text: str) -> list:
-        self.pending += text
-        out = []
-        while self.pending:
-            tags = ["</think>"] if self.thinking else ["<think>", "<answer>", "</answer>"]
-            hits = [(self.pending.find(t), t) for t in tags if t in self.pending]
-            if hits:
-                i, tag = min(hits)
-                if i:
-                    out.append((self._field(), self.pending[:i]))
-                self.pending = self.pending[i + len(tag):]
-                self.thinking ^= tag in ("<think>", "</think>")
-                continue
-            hold = max((k for t in tags for k in range(1, len(t)) if self.pending.endswith(t[:k])), default=0)
-            cut = len(self.pending) - hold
-            if cut:
-                out.append((self._field(), self.pending[:cut]))
-            self.pending = self.pending[cut:]
-            break
-        return out
-
-    def flush(self) -> list:
-        out = [(self._field(), self.pending)] if self.pending else []
-        self.pending = ""
-        return out
-
-
-class _Flag(StoppingCriteria):
-    def __init__(self):
-        self.stop = False
-
-    def __call__(self, input_ids, scores, **kwargs):
-        return self.stop
+def reply_kwargs(req) -> dict:
+    """Engine.stream_reply's arguments for a request. tool_choice "none": no tools in the prompt and calls stay text;
+    "required" or a named function: the reply is forced to open a call (of that function), thinking off."""
+    choice, tools, thinking = req["tool_choice"], req["tools"], req["thinking"]
+    prefix = ""
+    if choice == "required":
+        prefix = '<tool_call>\n{"name": "'
+    elif choice not in ("auto", "none"):
+        prefix = '<tool_call>\n{"name": "' + choice + '", "arguments": '
+    if prefix and thinking:
+        thinking = False
+    return dict(tools=tools if choice != "none" else None, thinking=thinking, prefix=prefix, stop=req["stop"],
+                sampling=Sampling(max_new_tokens=req["max_tokens"], temperature=req["temperature"],
+                                  top_p=req["top_p"] if req["temperature"] > 0 else 1.0))
 
 
 class Generator:
-    """One request at a time on the model (a lock around generate), so caches never mix."""
+    """One request at a time on the engine (a lock around each reply), so caches never mix."""
 
-    def __init__(self, model, tokenizer, context: int):
-        self.model, self.tokenizer, self.context = model, tokenizer, context
+    def __init__(self, engine):
+        self.engine = engine
         self.lock = threading.Lock()
 
-    def prompt_ids(self, messages, max_tokens: int):
-        """The chat prompt, cut from the left (the oldest turns go first) to leave room for max_tokens."""
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"][-(self.context - max_tokens):]
-        return torch.tensor([ids], device=self.model.device)
-
-    def _kwargs(self, req, ids):
-        sampling = dict(do_sample=True, temperature=req["temperature"], top_p=req["top_p"], top_k=0) \
-            if req["temperature"] > 0 else dict(do_sample=False)
-        return dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=req["max_tokens"],
-                    eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id, **sampling,
-                    **eval_model.decode_cache(self.model, ids.size(1) + req["max_tokens"]))
-
-    def complete(self, req) -> dict:
-        ids = self.prompt_ids(req["messages"], req["max_tokens"])
-        with self.lock, torch.no_grad():
-            out = self.model.generate(**self._kwargs(req, ids))
-        new = out[0, ids.size(1):].tolist()
-        eos = self.tokenizer.eos_token_id
-        finished = eos in new
-        new = new[:new.index(eos)] if finished else new
-        text, stopped = cut_at_stop(self.tokenizer.decode(new, skip_special_tokens=False), req["stop"])
-        return {"text": text, "finish_reason": "stop" if finished or stopped else "length",
-                "prompt_tokens": ids.size(1), "completion_tokens": len(new)}
+    def complete(self, req):
+        with self.lock:
+            return self.engine.reply(req["messages"], **reply_kwargs(req))
 
     def stream(self, req):
-        """Yields (text delta, finish_reason or None); stop strings are held back until they cannot match."""
-        ids = self.prompt_ids(req["messages"], req["max_tokens"])
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=False, timeout=600)
-        flag = _Flag()
-        kwargs = self._kwargs(req, ids) | dict(streamer=streamer, stopping_criteria=StoppingCriteriaList([flag]))
-        self.lock.acquire()
+        """Yields the reply's (field, value) events, then ("done", Reply); ("error", message) if it failed. The reply
+        runs in a worker thread that holds the lock; a client that goes away stops it at the next token."""
+        events, cancelled = queue.Queue(), threading.Event()
 
         def work():
-            try:
-                with torch.no_grad():
-                    self.model.generate(**kwargs)
-            finally:
-                self.lock.release()
+            with self.lock:
+                gen = self.engine.stream_reply(req["messages"], **reply_kwargs(req))
+                try:
+                    while not cancelled.is_set():
+                        try:
+                            events.put(next(gen))
+                        except StopIteration as done:
+                            events.put(("done", done.value))
+                            return
+                    gen.close()
+                except Exception as e:  # a failure is reported to the client, never a dead server
+                    events.put(("error", f"{type(e).__name__}: {e}"))
 
         threading.Thread(target=work, daemon=True).start()
-        text, sent, n_tokens, hold = "", 0, 0, max((len(s) for s in req["stop"]), default=1) - 1
-        eos = self.tokenizer.eos_token
-        finish = "length"
-        for piece in streamer:
-            n_tokens += 1
-            if eos in piece:
-                text += piece.split(eos)[0]
-                finish = "stop"
-                break
-            text += piece
-            cut, stopped = cut_at_stop(text, req["stop"])
-            if stopped:
-                text, finish = cut, "stop"
-                break
-            if len(text) - hold > sent:
-                yield text[sent:len(text) - hold], None
-                sent = len(text) - hold
-        else:
-            streamer = ()  # generation ended by itself
-        flag.stop = True
-        for _ in streamer:  # stopped early: let generate finish (at its next step) and release the lock
-            pass
-        if len(text) > sent:
-            yield text[sent:], None
-        yield "", finish
+        try:
+            while True:
+                event = events.get(timeout=600)
+                yield event
+                if event[0] in ("done", "error"):
+                    return
+        finally:
+            cancelled.set()
+
+
+def response_message(reply) -> dict:
+    message = {"role": "assistant", "content": reply.content if reply.content or not reply.tool_calls else None}
+    if reply.reasoning is not None:
+        message["reasoning_content"] = reply.reasoning
+    if reply.tool_calls:
+        message["tool_calls"] = reply.tool_calls
+    return message
 
 
 def create_app(model, tokenizer, model_name="microlm", max_tokens_cap=2048):
     from fastapi import FastAPI, Request
     from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
-    context = getattr(model.config, "max_position_embeddings", 2048)
-    max_tokens_cap = min(max_tokens_cap, context // 2)  # the other half at least stays for the prompt
-    gen = Generator(model, tokenizer, context)
+    engine = model if isinstance(model, Engine) else Engine(model, tokenizer)
+    max_tokens_cap = min(max_tokens_cap, engine.context // 2)  # the other half at least stays for the prompt
+    gen = Generator(engine)
     app = FastAPI(title="LLM_implementation chat")
+    app.state.generator = gen
 
     def error(message, status=400):
-        return JSONResponse({"error": {"message": message, "type": "invalid_request_error"}}, status_code=status)
+        kind = "invalid_request_error" if status == 400 else "server_error"
+        return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status)
 
     @app.get("/health")
     def health():
@@ -251,15 +253,15 @@ def create_app(model, tokenizer, model_name="microlm", max_tokens_cap=2048):
         if not req["stream"]:
             import anyio
 
-            out = await anyio.to_thread.run_sync(gen.complete, req)
-            reasoning, content = split_reasoning(out["text"])
-            message = {"role": "assistant", "content": content}
-            if reasoning is not None:
-                message["reasoning_content"] = reasoning
+            try:
+                reply = await anyio.to_thread.run_sync(gen.complete, req)
+            except Exception as e:  # reported, never a dead server
+                return error(f"generation failed: {type(e).__name__}: {e}", 500)
             return {"id": rid, "object": "chat.completion", "created": created, "model": model_name,
-                    "choices": [{"index": 0, "message": message, "finish_reason": out["finish_reason"]}],
-                    "usage": {"prompt_tokens": out["prompt_tokens"], "completion_tokens": out["completion_tokens"],
-                              "total_tokens": out["prompt_tokens"] + out["completion_tokens"]}}
+                    "choices": [{"index": 0, "message": response_message(reply),
+                                 "finish_reason": reply.finish_reason}],
+                    "usage": {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
+                              "total_tokens": reply.prompt_tokens + reply.completion_tokens}}
 
         def events():
             def chunk(delta, finish=None):
@@ -269,14 +271,22 @@ def create_app(model, tokenizer, model_name="microlm", max_tokens_cap=2048):
                                              ensure_ascii=False) + "\n\n"
 
             yield chunk({"role": "assistant", "content": ""})
-            router = ThinkRouter()
-            for text, finish in gen.stream(req):
-                for field, piece in router.feed(text):
-                    yield chunk({field: piece})
-                if finish:
-                    for field, piece in router.flush():
-                        yield chunk({field: piece})
-                    yield chunk({}, finish)
+            n_calls = 0
+            for field, value in gen.stream(req):
+                if field == "tool_call":  # as OpenAI streams a call: id and name first, then the arguments
+                    head = {"id": value["id"], "type": "function",
+                            "function": {"name": value["function"]["name"], "arguments": ""}}
+                    yield chunk({"tool_calls": [{"index": n_calls, **head}]})
+                    yield chunk({"tool_calls": [{"index": n_calls,
+                                                 "function": {"arguments": value["function"]["arguments"]}}]})
+                    n_calls += 1
+                elif field == "done":
+                    yield chunk({}, value.finish_reason)
+                elif field == "error":
+                    yield "data: " + json.dumps({"error": {"message": f"generation failed: {value}",
+                                                           "type": "server_error"}}) + "\n\n"
+                elif value:
+                    yield chunk({field: value})
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
@@ -310,7 +320,7 @@ def serve_in_background(app, host="127.0.0.1", port=0):
 
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    eval_model.add_model_args(parser)  # the same --stage/--model_path/--adapter/... as the chat script
+    add_model_args(parser)  # the same --stage/--model_path/--adapter/--compile as the chat script
     parser.add_argument("--host", default="127.0.0.1", help="127.0.0.1: this machine only")
     parser.add_argument("--port", type=int, default=8998)
     parser.add_argument("--max_tokens_cap", type=int, default=2048, help="the most tokens one request may ask for")
@@ -322,9 +332,10 @@ def main(argv=None):
     import uvicorn
 
     args = build_parser().parse_args(argv)
-    model, tokenizer, path = eval_model.load(args)  # same loading rules and errors as the chat script
+    model, tokenizer, path = load(args)  # same loading rules and errors as the chat script
+    engine = Engine(model, tokenizer, compile=args.compile)
     print(f"serving {path} as '{args.model_name}' on http://{args.host}:{args.port}")
-    uvicorn.run(create_app(model, tokenizer, args.model_name, args.max_tokens_cap), host=args.host, port=args.port)
+    uvicorn.run(create_app(engine, tokenizer, args.model_name, args.max_tokens_cap), host=args.host, port=args.port)
 
 
 if __name__ == "__main__":

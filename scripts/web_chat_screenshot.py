@@ -58,8 +58,8 @@ def set_field(driver, element_id, value):
 
 def ask(driver, text, timeout=120):
     """Type text into the page, send it, wait until its answer has finished streaming. Returns
-    {"answer", "thinking", "updates"}: the shown answer, the think part (None when absent), and how many times the
-    answer's text changed while it streamed."""
+    {"answer", "thinking", "tools", "updates"}: the shown answer, the think part (None when absent), the tool calls
+    shown ([(call, result)]), and how many times the answer's text changed while it streamed."""
     from selenium.webdriver.support.ui import WebDriverWait
 
     before = len(driver.find_elements("css selector", ".assistant"))
@@ -72,11 +72,12 @@ def ask(driver, text, timeout=120):
         return len(boxes) > before and boxes[-1].get_attribute("data-done") == "1" and boxes[-1]
 
     box = WebDriverWait(driver, timeout).until(finished)
-    details = box.find_elements("tag name", "details")
-    thinking = None
-    if details:
-        thinking = driver.execute_script("return arguments[0].lastChild.textContent", details[0])
-    return {"answer": box.find_element("class name", "answer").text, "thinking": thinking,
+    text = "return arguments[0].lastChild.textContent"
+    think = box.find_elements("css selector", "details.think")
+    tools = [(driver.execute_script("return arguments[0].firstChild.textContent", d),
+              driver.execute_script(text, d)) for d in box.find_elements("css selector", "details.tool")]
+    return {"answer": box.find_element("class name", "answer").text,
+            "thinking": driver.execute_script(text, think[0]) if think else None, "tools": tools,
             "updates": driver.execute_script("return window.answerUpdates")}
 
 

@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -272,26 +273,32 @@ def test_correctness_reward(text, reward):
 # ---------------------------------------------------------------------------------------------------- metrics
 
 class ScriptedModel(torch.nn.Module):
-    """Stands in for a causal LM: `generate` answers each left-padded prompt from a script, then eos, then junk."""
+    """Stands in for a causal LM under the inference core's decode loop: at the prefill each left-padded prompt gets
+    its reply from a script (reply, then eos, then junk that must be ignored); each step returns that token."""
 
     def __init__(self, tokenizer, script):
         super().__init__()
         self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.config = make_model("tiny").config
         self.tokenizer, self.script, self.prompts = tokenizer, script, []
 
-    def generate(self, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id, do_sample):
-        assert not do_sample and not self.training
-        assert attention_mask[:, -1].all(), "prompts must be left-padded"
-        rows = []
-        for ids, mask in zip(input_ids, attention_mask):
-            prompt = self.tokenizer.decode(ids[mask.bool()])
-            self.prompts.append(prompt)
-            user = prompt.rsplit("<|im_start|>user\n", 1)[1].split("<|im_end|>")[0]
-            reply = self.tokenizer(self.script[user], add_special_tokens=False)["input_ids"]
-            rows.append((reply + [eos_token_id] + reply)[:max_new_tokens])  # text after eos must be ignored
-        width = max(len(r) for r in rows)
-        new = torch.tensor([r + [pad_token_id] * (width - len(r)) for r in rows])
-        return torch.cat([input_ids, new], dim=1)
+    def forward(self, input_ids, attention_mask, **kwargs):
+        assert not self.training
+        if input_ids.size(1) > 1:  # prefill
+            assert attention_mask[:, -1].all(), "prompts must be left-padded"
+            self.rows, self.k = [], 0
+            for ids, mask in zip(input_ids, attention_mask):
+                prompt = self.tokenizer.decode(ids[mask.bool()])
+                self.prompts.append(prompt)
+                user = prompt.rsplit("<|im_start|>user\n", 1)[1].split("<|im_end|>")[0]
+                reply = self.tokenizer(self.script[user], add_special_tokens=False)["input_ids"]
+                self.rows.append(reply + [self.tokenizer.eos_token_id] + reply)
+        else:
+            self.k += 1
+        logits = torch.full((input_ids.size(0), 1, self.config.vocab_size), float("-inf"))
+        for b, row in enumerate(self.rows):
+            logits[b, 0, row[min(self.k, len(row) - 1)]] = 0.0
+        return types.SimpleNamespace(logits=logits)
 
 
 def test_qa_accuracy_scores_generations_against_references(demo, tokenizer):

@@ -9,6 +9,7 @@ import torch
 from conftest import load_script, make_model, save_random_adapter
 
 from dataset import demo_metrics as metrics
+from inference import Engine, Sampling, generate, left_pad, load_tools
 from model.lora import from_adapter
 
 ev = load_script("eval_model.py")
@@ -47,7 +48,7 @@ def test_repl_keeps_history_turns_and_clear_forgets(out_dir, tokenizer):
     assert [m["content"] for m in messages if m["role"] == "user"] == ["second", "third"]
     assert "[history cleared]" in text
     args = ev.build_parser().parse_args(["--history", "1", "--max_new_tokens", "4"])
-    chat = ev.Chat(make_model("tiny"), tokenizer, args, raw_text=False, out=io.StringIO())
+    chat = ev.Chat(Engine(make_model("tiny"), tokenizer), args, raw_text=False, out=io.StringIO())
     chat.messages = messages
     prompt = tokenizer.decode(chat.prompt_ids("fourth"))
     assert "third" in prompt and "fourth" in prompt and "second" not in prompt  # exactly one earlier turn
@@ -56,7 +57,7 @@ def test_repl_keeps_history_turns_and_clear_forgets(out_dir, tokenizer):
 def test_long_prompt_is_cut_from_the_left_with_a_notice(tokenizer):
     args = ev.build_parser().parse_args(["--max_new_tokens", "2040"])
     out = io.StringIO()
-    chat = ev.Chat(make_model("tiny"), tokenizer, args, raw_text=False, out=out)  # 2048-token context
+    chat = ev.Chat(Engine(make_model("tiny"), tokenizer), args, raw_text=False, out=out)  # 2048-token context
     ids = chat.prompt_ids("word " * 50)
     assert len(ids) == 8 and "cut from the left to 8" in out.getvalue()
     assert tokenizer.decode(ids).endswith("<|im_start|>assistant\n")  # the end (the question) is what stays
@@ -67,23 +68,64 @@ def test_pretrain_checkpoint_continues_raw_text(out_dir, tokenizer):
                          "--max_new_tokens", 5])
     assert "raw text" in text and len(answers) == len(ev.TEST_PROMPTS)
     args = ev.build_parser().parse_args([])
-    ids = ev.Chat(make_model("tiny"), tokenizer, args, raw_text=True).prompt_ids("法国的首都是")
+    ids = ev.Chat(Engine(make_model("tiny"), tokenizer), args, raw_text=True).prompt_ids("法国的首都是")
     assert tokenizer.decode(ids) == tokenizer.bos_token + "法国的首都是"  # laid out as in pretraining, no roles
 
 
-def test_think_part_is_dimmed_or_hidden(tokenizer):
-    reply = ["<think>\n3加5", "等于8。\n</think>\n<answer>\n8\n</answer>"]
+def test_think_part_and_tool_calls_are_dimmed_or_hidden():
+    call = {"id": "call_1", "type": "function", "function": {"name": "calculator", "arguments": '{"expression": "3+5"}'}}
+    events = [("reasoning_content", "3加5"), ("reasoning_content", "等于8。"), ("content", "8"), ("tool_call", call),
+              ("tool_result", {"role": "tool", "content": "8"}), ("content", "答案是8")]
     for hide, color in ((True, False), (False, True)):
         out = io.StringIO()
-        printer = ev.Printer(tokenizer, out, hide_think=hide, color=color)
-        for chunk in reply:
-            printer.on_finalized_text(chunk)
+        printer = ev.Printer(out, hide_think=hide, color=color)
+        for event in events:
+            printer(*event)
         shown = out.getvalue()
-        assert printer.text == "".join(reply)
+        assert "8" in shown and "答案是8" in shown and 'calculator({"expression": "3+5"})' in shown
+        assert "[tool result] 8" in shown
         if hide:
-            assert shown == "\n<answer>\n8\n</answer>"
+            assert "3加5" not in shown and ev.DIM not in shown
         else:
-            assert shown.startswith(ev.DIM + "<think>") and "8\n</answer>" in shown and ev.RESET in shown
+            assert shown.startswith(ev.DIM + "[think] 3加5") and ev.RESET in shown
+
+
+def test_tools_run_in_the_chat_and_each_call_and_result_is_shown(tmp_path, tokenizer):
+    """--tools builtin,file.py:fn: the reply's calls run, the results go back as tool messages, the model answers;
+    a tool that raises is reported to the model, the chat goes on. (A scripted model plays the trained one.)"""
+    from test_server import ScriptedLM
+
+    (tmp_path / "my_tools.py").write_text('def lookup(query: str) -> str:\n    """Find facts."""\n'
+                                          '    raise RuntimeError("offline")\n', encoding="utf-8")
+
+    def script(prompt):
+        if prompt.count("<tool_response>") == 2:
+            return "37加25等于62。"
+        if "<tool_response>" in prompt:
+            return '<tool_call>\n{"name": "lookup", "arguments": {"query": "x"}}\n</tool_call>'
+        assert '"name": "lookup"' in prompt and '"name": "calculator"' in prompt  # both schemas shown
+        return '<tool_call>\n{"name": "calculator", "arguments": {"expression": "37+25"}}\n</tool_call>'
+
+    args = ev.build_parser().parse_args(["--tools", f"builtin,{tmp_path / 'my_tools.py'}:lookup",
+                                         "--max_new_tokens", "60", "--temperature", "0"])
+    out = io.StringIO()
+    chat = ev.Chat(Engine(ScriptedLM(tokenizer, script), tokenizer), args, raw_text=False, out=out,
+                   tools=load_tools(args.tools))
+    assert chat.reply("37加25等于几？") == "37加25等于62。"
+    shown = out.getvalue()
+    assert '[tool call] calculator({"expression": "37+25"})' in shown and "[tool result] 62" in shown
+    assert "[tool result] error: lookup failed: RuntimeError: offline" in shown
+    roles = [m["role"] for m in chat.messages]
+    assert roles == ["user", "assistant", "tool", "assistant", "tool", "assistant"]
+    with pytest.raises(SystemExit, match="no_such.py"):
+        ev.main(["--tools", "no_such.py:f"])
+
+
+def test_think_switch_reaches_the_template(tokenizer):
+    for flag, end in (("--think", "<think>\n"), ("--no_think", "<think>\n\n</think>\n\n"), (None, "assistant\n")):
+        args = ev.build_parser().parse_args([flag] if flag else [])
+        chat = ev.Chat(Engine(make_model("tiny"), tokenizer), args, raw_text=False, out=io.StringIO())
+        assert tokenizer.decode(chat.prompt_ids("hi")).endswith(end)
 
 
 def test_adapter_loads_on_top_and_missing_checkpoint_names_its_stage(out_dir, tokenizer):
@@ -100,7 +142,7 @@ def test_adapter_loads_on_top_and_missing_checkpoint_names_its_stage(out_dir, to
         run(["--out_dir", out_dir, "--stage", "dpo", "--auto"])
 
 
-def test_auto_dtype_is_the_devices_fast_one_and_compile_uses_bucketed_static_caches(tmp_path, tokenizer):
+def test_auto_dtype_is_the_devices_fast_one_and_the_static_cache_decodes_alike(tmp_path, tokenizer):
     model = make_model("tiny", seed=1)
     model.save_pretrained(tmp_path / "sft")
     tokenizer.save_pretrained(tmp_path / "sft")
@@ -109,17 +151,9 @@ def test_auto_dtype_is_the_devices_fast_one_and_compile_uses_bucketed_static_cac
     loaded, _, _ = ev.load(args)
     assert loaded.dtype == ev.fast_dtype("cpu") in (torch.bfloat16, torch.float32)
     assert ev.fast_dtype("meta") == torch.float32
-    compiled = ev.compile_decoding(make_model("tiny", seed=1))
-    assert compiled.generation_config.compile_config._compile_all_devices
-    assert ev.decode_cache(make_model("tiny", seed=1), 300) == {}  # nothing without compile_decoding
-    # with it: a static cache in 256-position buckets, so one compiled step serves many prompt lengths
-    from transformers import CompileConfig
-
+    # --compile's path: a pre-allocated cache (fixed shapes for the compiled step) decodes exactly as the plain one
     model = make_model("tiny", seed=3, tie_word_embeddings=False)
-    model.generation_config.compile_config = CompileConfig()  # without _compile_all_devices: no compiling on CPU
-    cache = ev.decode_cache(model, 300)["cache"]
-    assert type(cache).__name__ == "StaticCache" and cache.get_max_length() == 512
-    ids = torch.randint(10, 6000, (1, 40))
-    greedy = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
-    assert torch.equal(model.generate(ids, cache=cache, **greedy), make_model(
-        "tiny", seed=3, tie_word_embeddings=False).generate(ids, **greedy))
+    ids, mask = left_pad([[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]], 0)
+    plain = generate(model, ids, mask, Sampling(max_new_tokens=12), pad_id=0)
+    static = generate(model, ids, mask, Sampling(max_new_tokens=12), pad_id=0, static_cache=True, cache_len=256)
+    assert torch.equal(plain, static)

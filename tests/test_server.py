@@ -6,6 +6,7 @@ import json
 import os
 import threading
 import time
+import types
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -15,6 +16,7 @@ from conftest import load_script, make_model
 from openai import OpenAI
 
 from dataset import demo_metrics as metrics
+from inference import Engine, StreamSplitter, cut_at_stop
 
 server = load_script("scripts/serve_openai_api.py")
 QUESTION = [{"role": "user", "content": "中国的首都是哪里？"}]
@@ -108,27 +110,27 @@ def test_bad_requests_get_a_400_with_a_json_error(base_url, body, needle):
 
 
 def test_long_conversations_are_cut_from_the_left_to_fit_the_context(tokenizer):
-    gen = server.Generator(tiny(), tokenizer, context=64)
+    engine = Engine(tiny(), tokenizer, context=64)
     messages = [{"role": "user", "content": "很长的问题 " * 40}, {"role": "assistant", "content": "好"},
                 {"role": "user", "content": "最后的问题"}]
-    ids = gen.prompt_ids(messages, max_tokens=16)
-    assert ids.size(1) == 48 and tokenizer.decode(ids[0]).endswith("最后的问题<|im_end|>\n<|im_start|>assistant\n")
-    short = gen.prompt_ids(QUESTION, max_tokens=16)
-    assert tokenizer.decode(short[0]).startswith("<|im_start|>user")  # nothing cut when it fits
+    ids = engine.prompt_ids(engine.render(messages), max_new_tokens=16)
+    assert len(ids) == 48 and tokenizer.decode(ids).endswith("最后的问题<|im_end|>\n<|im_start|>assistant\n")
+    short = engine.prompt_ids(engine.render(QUESTION), max_new_tokens=16)
+    assert tokenizer.decode(short).startswith("<|im_start|>user")  # nothing cut when it fits
 
 
 def test_think_part_becomes_reasoning_content():
     text = "<think>\n3加5等于8。\n</think>\n<answer>\n8\n</answer>"
     assert server.split_reasoning(text) == ("3加5等于8。", "8")
     assert server.split_reasoning("plain answer") == (None, "plain answer")
-    assert server.cut_at_stop("abc. def", [".", "x"]) == ("abc", True)
+    assert cut_at_stop("abc. def", [".", "x"]) == ("abc", True)
 
 
 @pytest.mark.parametrize("cuts", [[], [3, 9, 17, 30, 41], list(range(1, 60))])
 def test_streamed_think_tags_are_routed_wherever_the_tokens_split_them(cuts):
     text = "<think>\n3加5等于8。\n</think>\n<answer>\n8 < 9\n</answer>"
     pieces = [text[i:j] for i, j in zip([0] + cuts, cuts + [len(text)])]
-    router = server.ThinkRouter()
+    router = StreamSplitter()
     routed = [out for piece in pieces for out in router.feed(piece)] + router.flush()
     reasoning = "".join(t for field, t in routed if field == "reasoning_content")
     content = "".join(t for field, t in routed if field == "content")
@@ -174,39 +176,36 @@ def test_a_flood_of_good_and_bad_requests_leaves_the_server_up_with_bounded_memo
     assert httpx.get(base_url + "/health").json()["status"] == "ok"
 
 
-class ScriptedLM:
-    """Stands in for the model behind the real server: generate() writes a fixed reply (a think part, then the
-    answer, then eos) token by token, a little slowly, and counts how many generate() calls ever ran at once."""
+class ScriptedLM(torch.nn.Module):
+    """Stands in for the model behind the real server: at each prefill it picks its reply from the prompt's text
+    (`script(prompt) -> reply`) and then writes that reply, then eos, one token per decode step, a little slowly; it
+    counts how many replies were ever in progress at once."""
 
-    REPLY = "<think>\n3加5等于8。\n</think>\n\n8 < 9"
+    def __init__(self, tokenizer, script=lambda prompt: "<think>\n3加5等于8。\n</think>\n\n8 < 9"):
+        super().__init__()
+        self.config = make_model("tiny").config
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # a device and dtype to report
+        self.tokenizer, self.script = tokenizer, script
+        self.ids, self.k, self.in_progress, self.most_at_once = [], 0, 0, 0
+        self.guard = threading.Lock()
 
-    def __init__(self, tokenizer):
-        self.model = make_model("tiny")
-        self.config, self.generation_config, self.device = self.model.config, self.model.generation_config, "cpu"
-        self.ids = tokenizer(self.REPLY + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
-        self.guard, self.active, self.most_at_once = threading.Lock(), 0, 0
-
-    def generate(self, input_ids, streamer=None, stopping_criteria=(), max_new_tokens=64, **kwargs):
+    def forward(self, input_ids, past_key_values=None, **kwargs):
         with self.guard:
-            self.active += 1
-            self.most_at_once = max(self.most_at_once, self.active)
-        try:
-            if streamer is not None:
-                streamer.put(input_ids)  # the prompt first, as generate() does
-            out = input_ids
-            for t in self.ids[:max_new_tokens]:
-                time.sleep(0.004)
-                out = torch.cat([out, torch.tensor([[t]])], 1)
-                if streamer is not None:
-                    streamer.put(torch.tensor([t]))
-                if any(c(out, None) for c in stopping_criteria):
-                    break
-            return out
-        finally:
-            if streamer is not None:
-                streamer.end()
-            with self.guard:
-                self.active -= 1
+            if input_ids.size(1) > 1:  # a prefill: a new reply starts
+                self.in_progress += 1
+                self.most_at_once = max(self.most_at_once, self.in_progress)
+                prompt = self.tokenizer.decode(input_ids[0], skip_special_tokens=False)
+                self.ids = self.tokenizer(self.script(prompt) + self.tokenizer.eos_token,
+                                          add_special_tokens=False)["input_ids"]
+                self.k = 0
+            token = self.ids[min(self.k, len(self.ids) - 1)]
+            self.k += 1
+            if token == self.tokenizer.eos_token_id:
+                self.in_progress -= 1
+        time.sleep(0.004)
+        logits = torch.full((input_ids.size(0), 1, self.config.vocab_size), float("-inf"))
+        logits[:, :, token] = 0.0  # certain, at any temperature
+        return types.SimpleNamespace(logits=logits)
 
 
 @pytest.fixture(scope="module")
@@ -267,3 +266,131 @@ def test_requests_leave_no_tensors_behind(client):
     for i in range(20):
         ask(i)
     assert live() - before <= 2, live() - before
+
+
+# ----------------------------------------------------------------------------------------------------- tool calls
+
+CALC = {"type": "function", "function": {"name": "calculator", "description": "Evaluate arithmetic.",
+                                         "parameters": {"type": "object", "properties": {
+                                             "expression": {"type": "string"}}, "required": ["expression"]}}}
+ASK = [{"role": "user", "content": "37加25等于几？"}]
+
+
+def tool_script(prompt):
+    """A model that has learnt the protocol: with tools it calls the calculator, with a tool result it answers."""
+    if "<tool_response>" in prompt:
+        result = prompt.rsplit("<tool_response>\n", 1)[1].split("\n</tool_response>")[0]
+        return f"37加25等于{result}。"
+    if prompt.endswith('"arguments": '):  # tool_choice named the function: the call is already open
+        return '{"expression": "37+25"}}\n</tool_call>'
+    if prompt.endswith('{"name": "'):  # tool_choice required
+        return 'calculator", "arguments": {"expression": "37+25"}}\n</tool_call>'
+    if "<tools>" in prompt:
+        return '<tool_call>\n{"name": "calculator", "arguments": {"expression": "37+25"}}\n</tool_call>'
+    if "malformed" in prompt:
+        return '<tool_call>\n{"name": "calculator", "arguments": {oops}\n</tool_call>'
+    if prompt.endswith("<think>\n"):
+        return "先想一想。\n</think>\n\n62"
+    return "不用工具。"
+
+
+@pytest.fixture(scope="module")
+def tooled(tokenizer):
+    prompts = []
+    lm = ScriptedLM(tokenizer, lambda p: prompts.append(p) or tool_script(p))
+    with server.serve_in_background(server.create_app(lm, tokenizer, "scripted", max_tokens_cap=64)) as url:
+        yield prompts, url, OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+
+
+def test_a_tool_round_trip_through_the_openai_client_stream_and_not(tooled):
+    """request with tools -> tool_calls -> the client runs the call and sends the result -> the final answer."""
+    from inference import run_tool
+
+    prompts, _, client = tooled
+    for stream in (False, True):
+        if stream:  # the openai client's stream helper assembles the streamed deltas into the message
+            with client.chat.completions.stream(model="scripted", messages=ASK, tools=[CALC], max_tokens=60) as s:
+                deltas = [e for e in s if e.type == "tool_calls.function.arguments.delta"]
+                completion = s.get_final_completion()
+            assert deltas  # the arguments came as stream deltas
+        else:
+            completion = client.chat.completions.create(model="scripted", messages=ASK, tools=[CALC], max_tokens=60)
+        choice = completion.choices[0]
+        assert choice.finish_reason == "tool_calls" and not choice.message.content
+        call = choice.message.tool_calls[0]
+        assert call.id.startswith("call_") and call.function.name == "calculator"
+        assert json.loads(call.function.arguments) == {"expression": "37+25"}
+        assert "<tools>" in prompts[-1] and '"name": "calculator"' in prompts[-1]
+        result = run_tool(call.function.name, json.loads(call.function.arguments))
+        followup = ASK + [choice.message.model_dump(exclude_none=True),
+                          {"role": "tool", "tool_call_id": call.id, "content": result}]
+        final = client.chat.completions.create(model="scripted", messages=followup, tools=[CALC], max_tokens=60)
+        assert final.choices[0].message.content == "37加25等于62。" and final.choices[0].finish_reason == "stop"
+        # the call went back into the prompt as the model wrote it, the result as a tool response
+        assert '<tool_call>\n{"name": "calculator", "arguments": {"expression": "37+25"}}\n</tool_call>' in prompts[-1]
+        assert "<tool_response>\n62\n</tool_response>" in prompts[-1]
+
+
+def test_tool_choice_none_required_and_named(tooled):
+    prompts, _, client = tooled
+    kwargs = dict(model="scripted", messages=ASK, tools=[CALC], max_tokens=60)
+    none = client.chat.completions.create(tool_choice="none", **kwargs).choices[0]
+    assert "<tools>" not in prompts[-1] and none.message.content == "不用工具。" and not none.message.tool_calls
+    for choice in ("required", {"type": "function", "function": {"name": "calculator"}}):
+        forced = client.chat.completions.create(tool_choice=choice, **kwargs).choices[0]
+        assert forced.finish_reason == "tool_calls"
+        assert json.loads(forced.message.tool_calls[0].function.arguments) == {"expression": "37+25"}
+        assert prompts[-1].endswith('<tool_call>\n{"name": "' + ("" if choice == "required" else
+                                                                   'calculator", "arguments": '))
+
+
+def test_a_malformed_call_comes_back_as_content_not_an_error(tooled):
+    _, _, client = tooled
+    messages = [{"role": "user", "content": "malformed please"}]
+    for stream in (False, True):
+        if stream:
+            chunks = list(client.chat.completions.create(model="scripted", messages=messages, max_tokens=60,
+                                                         stream=True))
+            content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            assert not any(c.choices[0].delta.tool_calls for c in chunks if c.choices)
+            finish = chunks[-1].choices[0].finish_reason
+        else:
+            choice = client.chat.completions.create(model="scripted", messages=messages, max_tokens=60).choices[0]
+            content, finish = choice.message.content, choice.finish_reason
+            assert not choice.message.tool_calls
+        assert "{oops}" in content and "<tool_call>" in content and finish == "stop"
+
+
+def test_thinking_is_switched_per_request(tooled):
+    prompts, url, client = tooled
+    on = client.chat.completions.create(model="scripted", messages=QUESTION, max_tokens=60,
+                                        extra_body={"chat_template_kwargs": {"enable_thinking": True}})
+    assert prompts[-1].endswith("<|im_start|>assistant\n<think>\n")
+    # the prompt opened the think part, so the reply's text up to </think> is reasoning
+    assert (on.choices[0].message.reasoning_content, on.choices[0].message.content) == ("先想一想。", "62")
+    client.chat.completions.create(model="scripted", messages=QUESTION, max_tokens=60,
+                                   extra_body={"open_thinking": False})
+    assert prompts[-1].endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    client.chat.completions.create(model="scripted", messages=QUESTION, max_tokens=60)
+    assert prompts[-1].endswith("<|im_start|>assistant\n")  # unset: the model decides
+
+
+@pytest.mark.parametrize("extra,needle", [
+    ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools[0]"),
+    ({"tools": {"name": "calculator"}}, "'tools' must be a list"),
+    ({"tools": [CALC, CALC]}, "unique"),
+    ({"tools": [CALC], "tool_choice": {"type": "function", "function": {"name": "weather"}}}, "not in 'tools'"),
+    ({"tool_choice": "required"}, "no 'tools'"),
+    ({"tools": [CALC], "tool_choice": "sometimes"}, "'tool_choice' must be"),
+    ({"messages": ASK + [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "calculator", "arguments": "{not json"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "62"}]}, "not valid JSON"),
+    ({"messages": ASK + [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "calculator", "arguments": "{}"}}]},
+        {"role": "tool", "content": "62"}]}, "tool_call_id"),
+    ({"chat_template_kwargs": {"enable_thinking": "yes"}}, "enable_thinking"),
+])
+def test_bad_tool_requests_get_a_400_with_a_json_error(tooled, extra, needle):
+    _, url, _ = tooled
+    r = httpx.post(url + "/v1/chat/completions", json={"messages": ASK, **extra})
+    assert r.status_code == 400 and needle in r.json()["error"]["message"], r.text

@@ -1,5 +1,6 @@
 """The web chat page in headless Chromium against the real server: a message gets a streamed answer equal to the
-API's, the conversation history goes along, clear forgets it, the think part is shown apart, errors are shown."""
+API's, the conversation history goes along, clear forgets it, the think part is shown apart, the thinking switch
+reaches the template, the page runs tool calls itself (calculator, time) and shows each call, errors are shown."""
 
 import time
 
@@ -73,21 +74,80 @@ def test_clear_forgets_the_conversation(page, base_url):
     assert browser.ask(page, "为什么？")["answer"].strip() == alone  # asked as if first
 
 
-def test_think_part_is_shown_apart_and_collapsible(page, monkeypatch):
-    def reasoning_stream(self, req):
-        # the split falls inside the tags, as token boundaries do
-        for piece in ["<thi", "nk>\n3加5等于8。\n</th", "ink>\n<answer>\n8\n</ans", "wer>"]:
-            yield piece, None
-        yield "", "stop"
+def web_script(prompt):
+    """A scripted model that knows the protocol (see test_server.ScriptedLM)."""
+    if "<tool_response>" in prompt:
+        return "37加25等于" + prompt.rsplit("<tool_response>\n", 1)[1].split("\n</tool_response>")[0] + "。"
+    if "<tools>" in prompt:
+        return '<tool_call>\n{"name": "calculator", "arguments": {"expression": "(37+25)*2//2"}}\n</tool_call>'
+    if prompt.endswith("<think>\n"):
+        return "先想一想。\n</think>\n\n62"
+    return "<think>\n3加5等于8。\n</think>\n<answer>\n8\n</answer>"
 
-    monkeypatch.setattr(server.Generator, "stream", reasoning_stream)
-    reply = browser.ask(page, "3加5等于几？")
+
+@pytest.fixture(scope="module")
+def scripted_url():
+    from test_server import ScriptedLM
+    from transformers import AutoTokenizer
+
+    from model import TOKENIZER_DIR
+
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    prompts = []
+    lm = ScriptedLM(tokenizer, lambda p: prompts.append(p) or web_script(p))
+    with server.serve_in_background(server.create_app(lm, tokenizer, "scripted", max_tokens_cap=64)) as url:
+        yield url, prompts
+
+
+@pytest.fixture
+def scripted_page(driver, scripted_url):
+    driver.get(scripted_url[0])
+    browser.set_field(driver, "max_tokens", 60)
+    return driver
+
+
+def test_think_part_is_shown_apart_and_collapsible(scripted_page):
+    reply = browser.ask(scripted_page, "3加5等于几？")
     assert reply["thinking"].strip() == "3加5等于8。"
     assert reply["answer"].strip() == "8"
-    details = page.find_element("css selector", ".assistant details")
+    details = scripted_page.find_element("css selector", ".assistant details.think")
     assert details.get_attribute("open") is None  # collapsed until clicked
     details.find_element("tag name", "summary").click()
     assert details.get_attribute("open") is not None
+
+
+def test_the_thinking_switch_reaches_the_template(scripted_page, scripted_url):
+    from selenium.webdriver.support.ui import Select
+
+    Select(scripted_page.find_element("id", "thinking")).select_by_value("on")
+    reply = browser.ask(scripted_page, "3加5等于几？")
+    assert scripted_url[1][-1].endswith("<|im_start|>assistant\n<think>\n")
+    assert (reply["thinking"], reply["answer"]) == ("先想一想。", "62")
+    Select(scripted_page.find_element("id", "thinking")).select_by_value("off")
+    browser.ask(scripted_page, "再说一遍")
+    assert scripted_url[1][-1].endswith("<think>\n\n</think>\n\n")
+
+
+def test_the_page_runs_tool_calls_itself_and_shows_each_call_and_result(scripted_page, scripted_url):
+    scripted_page.find_element("id", "use_tools").click()
+    reply = browser.ask(scripted_page, "37加25等于几？")
+    # the page's own calculator computed (37+25)*2//2 and sent it back as a tool message
+    assert reply["tools"] == [('🔧 calculator({"expression": "(37+25)*2//2"})', "→ 62")]
+    assert reply["answer"] == "37加25等于62。"
+    last = scripted_url[1][-1]
+    assert "<tool_response>\n62\n</tool_response>" in last and '"name": "current_time"' in last
+    details = scripted_page.find_element("css selector", ".assistant details.tool")
+    assert details.get_attribute("open") is None
+    # the page's calculator refuses what is not arithmetic and reports errors as results, never throwing
+    results = scripted_page.execute_script(
+        "return [calculator({expression: '2**10 % 7'}), calculator({expression: '7/2'}), "
+        "runTool({function: {name: 'calculator', arguments: '{\"expression\": \"alert(1)\"}'}}), "
+        "runTool({function: {name: 'calculator', arguments: '{\"expression\": \"1/0\"}'}}), "
+        "runTool({function: {name: 'nope', arguments: '{}'}}), "
+        "runTool({function: {name: 'calculator', arguments: '{oops'}})]")
+    assert results[:2] == ["2", "3.5"]
+    assert results[2].startswith("error: calculator failed: not arithmetic")
+    assert "division by zero" in results[3] and "unknown tool" in results[4] and "not JSON" in results[5]
 
 
 def test_a_rejected_request_is_shown_as_an_error(page):

@@ -1,0 +1,61 @@
+"""Loading a model to run: a stage's checkpoint (out/<stage>), any transformers folder, a LoRA adapter on top --
+the same rules and errors for the chat script, the server, the evaluation and the benchmarks."""
+
+from pathlib import Path
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def add_model_args(parser):
+    """Which checkpoint to load, and where: shared by eval_model.py and every script that runs a model."""
+    from trainer.checkpoint import STAGE_SCRIPTS
+
+    parser.add_argument("--stage", default="sft", choices=sorted(STAGE_SCRIPTS), help="out/<stage> to load")
+    parser.add_argument("--model_path", default=None, help="a checkpoint or HF folder instead of --stage")
+    parser.add_argument("--adapter", default=None, help="a LoRA adapter folder to put on top")
+    parser.add_argument("--out_dir", default="out")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                        help="auto: bf16 where the device has it natively (CUDA, recent CPUs), else fp32")
+    parser.add_argument("--compile", action="store_true",
+                        help="static KV cache + compiled decode step: faster tokens after a slow first reply")
+    return parser
+
+
+def load(args):
+    """(model, tokenizer, folder) for --stage / --model_path, with --adapter on top; SystemExit naming the missing
+    checkpoint and the script that makes it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import model as _registers_microlm  # noqa: F401  (AutoModelForCausalLM must know our model type)
+    from model import TOKENIZER_DIR
+    from model.lora import from_adapter, is_adapter_dir, load_adapter
+    from trainer.checkpoint import resolve_checkpoint
+    from trainer.distributed import fast_dtype
+
+    dtype = fast_dtype(args.device) if args.dtype == "auto" else DTYPES[args.dtype]
+    path = Path(args.model_path or Path(args.out_dir) / args.stage)
+    adapter = args.adapter
+    if is_adapter_dir(path):  # out/lora holds only an adapter: its config names the base
+        adapter, model = path, from_adapter(path, dtype=dtype)
+    else:
+        try:
+            path = resolve_checkpoint(args.model_path or args.stage, args.out_dir)
+        except FileNotFoundError as e:
+            raise SystemExit(str(e)) from None
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        if adapter:
+            load_adapter(model, adapter)
+    tok_dir = path if (Path(path) / "tokenizer_config.json").exists() else TOKENIZER_DIR
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    return model.to(args.device).eval(), tokenizer, path
+
+
+def load_engine(args):
+    """(Engine, folder): `load` plus the inference core around the model (--compile: a compiled decode step)."""
+    from .engine import Engine
+
+    model, tokenizer, path = load(args)
+    return Engine(model, tokenizer, compile=getattr(args, "compile", False)), path

@@ -1,0 +1,141 @@
+"""The inference core (inference/engine.py): its decode loop gives transformers' generate() output exactly (ours and
+a stock Llama, batched with left padding, repetition penalty too), sampling filters keep what they should, streamed
+text is split into reasoning / content / tool calls wherever the tokens cut it, and the tool loop stops."""
+
+import time
+
+import pytest
+import torch
+from conftest import make_model
+
+from inference import (Engine, Sampling, StreamSplitter, TextStream, convert_units, generate, left_pad, load_tools,
+                       run_tool, split_reasoning)
+from inference.engine import next_token
+
+ROWS = [[5, 6, 7, 8, 9, 10, 11, 12], [13, 14, 15], [16, 17, 18, 19, 20]]
+
+
+def stock_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2)).eval()
+
+
+@pytest.mark.parametrize("which", ["ours", "llama"])
+@pytest.mark.parametrize("penalty", [1.0, 1.3])
+def test_greedy_decoding_equals_transformers_generate(which, penalty):
+    model = make_model("tiny", seed=3, tie_word_embeddings=False).eval() if which == "ours" else stock_llama()
+    ids, mask = left_pad(ROWS, 0)
+    expected = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=16,
+                              repetition_penalty=penalty, pad_token_id=0)[:, ids.size(1):]
+    ours = generate(model, ids, mask, Sampling(max_new_tokens=16, repetition_penalty=penalty), pad_id=0)
+    assert torch.equal(ours, expected)
+    alone = [generate(model, *left_pad([r], 0), Sampling(max_new_tokens=16, repetition_penalty=penalty))[0]
+             for r in ROWS]
+    assert all(torch.equal(a, b) for a, b in zip(alone, ours))  # left padding changes nothing
+
+
+def test_rows_stop_at_eos_and_pad_after_it():
+    model = make_model("tiny", seed=3, tie_word_embeddings=False).eval()
+    ids, mask = left_pad(ROWS, 0)
+    free = generate(model, ids, mask, Sampling(max_new_tokens=10), pad_id=0)
+    eos = int(free[1, 3])  # pretend the 4th token of row 1 is the end
+    out = generate(model, ids, mask, Sampling(max_new_tokens=10), eos_id=eos, pad_id=0)
+    for row, (f, o) in enumerate(zip(free.tolist(), out.tolist())):
+        end = f.index(eos) + 1 if eos in f else len(f)
+        assert o[:end] == f[:end] and set(o[end:]) <= {0}
+
+
+def test_sampling_filters_keep_only_what_they_should():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.5, -1.0]]).repeat(2000, 1)
+    g = torch.Generator().manual_seed(0)
+    assert set(next_token(logits, Sampling(temperature=1.0, top_k=2), generator=g).tolist()) == {1, 3}
+    p = torch.softmax(logits[0], -1)  # 0.52, 0.32, ...: top_p 0.8 keeps the two largest
+    assert p[1] + p[3] > 0.8 > p[1]
+    assert set(next_token(logits, Sampling(temperature=1.0, top_p=0.8), generator=g).tolist()) == {1, 3}
+    assert set(next_token(logits, Sampling(temperature=1.0, top_p=0.1), generator=g).tolist()) == {1}
+    counts = torch.bincount(next_token(logits, Sampling(temperature=1.0), generator=g), minlength=5) / 2000
+    assert torch.allclose(counts, p, atol=0.04)  # plain sampling follows the softmax
+
+
+@pytest.mark.parametrize("cuts", [[], [5, 13, 27, 44, 60, 71], list(range(1, 120))])
+def test_the_stream_is_split_into_reasoning_content_and_calls_wherever_tokens_cut_it(cuts):
+    text = ('<think>\n要算一下。\n</think>\n\n好的。<tool_call>\n{"name": "calculator", "arguments": '
+            '{"expression": "3<4"}}\n</tool_call> 然后<tool_call>\n{"name": "f"')
+    pieces = [text[i:j] for i, j in zip([0] + cuts, cuts + [len(text)])]
+    splitter = StreamSplitter()
+    routed = [out for piece in pieces for out in splitter.feed(piece)] + splitter.flush()
+    joined = {f: "".join(t for g, t in routed if g == f) for f in ("reasoning_content", "content", "tool_call")}
+    assert joined["reasoning_content"].strip() == "要算一下。"
+    assert joined["tool_call"] == '\n{"name": "calculator", "arguments": {"expression": "3<4"}}\n'
+    # the unclosed call is not a call: its text comes back as content
+    assert joined["content"].strip() == '好的。 然后<tool_call>\n{"name": "f"'
+    assert sum(f == "tool_call" for f, _ in routed) == 1
+    assert split_reasoning("<think>\nx\n</think>\n<answer>\n8\n</answer>") == ("x", "8")
+
+
+def test_text_stream_waits_for_characters_split_across_byte_tokens(tokenizer):
+    text = "你好，世界 🌍 done"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    stream = TextStream(tokenizer)
+    deltas = [stream.add(i) for i in ids]
+    assert "".join(deltas) == text and not any("\ufffd" in d for d in deltas)
+
+
+class AlwaysCalls(torch.nn.Module):
+    """A model that answers every prompt with the same call (a model stuck in a loop)."""
+
+    def __init__(self, tokenizer, reply='<tool_call>\n{"name": "calculator", "arguments": {"expression": "1+1"}}\n'
+                                       '</tool_call>'):
+        super().__init__()
+        self.config = make_model("tiny").config
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.ids = tokenizer(reply + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+        self.k = 0
+
+    def forward(self, input_ids, **kwargs):
+        self.k = 0 if input_ids.size(1) > 1 else self.k + 1
+        logits = torch.full((input_ids.size(0), 1, self.config.vocab_size), float("-inf"))
+        logits[..., self.ids[min(self.k, len(self.ids) - 1)]] = 0.0
+        return type("Out", (), {"logits": logits})
+
+
+def test_the_tool_loop_stops_after_max_rounds(tokenizer):
+    engine = Engine(AlwaysCalls(tokenizer), tokenizer)
+    events = []
+    gen = engine.run_tools([{"role": "user", "content": "1+1?"}], load_tools("calculator"), max_rounds=2,
+                           sampling=Sampling(max_new_tokens=40))
+    while True:
+        try:
+            events.append(next(gen))
+        except StopIteration as done:
+            new, last = done.value
+            break
+    assert [m["role"] for m in new] == ["assistant", "tool", "assistant", "tool", "assistant"]
+    assert [m["content"] for m in new if m["role"] == "tool"] == ["2", "2"]
+    assert last.finish_reason == "tool_calls"  # still calling: the caller sees it was cut, not answered
+    assert [f for f, _ in events].count("tool_result") == 2
+
+
+def test_tools_time_out_convert_units_and_load_from_files(tmp_path):
+    def slow(x: int) -> str:
+        time.sleep(5)
+        return "late"
+
+    t = time.perf_counter()
+    assert run_tool("slow", {"x": 1}, {"slow": slow}, timeout=0.2) == "error: slow timed out after 0.2 s"
+    assert time.perf_counter() - t < 2
+    assert run_tool("calculator", "1+1").startswith("error: bad arguments")
+    assert convert_units(5, "km", "m") == "5000 m" and convert_units(100, "C", "F") == "212 F"
+    assert convert_units(1, "jin", "g") == "500 g" and convert_units(32, "F", "C") == "0 C"
+    assert "cannot convert" in run_tool("convert_units", {"value": 1, "from_unit": "kg", "to_unit": "m"})
+    (tmp_path / "mine.py").write_text("def shout(text: str) -> str:\n    return text.upper()\n", encoding="utf-8")
+    tools = load_tools(f"builtin,{tmp_path / 'mine.py'}:shout")
+    assert set(tools) == {"calculator", "current_time", "convert_units", "shout"}
+    assert run_tool("shout", {"text": "hi"}, tools) == "HI"
+    for bad, error in [("nope", ValueError), (f"{tmp_path / 'none.py'}:f", FileNotFoundError),
+                       (f"{tmp_path / 'mine.py'}:missing", ValueError)]:
+        with pytest.raises(error):
+            load_tools(bad)
