@@ -192,43 +192,33 @@ def final_number(text: str):
     return numbers[-1] if numbers else None
 
 
-def tool_use_scores(model, tokenizer, items, max_new_tokens=64, batch_size=16, max_rounds=2,
+def tool_use_scores(model, tokenizer, items, max_new_tokens=64, batch_size=16, max_rounds=2, functions=None,
                     return_generations=False) -> dict:
-    """agent_rl-format items (conversations with tools, "gt", optionally "expected_call" and "tool_results"): the
-    model's first reply is parsed for `<tool_call>` blocks; the calls run and their results go back as tool messages
-    for up to `max_rounds` rounds; the last reply must state the answer (a number: the last one of its first
-    sentence; text: contained in its first sentence). Calls run in inference.tools, or, for an item with
-    "tool_results" ({name: result}), in that scripted environment: a tool whose answer changes from chat to chat.
+    """agent_rl-format items (conversations with tools, "gt", optionally "expected_call" and "tool_results") through
+    the inference core's tool loop (Engine.run_tools_batch, greedy): the model's calls run and their results go back
+    as tool messages for up to `max_rounds` rounds; the last reply must state the answer (a number: the last one of
+    its first sentence; text: contained in its first sentence). Calls run in `functions` (default: the built-in
+    tools), or, for an item with "tool_results" ({name: result}), in that scripted environment: a tool whose answer
+    changes from chat to chat.
     {"valid_call": share whose first reply holds a parsable call and nothing malformed, "right_tool",
     "right_arguments" (the expected call exactly, spaces aside), "answer_accuracy" (tools executed),
     "answer_accuracy_without_tools" (the same questions with no tools in the prompt), "n"}."""
-    from inference import parse_tool_calls, run_tool
+    from inference import BUILTIN_TOOLS, Engine, Sampling
 
     from .chat import normalize_chat
 
     chats = [normalize_chat(x["conversations"], complete=False) for x in items]
-    histories, tools = [list(m) for m, _ in chats], [t for _, t in chats]
-    first, finals, open_rows = [None] * len(items), [""] * len(items), list(range(len(items)))
-    for _ in range(max_rounds + 1):
-        if not open_rows:
-            break
-        replies = _generate(model, tokenizer, [histories[i] for i in open_rows], max_new_tokens, batch_size,
-                            [tools[i] for i in open_rows])
-        still_open = []
-        for i, (reply, _) in zip(open_rows, replies):
-            content, calls, errors = parse_tool_calls(reply)
-            if first[i] is None:
-                first[i] = (calls, errors)
-            finals[i] = content
-            if calls and not errors:
-                histories[i].append({"role": "assistant", "content": content, "tool_calls": calls})
-                scripted = items[i].get("tool_results")
-                env = None if scripted is None else {name: (lambda r: lambda **_: r)(r) for name, r in scripted.items()}
-                histories[i] += [{"role": "tool",
-                                  "content": run_tool(c["function"]["name"], c["function"]["arguments"], env)}
-                                 for c in calls]
-                still_open.append(i)
-        open_rows = still_open
+    envs = []
+    for x in items:
+        scripted = x.get("tool_results")
+        envs.append(functions or BUILTIN_TOOLS if scripted is None else
+                    {name: (lambda r: lambda **_: r)(r) for name, r in scripted.items()})
+    engine = Engine(model, tokenizer)
+    with eval_mode(model):
+        runs = engine.run_tools_batch([m for m, _ in chats], envs, tools=[t for _, t in chats],
+                                      max_rounds=max_rounds, sampling=Sampling(max_new_tokens=max_new_tokens),
+                                      batch_size=batch_size)
+    finals = [last.content for _, _, last in runs]
 
     def right(i, text):
         gt = [str(g) for g in items[i]["gt"]]
@@ -239,23 +229,23 @@ def tool_use_scores(model, tokenizer, items, max_new_tokens=64, batch_size=16, m
     def same_call(call, expected):
         squash = lambda v: json.dumps(v, sort_keys=True).replace(" ", "")  # noqa: E731
         return call["function"]["name"] == expected["name"] and \
-            squash(call["function"]["arguments"]) == squash(expected["arguments"])
+            squash(json.loads(call["function"]["arguments"])) == squash(expected["arguments"])
 
     plain = [[m for m in msgs if m["role"] != "system" or m["content"].strip()] for msgs, _ in chats]
     without = [text for text, _ in _generate(model, tokenizer, plain, max_new_tokens, batch_size)]
-    valid = [bool(calls) and not errors for calls, errors in first]
+    valid = [bool(first.tool_calls) and not first.errors for _, first, _ in runs]
     expected = [x.get("expected_call") for x in items]
+    calls = [first.tool_calls for _, first, _ in runs]
     result = {"valid_call": _mean(valid),
-              "right_tool": _mean([v and e is not None and first[i][0][0]["function"]["name"] == e["name"]
+              "right_tool": _mean([v and e is not None and calls[i][0]["function"]["name"] == e["name"]
                                    for i, (v, e) in enumerate(zip(valid, expected))]),
-              "right_arguments": _mean([v and e is not None and same_call(first[i][0][0], e)
+              "right_arguments": _mean([v and e is not None and same_call(calls[i][0], e)
                                         for i, (v, e) in enumerate(zip(valid, expected))]),
               "answer_accuracy": _mean([right(i, finals[i]) for i in range(len(items))]),
               "answer_accuracy_without_tools": _mean([right(i, without[i]) for i in range(len(items))]),
               "n": len(items)}
     if return_generations:
-        result["generations"] = [h[len(c[0]):] + [{"role": "assistant", "content": f}]
-                                 for h, c, f in zip(histories, chats, finals)]
+        result["generations"] = [new for new, _, _ in runs]
         result["generations_without_tools"] = without
     return result
 

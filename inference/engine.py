@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .toolcalls import parse_tool_calls
-from .tools import run_tool
+from .tools import run_tool, tool_schema
 
 
 # ------------------------------------------------------------------------------------------------ token level
@@ -367,35 +367,86 @@ class Engine:
 
     # ---- the tool loop
 
+    def parse(self, text: str, thinking=False, tools=True) -> Reply:
+        """A whole reply's text as the stream would have split it (reasoning, content, calls, malformed calls)."""
+        splitter, reply = StreamSplitter(thinking, tools), Reply(text=text)
+        for f, t in splitter.feed(text) + splitter.flush():
+            for _ in self._emit(f, t, reply):
+                pass
+        reply.content = reply.content.strip()
+        reply.reasoning = reply.reasoning.strip() if reply.reasoning is not None else None
+        return reply
+
+    # ---- the tool loop
+
     def run_tools(self, messages, functions, tools=None, max_rounds=4, timeout=10.0, **kwargs):
         """Chat with tools: each reply's calls run (`functions`: name -> callable) and their results go back as tool
         messages, for at most `max_rounds` rounds; then the model answers. Yields the reply events plus
         ("tool_result", tool message); returns (the new messages, the last Reply). tools: the schemas shown to the
         model (default: derived from `functions`)."""
-        from .tools import tool_schema
-
-        tools = tools or [tool_schema(fn) for fn in functions.values()]
+        tools = tools or schemas_of(functions)
         new = []
         for round_ in range(max_rounds + 1):
             reply = yield from self.stream_reply(messages + new, tools=tools, **kwargs)
             new.append(reply.message())
             if not reply.tool_calls or round_ == max_rounds:
                 return new, reply
-            for call in reply.tool_calls:
-                fn = call["function"]
-                try:
-                    arguments = json.loads(fn["arguments"])
-                except ValueError as e:  # cannot happen for parsed calls; kept for calls handed in from outside
-                    result = f"error: arguments are not JSON: {e}"
-                else:
-                    result = run_tool(fn["name"], arguments, functions, timeout=timeout)
-                message = {"role": "tool", "tool_call_id": call["id"], "name": fn["name"], "content": result}
+            for message in tool_messages(reply.tool_calls, functions, timeout):
                 new.append(message)
                 yield "tool_result", message
+
+    def run_tools_batch(self, chats, functions, tools=None, max_rounds=4, timeout=10.0, thinking=None,
+                        sampling=Sampling(), batch_size=16) -> list:
+        """`run_tools` for many chats at once, greedy or sampled, each round batched: [(new messages, first Reply,
+        last Reply)]. functions: one {name: callable} for all chats or a list with one per chat; tools: one schema
+        list per chat (None, or a None in it: the schemas of that chat's functions)."""
+        n = len(chats)
+        functions = functions if isinstance(functions, list) else [functions] * n
+        tools = [t or schemas_of(f) for t, f in zip(tools or [None] * n, functions)]
+        new, first, last, open_rows = [[] for _ in range(n)], [None] * n, [None] * n, list(range(n))
+        for round_ in range(max_rounds + 1):
+            if not open_rows:
+                break
+            texts = [self.render(list(chats[i]) + new[i], tools[i], thinking) for i in open_rows]
+            rows = [self.prompt_ids(t, sampling.max_new_tokens) for t in texts]
+            still_open = []
+            for i, text, (ids, ended), n_prompt in zip(open_rows, texts, self.generate(rows, sampling, batch_size),
+                                                       map(len, rows)):
+                reply = self.parse(self.tokenizer.decode(ids, skip_special_tokens=False),
+                                   text.endswith("<think>\n"), tools=bool(tools[i]))
+                reply.prompt_tokens, reply.completion_tokens = n_prompt, len(ids) + ended
+                reply.finish_reason = "tool_calls" if reply.tool_calls else "stop" if ended else "length"
+                first[i] = first[i] or reply
+                last[i] = reply
+                new[i].append(reply.message())
+                if reply.tool_calls and round_ < max_rounds:
+                    new[i] += tool_messages(reply.tool_calls, functions[i], timeout)
+                    still_open.append(i)
+            open_rows = still_open
+        return list(zip(new, first, last))
 
     def chat_with_tools(self, messages, functions, **kwargs):
         """(new messages, last Reply) of `run_tools`, without the events."""
         return drain(self.run_tools(messages, functions, **kwargs))
+
+
+def schemas_of(functions) -> list:
+    return [tool_schema(fn) for fn in functions.values()]
+
+
+def tool_messages(calls, functions, timeout=10.0) -> list:
+    """The tool messages answering a reply's calls: each call run, every failure turned into a message."""
+    out = []
+    for call in calls:
+        fn = call["function"]
+        try:
+            arguments = json.loads(fn["arguments"])
+        except ValueError as e:  # parsed calls are JSON; this guards calls handed in from outside
+            result = f"error: arguments are not JSON: {e}"
+        else:
+            result = run_tool(fn["name"], arguments, functions, timeout=timeout)
+        out.append({"role": "tool", "tool_call_id": call["id"], "name": fn["name"], "content": result})
+    return out
 
 
 def drain(events, on_event=None):

@@ -1,4 +1,7 @@
 import sys
+import threading
+import time
+import types
 from pathlib import Path
 
 import pytest
@@ -90,3 +93,52 @@ def max_weight_diff(folder_a, folder_b) -> float:
     a, b = load_file(Path(folder_a) / "model.safetensors"), load_file(Path(folder_b) / "model.safetensors")
     assert a.keys() == b.keys()
     return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+class ScriptedLM(torch.nn.Module):
+    """Stands in for a trained causal LM under the inference core's decode loop: at each prefill every (left-padded)
+    prompt gets its reply from `script(prompt text) -> reply`; the reply, then eos, then junk that must be ignored,
+    come out one token per step with certainty (at any temperature). It records the prompts, can sleep per step,
+    and counts how many prefills were ever in progress at once (a reply is in progress until its eos)."""
+
+    def __init__(self, tokenizer, script, delay=0.0):
+        super().__init__()
+        self.config = make_model("tiny").config
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # a device and dtype to report
+        self.tokenizer, self.script, self.delay = tokenizer, script, delay
+        self.prompts, self.rows, self.k, self.in_progress, self.most_at_once = [], [], 0, 0, 0
+        self.guard = threading.Lock()
+        self.eval()  # a caller that measures must not leave it in training mode (asserted below)
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        assert not self.training
+        eos = self.tokenizer.eos_token_id
+        with self.guard:
+            if input_ids.size(1) > 1:  # a prefill: new replies start
+                mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+                assert mask[:, -1].all(), "prompts must be left-padded"
+                self.rows, self.k = [], 0
+                for ids, m in zip(input_ids, mask):
+                    prompt = self.tokenizer.decode(ids[m.bool()], skip_special_tokens=False)
+                    self.prompts.append(prompt)
+                    reply = self.tokenizer(self.script(prompt), add_special_tokens=False)["input_ids"]
+                    self.rows.append(reply + [eos] + reply)
+                self.in_progress += 1
+                self.most_at_once = max(self.most_at_once, self.in_progress)
+            else:
+                self.k += 1
+            tokens = [row[min(self.k, len(row) - 1)] for row in self.rows]
+            if self.k == max(row.index(eos) for row in self.rows):  # the last row ends now
+                self.in_progress -= 1
+        if self.delay:
+            time.sleep(self.delay)
+        logits = torch.full((input_ids.size(0), 1, self.config.vocab_size), float("-inf"))
+        logits[torch.arange(len(tokens)), 0, torch.tensor(tokens)] = 0.0
+        return types.SimpleNamespace(logits=logits)
+
+
+def last_turn(prompt: str) -> str:
+    """The text of a rendered prompt's last user or tool turn (tool results without their tags)."""
+    turn = prompt.rsplit("<|im_start|>", 2)[-2].split("<|im_end|>")[0]
+    body = turn.split("\n", 1)[1] if "\n" in turn else ""
+    return body.replace("<tool_response>\n", "").replace("\n</tool_response>", "").strip()

@@ -5,11 +5,10 @@ import os
 import re
 import subprocess
 import sys
-import types
 
 import pytest
 import torch
-from conftest import ROOT, make_model
+from conftest import ROOT, ScriptedLM, last_turn, make_model
 from transformers import AutoTokenizer
 
 from dataset import demo_data
@@ -272,33 +271,9 @@ def test_correctness_reward(text, reward):
 
 # ---------------------------------------------------------------------------------------------------- metrics
 
-class ScriptedModel(torch.nn.Module):
-    """Stands in for a causal LM under the inference core's decode loop: at the prefill each left-padded prompt gets
-    its reply from a script (reply, then eos, then junk that must be ignored); each step returns that token."""
-
-    def __init__(self, tokenizer, script):
-        super().__init__()
-        self.weight = torch.nn.Parameter(torch.zeros(1))
-        self.config = make_model("tiny").config
-        self.tokenizer, self.script, self.prompts = tokenizer, script, []
-
-    def forward(self, input_ids, attention_mask, **kwargs):
-        assert not self.training
-        if input_ids.size(1) > 1:  # prefill
-            assert attention_mask[:, -1].all(), "prompts must be left-padded"
-            self.rows, self.k = [], 0
-            for ids, mask in zip(input_ids, attention_mask):
-                prompt = self.tokenizer.decode(ids[mask.bool()])
-                self.prompts.append(prompt)
-                user = prompt.rsplit("<|im_start|>user\n", 1)[1].split("<|im_end|>")[0]
-                reply = self.tokenizer(self.script[user], add_special_tokens=False)["input_ids"]
-                self.rows.append(reply + [self.tokenizer.eos_token_id] + reply)
-        else:
-            self.k += 1
-        logits = torch.full((input_ids.size(0), 1, self.config.vocab_size), float("-inf"))
-        for b, row in enumerate(self.rows):
-            logits[b, 0, row[min(self.k, len(row) - 1)]] = 0.0
-        return types.SimpleNamespace(logits=logits)
+def ScriptedModel(tokenizer, script):
+    """A causal LM that answers each prompt's last user message from `script` (see conftest.ScriptedLM)."""
+    return ScriptedLM(tokenizer, lambda prompt: script[last_turn(prompt)])
 
 
 def test_qa_accuracy_scores_generations_against_references(demo, tokenizer):

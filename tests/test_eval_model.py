@@ -6,7 +6,7 @@ import io
 
 import pytest
 import torch
-from conftest import load_script, make_model, save_random_adapter
+from conftest import ScriptedLM, load_script, make_model, save_random_adapter
 
 from dataset import demo_metrics as metrics
 from inference import Engine, Sampling, generate, left_pad, load_tools
@@ -93,8 +93,6 @@ def test_think_part_and_tool_calls_are_dimmed_or_hidden():
 def test_tools_run_in_the_chat_and_each_call_and_result_is_shown(tmp_path, tokenizer):
     """--tools builtin,file.py:fn: the reply's calls run, the results go back as tool messages, the model answers;
     a tool that raises is reported to the model, the chat goes on. (A scripted model plays the trained one.)"""
-    from test_server import ScriptedLM
-
     (tmp_path / "my_tools.py").write_text('def lookup(query: str) -> str:\n    """Find facts."""\n'
                                           '    raise RuntimeError("offline")\n', encoding="utf-8")
 

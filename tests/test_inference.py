@@ -6,7 +6,7 @@ import time
 
 import pytest
 import torch
-from conftest import make_model
+from conftest import ScriptedLM, make_model
 
 from inference import (Engine, Sampling, StreamSplitter, TextStream, convert_units, generate, left_pad, load_tools,
                        run_tool, split_reasoning)
@@ -84,26 +84,9 @@ def test_text_stream_waits_for_characters_split_across_byte_tokens(tokenizer):
     assert "".join(deltas) == text and not any("\ufffd" in d for d in deltas)
 
 
-class AlwaysCalls(torch.nn.Module):
-    """A model that answers every prompt with the same call (a model stuck in a loop)."""
-
-    def __init__(self, tokenizer, reply='<tool_call>\n{"name": "calculator", "arguments": {"expression": "1+1"}}\n'
-                                       '</tool_call>'):
-        super().__init__()
-        self.config = make_model("tiny").config
-        self.w = torch.nn.Parameter(torch.zeros(1))
-        self.ids = tokenizer(reply + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
-        self.k = 0
-
-    def forward(self, input_ids, **kwargs):
-        self.k = 0 if input_ids.size(1) > 1 else self.k + 1
-        logits = torch.full((input_ids.size(0), 1, self.config.vocab_size), float("-inf"))
-        logits[..., self.ids[min(self.k, len(self.ids) - 1)]] = 0.0
-        return type("Out", (), {"logits": logits})
-
-
 def test_the_tool_loop_stops_after_max_rounds(tokenizer):
-    engine = Engine(AlwaysCalls(tokenizer), tokenizer)
+    call = '<tool_call>\n{"name": "calculator", "arguments": {"expression": "1+1"}}\n</tool_call>'
+    engine = Engine(ScriptedLM(tokenizer, lambda prompt: call), tokenizer)  # a model stuck calling
     events = []
     gen = engine.run_tools([{"role": "user", "content": "1+1?"}], load_tools("calculator"), max_rounds=2,
                            sampling=Sampling(max_new_tokens=40))

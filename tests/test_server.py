@@ -5,14 +5,12 @@ import gc
 import json
 import os
 import threading
-import time
-import types
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 import torch
-from conftest import load_script, make_model
+from conftest import ScriptedLM, load_script, make_model
 from openai import OpenAI
 
 from dataset import demo_metrics as metrics
@@ -176,41 +174,12 @@ def test_a_flood_of_good_and_bad_requests_leaves_the_server_up_with_bounded_memo
     assert httpx.get(base_url + "/health").json()["status"] == "ok"
 
 
-class ScriptedLM(torch.nn.Module):
-    """Stands in for the model behind the real server: at each prefill it picks its reply from the prompt's text
-    (`script(prompt) -> reply`) and then writes that reply, then eos, one token per decode step, a little slowly; it
-    counts how many replies were ever in progress at once."""
-
-    def __init__(self, tokenizer, script=lambda prompt: "<think>\n3加5等于8。\n</think>\n\n8 < 9"):
-        super().__init__()
-        self.config = make_model("tiny").config
-        self.anchor = torch.nn.Parameter(torch.zeros(1))  # a device and dtype to report
-        self.tokenizer, self.script = tokenizer, script
-        self.ids, self.k, self.in_progress, self.most_at_once = [], 0, 0, 0
-        self.guard = threading.Lock()
-
-    def forward(self, input_ids, past_key_values=None, **kwargs):
-        with self.guard:
-            if input_ids.size(1) > 1:  # a prefill: a new reply starts
-                self.in_progress += 1
-                self.most_at_once = max(self.most_at_once, self.in_progress)
-                prompt = self.tokenizer.decode(input_ids[0], skip_special_tokens=False)
-                self.ids = self.tokenizer(self.script(prompt) + self.tokenizer.eos_token,
-                                          add_special_tokens=False)["input_ids"]
-                self.k = 0
-            token = self.ids[min(self.k, len(self.ids) - 1)]
-            self.k += 1
-            if token == self.tokenizer.eos_token_id:
-                self.in_progress -= 1
-        time.sleep(0.004)
-        logits = torch.full((input_ids.size(0), 1, self.config.vocab_size), float("-inf"))
-        logits[:, :, token] = 0.0  # certain, at any temperature
-        return types.SimpleNamespace(logits=logits)
+THINKING_REPLY = "<think>\n3加5等于8。\n</think>\n\n8 < 9"
 
 
 @pytest.fixture(scope="module")
 def scripted(tokenizer):
-    lm = ScriptedLM(tokenizer)
+    lm = ScriptedLM(tokenizer, lambda prompt: THINKING_REPLY, delay=0.004)
     with server.serve_in_background(server.create_app(lm, tokenizer, "scripted", max_tokens_cap=64)) as url:
         yield lm, OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
 
@@ -296,8 +265,8 @@ def tool_script(prompt):
 
 @pytest.fixture(scope="module")
 def tooled(tokenizer):
-    prompts = []
-    lm = ScriptedLM(tokenizer, lambda p: prompts.append(p) or tool_script(p))
+    lm = ScriptedLM(tokenizer, tool_script)
+    prompts = lm.prompts
     with server.serve_in_background(server.create_app(lm, tokenizer, "scripted", max_tokens_cap=64)) as url:
         yield prompts, url, OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
 

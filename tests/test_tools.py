@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from conftest import ScriptedLM, last_turn
 
 from dataset import demo_metrics as metrics
 from dataset.demo_data import WEATHER_SCHEMA
@@ -75,7 +76,7 @@ def test_the_template_renders_a_parsed_call_back_to_the_text_it_came_from(tokeni
     assert tokenizer.apply_chat_template(chat, tokenize=False) == prompt + generated + "<|im_end|>\n"
 
 
-def test_tool_use_scores_count_exactly_what_the_replies_did(monkeypatch):
+def test_tool_use_scores_count_exactly_what_the_replies_did(tokenizer):
     tools = json.dumps([CALCULATOR_SCHEMA])
     items = [{"conversations": [{"role": "system", "content": "", "tools": tools},
                                 {"role": "user", "content": f"{a}+{b}?"}], "gt": [str(a + b)],
@@ -88,21 +89,15 @@ def test_tool_use_scores_count_exactly_what_the_replies_did(monkeypatch):
         "12+30?": call.format("12+31"), "43": "12加30等于43。",           # wrong arguments: the answer follows them
         "50+20?": "50加20等于70。",                                        # no call, right anyway
     }
-    seen_tools = []
-
-    def fake_generate(model, tokenizer, prompts, max_new_tokens, batch_size, tools=None):
-        seen_tools.append(tools)
-        return [(script.get(p[-1]["content"], "不知道。"), True) for p in prompts]
-
-    monkeypatch.setattr(metrics, "_generate", fake_generate)
-    scores = metrics.tool_use_scores(None, None, items)
+    lm = ScriptedLM(tokenizer, lambda prompt: script.get(last_turn(prompt), "不知道。"))
+    scores = metrics.tool_use_scores(lm, tokenizer, items)
     assert scores["valid_call"] == 3 / 4 and scores["right_tool"] == 3 / 4 and scores["right_arguments"] == 2 / 4
     assert scores["answer_accuracy"] == 2 / 4  # 62 right; 52 wrong; 43 is 12+31's, not 12+30's; 70 right
     assert scores["answer_accuracy_without_tools"] == 1 / 4  # only 50+20 is answered without the tool
-    assert seen_tools[-1] is None and seen_tools[0][0][0]["function"]["name"] == "calculator"
+    assert '"name": "calculator"' in lm.prompts[0] and "<tools>" not in lm.prompts[-1]  # with, then without tools
 
 
-def test_tool_use_scores_run_calls_in_the_items_scripted_environment_and_match_text_answers(monkeypatch):
+def test_tool_use_scores_run_calls_in_the_items_scripted_environment_and_match_text_answers(tokenizer):
     tools = json.dumps([WEATHER_SCHEMA])
     items = [{"conversations": [{"role": "system", "content": "", "tools": tools},
                                 {"role": "user", "content": f"{city}今天天气怎么样？"}], "gt": [weather],
@@ -114,20 +109,15 @@ def test_tool_use_scores_run_calls_in_the_items_scripted_environment_and_match_t
               "东京今天天气怎么样？": call.format("东京")}
     seen_results = []
 
-    def fake_generate(model, tokenizer, prompts, max_new_tokens, batch_size, tools=None):
-        replies = []
-        for p in prompts:
-            last = p[-1]["content"]
-            if p[-1]["role"] == "tool":  # the answer repeats what the tool said, except for Tokyo's
-                seen_results.append(last)
-                replies.append("东京今天晴。" if p[-3]["content"].startswith("东京") else f"今天{last}。")
-            else:
-                replies.append(script[last] if tools else "今天晴。")
-        return [(r, True) for r in replies]
+    def reply(prompt):
+        last = last_turn(prompt)
+        if "<tool_response>" in prompt:  # the answer repeats what the tool said, except for Tokyo's
+            seen_results.append(last)
+            return "东京今天晴。" if "东京今天天气" in prompt else f"今天{last}。"
+        return script[last] if "<tools>" in prompt else "今天晴。"
 
-    monkeypatch.setattr(metrics, "_generate", fake_generate)
-    scores = metrics.tool_use_scores(None, None, items)
-    assert seen_results == ["晴", "下雨", "下雪"]  # each chat's own result, whatever the arguments
+    scores = metrics.tool_use_scores(ScriptedLM(tokenizer, reply), tokenizer, items)
+    assert sorted(seen_results) == sorted(["晴", "下雨", "下雪"])  # each chat's own result, whatever the arguments
     assert scores["valid_call"] == 1 and scores["right_arguments"] == 2 / 3
     assert scores["answer_accuracy"] == 2 / 3 and scores["answer_accuracy_without_tools"] == 1 / 3  # "晴" by luck
 

@@ -6,7 +6,7 @@ import time
 
 import httpx
 import pytest
-from conftest import load_script, make_model
+from conftest import ScriptedLM, load_script, make_model
 
 browser = load_script("scripts/web_chat_screenshot.py")
 server = browser.server
@@ -87,16 +87,14 @@ def web_script(prompt):
 
 @pytest.fixture(scope="module")
 def scripted_url():
-    from test_server import ScriptedLM
     from transformers import AutoTokenizer
 
     from model import TOKENIZER_DIR
 
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
-    prompts = []
-    lm = ScriptedLM(tokenizer, lambda p: prompts.append(p) or web_script(p))
+    lm = ScriptedLM(tokenizer, web_script)
     with server.serve_in_background(server.create_app(lm, tokenizer, "scripted", max_tokens_cap=64)) as url:
-        yield url, prompts
+        yield url, lm.prompts
 
 
 @pytest.fixture
