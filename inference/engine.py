@@ -78,7 +78,7 @@ def decode(model, input_ids, attention_mask=None, sampling: Sampling = Sampling(
         keys[:, :T] = mask.bool()
     else:
         cache = DynamicCache(config=model.config)
-    step = step or model
+    step = model if step is None else step
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     logits = _forward(model, input_ids, positions, mask, cache)
     seen = None

@@ -1,5 +1,6 @@
 """Run our GGUF export in llama.cpp (through llama-cpp-python) and compare it with our own model: the prompt's
-tokenisation, the next-token logits, and greedy continuations. Not part of CI: llama-cpp-python builds llama.cpp
+tokenisation, the next-token logits, greedy continuations, and the chat template
+llama.cpp carries (a tools request rendered by llama-cpp-python's Jinja formatter against ours). Not part of CI: llama-cpp-python builds llama.cpp
 from source (`pip install llama-cpp-python`, a few minutes).
 
     python scripts/compare_gguf.py --stage sft
@@ -24,6 +25,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import convert_model  # noqa: E402
 import eval_model  # noqa: E402
 from inference import Sampling, generate  # noqa: E402
+from inference.load import add_model_args, load  # noqa: E402
 
 
 def llama_greedy(llm, ids, max_new_tokens, eos):
@@ -49,17 +51,49 @@ def our_greedy(model, ids, max_new_tokens, eos):
     return first, new[:new.index(eos)] if eos in new else new
 
 
+TOOLS_REQUEST = [  # a tool round trip: tools in the system turn, a call, its result
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "37加25等于几？"},
+    {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "calculator", "arguments": {"expression": "37+25"}}}]},
+    {"role": "tool", "content": "62"}]
+
+
+def template_check(llm, tokenizer) -> dict:
+    """Does llama.cpp's copy of the chat template (the GGUF's tokenizer.chat_template, rendered by llama-cpp-python's
+    Jinja2 formatter, as `--jinja` servers do) give our prompt for a tools request, and for a plain one?"""
+    from inference import calculator, tool_schema
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    template = llm.metadata.get("tokenizer.chat_template")
+    if template is None:
+        return {"template_in_gguf": False}
+    fmt = Jinja2ChatFormatter(template, eos_token=tokenizer.eos_token, bos_token=tokenizer.bos_token or "")
+    tools = [tool_schema(calculator)]
+    out = {"template_in_gguf": template == tokenizer.chat_template}
+    for name, messages, kwargs in [("plain", TOOLS_REQUEST[1:2], {}), ("tools", TOOLS_REQUEST, {"tools": tools})]:
+        ours = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
+        try:
+            theirs = fmt(messages=messages, **kwargs).prompt
+        except Exception as e:  # a Jinja feature llama-cpp-python's environment lacks
+            out[f"{name}_prompt_equal"] = f"not rendered: {type(e).__name__}: {e}"
+            continue
+        out[f"{name}_prompt_equal"] = theirs == ours
+    print(f"chat template: {out}")
+    return out
+
+
 def main(argv=None):
     from llama_cpp import Llama, __version__
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    eval_model.add_model_args(parser)
+    add_model_args(parser)
     parser.add_argument("--max_new_tokens", type=int, default=48)
     parser.add_argument("--json", default=None, help="write the figures here")
     parser.add_argument("--raw", action="store_true", help="raw text, no chat template (default for --stage pretrain)")
     args = parser.parse_args(argv)
     args.device, args.dtype = "cpu", "float32"
-    model, tokenizer, path = eval_model.load(args)
+    model, tokenizer, path = load(args)
     convert_model.remove_lora(model, merge=True)  # an adapter on top is merged, as the exporter does
     raw = args.raw or (args.model_path is None and args.stage == "pretrain")  # eval_model.py's rule
     results = {"model": str(path), "llama_cpp_python": __version__, "machine": platform.processor() or
@@ -91,6 +125,8 @@ def main(argv=None):
                 print(f"[{dtype}] {prompt!r}: tokenization {'=' if rows[-1]['tokenization_equal'] else '≠'}, "
                       f"max |Δlogit| {rows[-1]['max_abs_logit_diff']:.2e}, greedy "
                       f"{'equal' if ref == got else f'differs after {same} tokens'} ({len(ref)} tokens)")
+            if dtype == "f16":
+                results["template"] = template_check(llm, tokenizer)
             del llm
             results["formats"][dtype] = {
                 "prompts": rows, "tokenization_equal": sum(r["tokenization_equal"] for r in rows),

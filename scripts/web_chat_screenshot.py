@@ -84,29 +84,37 @@ def ask(driver, text, timeout=120):
 def main(argv=None):
     import torch
 
-    import eval_model
+    from inference.load import add_model_args, load
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    eval_model.add_model_args(parser)
+    add_model_args(parser)
     parser.add_argument("--prompt", action="append", help="a message to send (repeatable)")
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--max_tokens", type=int, default=128)
     parser.add_argument("--output", default=str(ROOT / "images" / "web_chat.png"))
+    parser.add_argument("--tools", default=None, help="tick these page tools (e.g. get_weather) and switch tools on")
+    parser.add_argument("--thinking", default="auto", choices=["auto", "on", "off"])
     args = parser.parse_args(argv)
     prompts = args.prompt or ["中国的首都是哪里？", "Tell me about yourself."]
 
     torch.manual_seed(0)
-    model, tokenizer, path = eval_model.load(args)
+    model, tokenizer, path = load(args)
     with server.serve_in_background(server.create_app(model, tokenizer, Path(path).name)) as url:
         driver = open_browser()
         try:
             driver.get(url)
             set_field(driver, "temperature", args.temperature)
             set_field(driver, "max_tokens", args.max_tokens)
+            driver.execute_script(f"document.getElementById('thinking').value = '{args.thinking}'")
+            if args.tools:
+                wanted = args.tools.split(",")
+                driver.execute_script("document.getElementById('use_tools').checked = true; for (const t of TOOLS) "
+                                      "document.getElementById('tool_' + t.function.name).checked = "
+                                      "arguments[0].includes(t.function.name)", wanted)
             for prompt in prompts:
                 reply = ask(driver, prompt)
                 print(f"> {prompt}\n{reply}")
-            # open the think parts so the picture shows them
+            # open the think parts and tool calls so the picture shows them
             driver.execute_script("document.querySelectorAll('details').forEach(d => d.open = true)")
             Path(args.output).parent.mkdir(parents=True, exist_ok=True)
             driver.save_screenshot(args.output)

@@ -6,7 +6,7 @@ import pytest
 from conftest import ScriptedLM, last_turn
 
 from dataset import demo_metrics as metrics
-from dataset.demo_data import WEATHER_SCHEMA
+from dataset.demo_data import WEATHER, WEATHER_SCHEMA
 from inference import calculator, parse_tool_calls, run_tool, tool_schema
 
 
@@ -126,3 +126,35 @@ def test_final_number_reads_the_answer_not_the_question():
     assert metrics.final_number("71减54等于17。还有呢") == "17"
     assert metrics.final_number("3.5 plus 1 is 4.5. ok") == "4.5"
     assert metrics.final_number("不知道") is None
+
+
+def test_eval_tools_reports_the_scores_of_tool_use_scores_and_counts_bad_rows(tmp_path, tokenizer):
+    """scripts/eval_tools.py on an agent_rl-format file with a malformed row: the reported figures are
+    tool_use_scores' on the good rows, the bad row is counted with its line."""
+    from conftest import load_script, make_model, write_jsonl
+
+    eval_tools = load_script("scripts/eval_tools.py")
+    model = make_model("tiny", seed=3, tie_word_embeddings=False)
+    model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    tools = json.dumps([CALCULATOR_SCHEMA])
+    good = [{"conversations": [{"role": "system", "content": "", "tools": tools},
+                               {"role": "user", "content": f"{a}+{b}?"}], "gt": a + b} for a, b in [(1, 2), (3, 4)]]
+    data = write_jsonl(tmp_path / "agent_rl.jsonl", [good[0], "{broken", {"conversations": [
+        {"role": "user", "content": "hi"}], "gt": ["x"]}, good[1]])
+    result = eval_tools.main(["--model_path", str(tmp_path / "m"), "--data", str(data), "--max_new_tokens", "8",
+                              "--dtype", "float32", "--device", "cpu", "--json", str(tmp_path / "r.json")])
+    assert result["bad_rows"] == 2 and result["n"] == 2
+    items = [dict(g, gt=[g["gt"]]) for g in good]
+    expected = metrics.tool_use_scores(model, tokenizer, items, max_new_tokens=8)
+    assert {k: result[k] for k in expected} == expected
+    assert json.loads((tmp_path / "r.json").read_text())["valid_call"] == expected["valid_call"]
+
+
+def test_the_demo_weather_tool_has_the_schema_the_demo_model_learnt():
+    from conftest import load_script
+
+    demo_tools = load_script("scripts/demo_tools.py")
+    assert tool_schema(demo_tools.get_weather) == WEATHER_SCHEMA
+    assert demo_tools.get_weather("北京") in {zh for zh, _ in WEATHER}
+    assert demo_tools.get_weather("Paris") in {en for _, en in WEATHER}

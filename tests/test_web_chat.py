@@ -130,10 +130,11 @@ def test_the_page_runs_tool_calls_itself_and_shows_each_call_and_result(scripted
     scripted_page.find_element("id", "use_tools").click()
     reply = browser.ask(scripted_page, "37加25等于几？")
     # the page's own calculator computed (37+25)*2//2 and sent it back as a tool message
-    assert reply["tools"] == [('🔧 calculator({"expression": "(37+25)*2//2"})', "→ 62")]
+    assert reply["tools"] == [('工具 / tool: calculator({"expression": "(37+25)*2//2"})', "→ 62")]
     assert reply["answer"] == "37加25等于62。"
     last = scripted_url[1][-1]
     assert "<tool_response>\n62\n</tool_response>" in last and '"name": "current_time"' in last
+    assert "get_weather" not in last  # the demo's tool is off until ticked
     details = scripted_page.find_element("css selector", ".assistant details.tool")
     assert details.get_attribute("open") is None
     # the page's calculator refuses what is not arithmetic and reports errors as results, never throwing
@@ -152,3 +153,11 @@ def test_a_rejected_request_is_shown_as_an_error(page):
     browser.set_field(page, "max_tokens", 100000)  # above the server's cap
     box_text = browser.ask(page, "你好")["answer"]
     assert box_text.startswith("error:") and "max_tokens" in box_text
+
+
+def test_the_pages_tool_schemas_are_the_servers_and_the_demos(scripted_page):
+    from dataset.demo_data import WEATHER_SCHEMA
+    from inference import calculator, current_time, tool_schema
+
+    tools = scripted_page.execute_script("return TOOLS")
+    assert tools == [tool_schema(calculator), tool_schema(current_time), WEATHER_SCHEMA]
