@@ -64,7 +64,8 @@ def decode(model, input_ids, attention_mask=None, sampling: Sampling = Sampling(
 
     The prompt is prefilled once; each step then feeds one token per row on the KV cache. static_cache: a
     pre-allocated cache and a (B, 1, 1, kv) mask of fixed shape, so `step` (e.g. a torch.compile'd model) sees the
-    same shapes every step (`cache_len`: its size, at least prompt + max_new_tokens). Any transformers causal LM works (position_ids, cache, logits_to_keep)."""
+    same shapes every step (`cache_len`: its size, at least prompt + max_new_tokens). Any transformers causal LM
+    works (position_ids, cache, logits_to_keep)."""
     from transformers import DynamicCache, StaticCache
 
     B, T = input_ids.shape

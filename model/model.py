@@ -14,6 +14,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
 from .config import MicroLMConfig
@@ -184,7 +185,7 @@ class MoEFeedForward(nn.Module):
         return y.view(shape), aux_loss
 
 
-class Block(nn.Module):
+class Block(GradientCheckpointingLayer):  # transformers' wrapper: gradient_checkpointing_enable() recomputes per block
     def __init__(self, config: MicroLMConfig, layer_idx: int):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -234,7 +235,7 @@ class MicroLMPreTrainedModel(PreTrainedModel):
     config_class = MicroLMConfig
     config: MicroLMConfig
     base_model_prefix = "model"
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True
     _no_split_modules = ["Block"]
     _supports_sdpa = True
 

@@ -90,6 +90,7 @@ def main(argv=None):
     add_model_args(parser)
     parser.add_argument("--max_new_tokens", type=int, default=48)
     parser.add_argument("--json", default=None, help="write the figures here")
+    parser.add_argument("--formats", default="f32,f16,q8_0", help="GGUF types to compare (f32, f16, q8_0, q4_0)")
     parser.add_argument("--raw", action="store_true", help="raw text, no chat template (default for --stage pretrain)")
     args = parser.parse_args(argv)
     args.device, args.dtype = "cpu", "float32"
@@ -100,7 +101,7 @@ def main(argv=None):
                platform.machine(), "max_new_tokens": args.max_new_tokens, "formats": {}}
     eos = tokenizer.eos_token_id
     with tempfile.TemporaryDirectory() as tmp:
-        for dtype in ["f32", "f16"]:
+        for dtype in args.formats.split(","):
             gguf_file = convert_model.export_gguf(model, tokenizer, Path(tmp) / f"model-{dtype}.gguf", dtype)
             llm = Llama(model_path=str(gguf_file), n_ctx=model.config.max_position_embeddings, n_threads=2,
                         logits_all=True, verbose=False, seed=0)
@@ -125,15 +126,16 @@ def main(argv=None):
                 print(f"[{dtype}] {prompt!r}: tokenization {'=' if rows[-1]['tokenization_equal'] else '≠'}, "
                       f"max |Δlogit| {rows[-1]['max_abs_logit_diff']:.2e}, greedy "
                       f"{'equal' if ref == got else f'differs after {same} tokens'} ({len(ref)} tokens)")
-            if dtype == "f16":
+            if "template" not in results:  # the template is the same in every format
                 results["template"] = template_check(llm, tokenizer)
             del llm
             results["formats"][dtype] = {
                 "prompts": rows, "tokenization_equal": sum(r["tokenization_equal"] for r in rows),
                 "greedy_equal": sum(r["greedy_equal"] for r in rows), "n": len(rows),
+                "file_mib": round(gguf_file.stat().st_size / 2**20, 2),
                 "max_abs_logit_diff": max(r["max_abs_logit_diff"] for r in rows)}
             s = results["formats"][dtype]
-            print(f"[{dtype}] greedy equal on {s['greedy_equal']}/{s['n']} prompts, tokenization on "
+            print(f"[{dtype}, {s['file_mib']} MiB] greedy equal on {s['greedy_equal']}/{s['n']} prompts, tokenization on "
                   f"{s['tokenization_equal']}/{s['n']}, max |Δlogit| {s['max_abs_logit_diff']:.2e}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")

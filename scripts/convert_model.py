@@ -12,8 +12,8 @@ experts (our presets' default) no stock class matches: the folder carries our mo
 loads with
     AutoModelForCausalLM.from_pretrained("export/moe", trust_remote_code=True)
 Both get the tokenizer (with its chat template) and a generation config.
-`--gguf FILE` writes a `llama`-architecture GGUF (f16 by default, `--gguf_dtype f32`) with the tokenizer and chat
-template in its metadata, for llama.cpp, llama-cpp-python and ollama (dense models only).
+`--gguf FILE` writes a `llama`-architecture GGUF (f16 by default; `--gguf_dtype f32`, or `q8_0` / `q4_0` quantized)
+with the tokenizer and chat template in its metadata, for llama.cpp, llama-cpp-python and ollama (dense models only).
 """
 
 import argparse
@@ -155,6 +155,11 @@ def gguf_vocab(tokenizer, vocab_size: int):
     return tokens, types, merges
 
 
+GGUF_FILE_TYPES = {"f32": lambda g: g.LlamaFileType.ALL_F32, "f16": lambda g: g.LlamaFileType.MOSTLY_F16,
+                   "q8_0": lambda g: g.LlamaFileType.MOSTLY_Q8_0, "q4_0": lambda g: g.LlamaFileType.MOSTLY_Q4_0}
+QUANTS, QUANT_BLOCK = ("q8_0", "q4_0"), 32  # llama.cpp's block quantizations, 32 weights a block, via gguf.quants
+
+
 def export_gguf(model, tokenizer, out, dtype="f16") -> Path:
     """A llama-architecture GGUF: weights (q/k rows reordered for llama.cpp's rotary layout), hyper-parameters,
     byte-level BPE tokenizer and chat template. Written aside and renamed, so a crash leaves no half file."""
@@ -188,7 +193,7 @@ def export_gguf(model, tokenizer, out, dtype="f16") -> Path:
         writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
         writer.add_rope_scaling_yarn_beta_fast(rope.get("beta_fast") or 32.0)
         writer.add_rope_scaling_yarn_beta_slow(rope.get("beta_slow") or 1.0)
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.ALL_F32)
+    writer.add_file_type(GGUF_FILE_TYPES[dtype](gguf))
 
     tokens, types, merges = gguf_vocab(tokenizer, c.vocab_size)
     writer.add_tokenizer_model("gpt2")
@@ -212,9 +217,14 @@ def export_gguf(model, tokenizer, out, dtype="f16") -> Path:
             elif name.endswith("k_proj.weight"):
                 tensor = interleave_rope_rows(tensor, c.num_key_value_heads)
             array = tensor.detach().float().cpu().numpy()
-            if dtype == "f16" and array.ndim > 1:  # norms stay f32, as llama.cpp expects
-                array = array.astype(np.float16)
-            writer.add_tensor(names.get_name(name, try_suffixes=(".weight",)), array)
+            gguf_name = names.get_name(name, try_suffixes=(".weight",))
+            if array.ndim == 1 or dtype == "f32":  # norms stay f32, as llama.cpp expects
+                writer.add_tensor(gguf_name, array)
+            elif dtype in QUANTS and array.shape[-1] % QUANT_BLOCK == 0:
+                qtype = getattr(gguf.GGMLQuantizationType, dtype.upper())
+                writer.add_tensor(gguf_name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+            else:  # f16, and rows a quantization block does not divide
+                writer.add_tensor(gguf_name, array.astype(np.float16))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -239,7 +249,8 @@ def main(argv=None):
     parser.add_argument("--out_dir", default="out")
     parser.add_argument("--out", default=None, help="the Hugging Face folder to write")
     parser.add_argument("--gguf", default=None, help="the GGUF file to write (llama.cpp, ollama)")
-    parser.add_argument("--gguf_dtype", default="f16", choices=["f16", "f32"])
+    parser.add_argument("--gguf_dtype", default="f16", choices=list(GGUF_FILE_TYPES),
+                        help="q8_0 / q4_0: matrices quantized in llama.cpp's 32-weight blocks (norms stay f32)")
     args = parser.parse_args(argv)
     if not (args.out or args.gguf):
         parser.error("give --out (Hugging Face folder) and/or --gguf (GGUF file)")

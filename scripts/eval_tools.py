@@ -84,7 +84,8 @@ def main(argv=None):
         print(json.dumps(transcript, ensure_ascii=False, indent=1))
     scores.pop("generations_without_tools", None)
     data = Path(args.data).resolve()
-    result = {"model": str(path), "data": str(data.relative_to(ROOT) if data.is_relative_to(ROOT) else data), "bad_rows": len(rows.bad_lines), **scores,
+    data = data.relative_to(ROOT) if data.is_relative_to(ROOT) else data
+    result = {"model": str(path), "data": str(data), "bad_rows": len(rows.bad_lines), **scores,
               "seconds": round(time.perf_counter() - start, 1), "device": args.device,
               "machine": platform.processor() or platform.machine()}
     print(json.dumps(result, ensure_ascii=False, indent=1))

@@ -205,3 +205,38 @@ def test_moe_without_shared_experts_exports_as_stock_mixtral(tmp_path, tokenizer
     _save(ours, tokenizer, tmp_path / "moe")
     out = convert.main(["--model_path", str(tmp_path / "moe"), "--out", str(tmp_path / "hf")])
     _assert_stock_export(out, ours, MixtralForCausalLM, "mixtral", atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype, max_error", [("q8_0", 0.6 / 127), ("q4_0", 1.1 / 8)])
+def test_quantized_gguf_holds_every_matrix_within_its_block_scale(tmp_path, tokenizer, dtype, max_error):
+    """--gguf_dtype q8_0 / q4_0: matrices in llama.cpp's 32-weight blocks, read back and dequantized within the
+    rounding of the f32 weights (q8_0: half of the block's largest |weight| / 127; q4_0: one step, its / 8, as the
+    4-bit range is asymmetric; plus the f16 rounding of each block's scale); norms stay f32; the file is smaller than
+    the f16 one."""
+    import gguf
+    import numpy as np
+
+    ours = make_model("tiny", seed=4, tie_word_embeddings=False)
+    _save(ours, tokenizer, tmp_path / "out" / "sft")
+    path = convert.main(["--out_dir", str(tmp_path / "out"), "--stage", "sft", "--gguf", str(tmp_path / "q.gguf"),
+                         "--gguf_dtype", dtype])
+    _, meta, tensors = _gguf(path)
+    qtype = getattr(gguf.GGMLQuantizationType, dtype.upper())
+    assert meta["general.file_type"] == getattr(gguf.LlamaFileType, f"MOSTLY_{dtype.upper()}")
+    sd = ours.state_dict()
+    want = {"blk.0.attn_v.weight": sd["model.layers.0.self_attn.v_proj.weight"],
+            "blk.1.ffn_down.weight": sd["model.layers.1.mlp.down_proj.weight"],
+            "output.weight": sd["lm_head.weight"],
+            "blk.0.attn_norm.weight": sd["model.layers.0.input_layernorm.weight"]}
+    for name, w in want.items():
+        t, w = tensors[name], w.numpy()
+        if w.ndim == 1:
+            assert t.tensor_type == gguf.GGMLQuantizationType.F32
+            np.testing.assert_array_equal(np.asarray(t.data), w)
+            continue
+        assert t.tensor_type == qtype
+        got = gguf.quants.dequantize(np.asarray(t.data), qtype).reshape(w.shape)
+        bound = np.abs(w.reshape(-1, 32)).max(1, keepdims=True) * max_error  # per block
+        assert (np.abs(got - w).reshape(-1, 32) <= bound + 1e-6).all(), name
+    f16 = convert.export_gguf(ours, tokenizer, tmp_path / "f16.gguf")
+    assert path.stat().st_size < f16.stat().st_size

@@ -165,3 +165,30 @@ def test_jsonl_rows_are_right_in_forked_workers_after_a_read_in_the_parent(tmp_p
                                          multiprocessing_context="fork", prefetch_factor=64)
     seen = [row["text"] for row in loader]
     assert seen == [r["text"] for r in rows]
+
+
+def test_the_line_index_is_cached_beside_the_file_and_rebuilt_when_it_changes(tmp_path, caplog):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"text": "a"}, "{broken", {"text": "bb"}])
+    first = JsonlFile(path, check_text)
+    again = JsonlFile(path, check_text)
+    assert not first.from_cache and again.from_cache and (tmp_path / "p.jsonl.check_text.index.npz").exists()
+    assert again.offsets.tolist() == first.offsets.tolist() and again.bad_lines == first.bad_lines
+    assert [again[i] for i in range(len(again))] == [{"text": "a"}, {"text": "bb"}]
+    assert sum("skipping bad line" in r.message and "p.jsonl:2" in r.message for r in caplog.records) == 2
+    with pytest.raises(BadLineError, match="p.jsonl:2"):  # --strict stops on a cached bad line too
+        JsonlFile(path, check_text, strict=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"text": "ccc"}) + "\n")
+    changed = JsonlFile(path, check_text)
+    assert not changed.from_cache and len(changed) == 3  # size and mtime changed: parsed again
+    assert not JsonlFile(path, lambda row: None).from_cache  # a check without a stable name is never cached
+
+
+def test_under_ddp_rank_0_indexes_and_the_other_rank_reads_its_index(tmp_path):
+    from conftest import torchrun_2
+
+    path = write_jsonl(tmp_path / "p.jsonl", [{"text": "x" * i} for i in range(1, 50)] + ["{broken"])
+    torchrun_2("tests/helpers/jsonl_index.py", [path, tmp_path / "seen"])
+    seen = [json.loads((tmp_path / f"seen.rank{r}.json").read_text()) for r in (0, 1)]
+    assert [s["from_cache"] for s in seen] == [False, True]
+    assert seen[0]["offsets"] == seen[1]["offsets"] and len(seen[1]["offsets"]) == 49 and len(seen[1]["bad"]) == 1

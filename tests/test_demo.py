@@ -111,7 +111,8 @@ def _tool_calls_in_the_terminal_chat(folder, tmp_path, n=6):
     out = io.StringIO()
     answers = load_script("eval_model.py").main(
         ["--model_path", str(folder), "--prompts", str(tmp_path / "q.txt"), "--temperature", "0", "--dtype",
-         "float32", "--max_new_tokens", "64", "--max_tool_rounds", "1", "--tools", f"{tmp_path / 'weather.py'}:get_weather"],
+         "float32", "--max_new_tokens", "64", "--max_tool_rounds", "1",
+         "--tools", f"{tmp_path / 'weather.py'}:get_weather"],
         out=out)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -235,6 +235,20 @@ def test_fused_adamw_trains_like_the_plain_one(tmp_path, pretrain_file):
     assert all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1)
 
 
+def test_grad_checkpoint_trains_like_the_plain_run(tmp_path, pretrain_file, capsys):
+    """--grad_checkpoint recomputes activations: the same losses and weights, and the saved model loads plain."""
+    runs = {}
+    for name, flags in [("plain", []), ("ckpt", ["--grad_checkpoint"])]:
+        result = pretrain.main(tiny_args(tmp_path / name, pretrain_file, "--max_seq_len", 32, "--batch_size", 4,
+                                         "--max_steps", 6, "--learning_rate", 3e-3, *flags))
+        runs[name] = (result["history"], _weights(tmp_path / name / "out/pretrain"))
+    assert "activation checkpointing: 2 blocks" in capsys.readouterr().out  # both of tiny's blocks
+    (h1, w1), (h2, w2) = runs.values()
+    assert [s for s, _ in h1] == [s for s, _ in h2]
+    assert max(abs(a - b) for (_, a), (_, b) in zip(h1, h2)) < 1e-5
+    assert all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1)
+
+
 def test_unwritable_output_is_an_error_before_training(tmp_path, pretrain_file):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")

@@ -1,0 +1,20 @@
+"""Index a jsonl file under torch.distributed (gloo) and write what each rank saw, for tests/test_datasets.py.
+
+    torchrun --standalone --nproc_per_node 2 tests/helpers/jsonl_index.py DATA.jsonl OUT_PREFIX  -> OUT_PREFIX.rank0.json ...
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from dataset.jsonl import JsonlFile, check_text  # noqa: E402
+
+dist.init_process_group("gloo")
+rows = JsonlFile(sys.argv[1], check_text, verbose=False)
+Path(f"{sys.argv[2]}.rank{dist.get_rank()}.json").write_text(json.dumps(
+    {"from_cache": rows.from_cache, "offsets": rows.offsets.tolist(), "bad": rows.bad_lines}))
+dist.destroy_process_group()
