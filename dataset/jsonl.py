@@ -4,6 +4,7 @@ A 1.6 GB pretraining file is never held in memory: the index keeps an int64 offs
 not valid JSON or fail the stage's schema are reported with file:line and skipped, or stop the run under strict.
 """
 
+import hashlib
 import json
 import logging
 import os
@@ -39,13 +40,19 @@ def _rank():
 
 
 def index_key(path, check) -> dict | None:
-    """What a cached index is valid for: the file's size and mtime and the check function's name (stages check
+    """What a cached index is valid for: the file's size, mtime and ends, and the check function's name (stages check
     differently); None where the check has no stable name (a lambda, a closure), so nothing is cached."""
     name = "none" if check is None else f"{getattr(check, '__module__', '')}.{getattr(check, '__qualname__', '')}"
     if "<" in name or name.endswith("."):
         return None
     st = os.stat(path)
-    return {"version": INDEX_VERSION, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+    # file times tick in milliseconds: a same-size rewrite within one tick keeps the mtime, so the two ends of the
+    # file are hashed too (cheap at any size)
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+        f.seek(max(st.st_size - (1 << 16), 0))
+        ends = hashlib.sha1(head + f.read()).hexdigest()
+    return {"version": INDEX_VERSION, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ends_sha1": ends,
             "check": name.rsplit(".", 1)[-1] if check is not None else "none", "check_full": name}
 
 

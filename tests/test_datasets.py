@@ -1,6 +1,7 @@
 """Stage datasets: lazy jsonl with bad-line reporting, pretraining packing, SFT loss masks."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -181,6 +182,11 @@ def test_the_line_index_is_cached_beside_the_file_and_rebuilt_when_it_changes(tm
         f.write(json.dumps({"text": "ccc"}) + "\n")
     changed = JsonlFile(path, check_text)
     assert not changed.from_cache and len(changed) == 3  # size and mtime changed: parsed again
+    stat = path.stat()
+    path.write_bytes(path.read_bytes().replace(b'"a"', b'"z"'))  # same size, and the old mtime put back
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    rewritten = JsonlFile(path, check_text)
+    assert not rewritten.from_cache and rewritten[0] == {"text": "z"}
     assert not JsonlFile(path, lambda row: None).from_cache  # a check without a stable name is never cached
 
 
