@@ -9,10 +9,7 @@ A reward is any function `(completion: str, reference: str) -> float`; `load_rew
     path/to/my_rewards.py:score  a Python file and a function in it
 """
 
-import importlib
-import importlib.util
 import re
-from pathlib import Path
 
 TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 _FORMAT = re.compile(r"<think>(.*?)</think>\s*<answer>(.*?)</answer>", re.S)
@@ -90,16 +87,6 @@ def load_reward(spec: str):
     if not sep or not where or not name:
         raise ValueError(f"unknown reward {spec!r}: use one of {sorted(REWARDS)}, 'module:function' or "
                          f"'file.py:function'")
-    if where.endswith(".py"):
-        path = Path(where)
-        if not path.exists():
-            raise FileNotFoundError(f"reward file {path} (from --reward {spec}) does not exist")
-        module_spec = importlib.util.spec_from_file_location(path.stem, path)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-    else:
-        module = importlib.import_module(where)
-    fn = getattr(module, name, None)
-    if not callable(fn):
-        raise ValueError(f"{where} has no function {name!r} (from --reward {spec})")
-    return fn
+    from inference.tools import load_function
+
+    return load_function(where, name, f"reward file {where} (from --reward {spec})", f"(from --reward {spec})")

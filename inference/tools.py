@@ -92,6 +92,24 @@ def convert_units(value: float, from_unit: str, to_unit: str) -> str:
 BUILTIN_TOOLS = {"calculator": calculator, "current_time": current_time, "convert_units": convert_units}
 
 
+def load_function(where: str, name: str, missing_file: str, origin: str):
+    """The function `name` of a file (`where` ends in .py) or an importable module, for plug-ins named on a
+    command line (tools here, rewards in dataset/rewards.py); a clear error naming `origin` otherwise."""
+    if where.endswith(".py"):
+        path = Path(where)
+        if not path.exists():
+            raise FileNotFoundError(f"{missing_file} does not exist")
+        module_spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(where)
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise ValueError(f"{where} has no function {name!r} {origin}")
+    return fn
+
+
 def load_tools(spec: str) -> dict:
     """Tools named on a command line: "builtin" (all built-ins), built-in names, `file.py:function` or
     `module:function`, comma-separated -> {name: function}. A missing file or function names what is wrong."""
@@ -109,18 +127,7 @@ def load_tools(spec: str) -> dict:
         if not sep or not where or not name:
             raise ValueError(f"unknown tool {part!r}: use 'builtin', one of {sorted(BUILTIN_TOOLS)}, "
                              f"'file.py:function' or 'module:function'")
-        if where.endswith(".py"):
-            path = Path(where)
-            if not path.exists():
-                raise FileNotFoundError(f"tool file {path} (from {part}) does not exist")
-            module_spec = importlib.util.spec_from_file_location(path.stem, path)
-            module = importlib.util.module_from_spec(module_spec)
-            module_spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(where)
-        fn = getattr(module, name, None)
-        if not callable(fn):
-            raise ValueError(f"{where} has no function {name!r} (from {part})")
+        fn = load_function(where, name, f"tool file {where} (from {part})", f"(from {part})")
         tools[fn.__name__] = fn
     return tools
 
