@@ -21,6 +21,8 @@ def add_model_args(parser):
                         help="auto: bf16 where the device has it natively (CUDA, recent CPUs), else fp32")
     parser.add_argument("--compile", action="store_true",
                         help="static KV cache + compiled decode step: faster tokens after a slow first reply")
+    parser.add_argument("--quantize", default="none", choices=["none", "int8"],
+                        help="int8: int8 weight-only Linear layers (inference/quant.py), ~1/4 of fp32's weight bytes")
     return parser
 
 
@@ -50,7 +52,14 @@ def load(args):
             load_adapter(model, adapter)
     tok_dir = path if (Path(path) / "tokenizer_config.json").exists() else TOKENIZER_DIR
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-    return model.to(args.device).eval(), tokenizer, path
+    model = model.to(args.device).eval()
+    if getattr(args, "quantize", "none") == "int8":
+        from .quant import quantize_int8
+        try:
+            quantize_int8(model)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
+    return model, tokenizer, path
 
 
 def load_engine(args):

@@ -3,22 +3,28 @@
     python scripts/bench.py                                     # tiny + 26m training, 26m decoding
     python scripts/bench.py --presets tiny,26m,104m,moe-145m --repeats 3 --json scripts/results/bench_cpu.json
     python scripts/bench.py --modes baseline,ours,compiled      # add torch.compile to the comparison
+    python scripts/bench.py --presets 104m,moe-145m --modes ours,ckpt --repeats 1 --decode_modes ""  # memory
 
 What it measures, and how:
-- the device's matmul roof: fp32 and bf16 GEMM GFLOP/s (square, best of several runs), measured first;
+- the device's matmul roof, measured first: fp32 GEMM GFLOP/s and, where the device computes it natively, the fast
+  dtype's (bf16 on CUDA and on CPUs with AVX512-BF16/AMX; square, best of several runs). A CPU without native bf16
+  emulates it ~100x slower, so there ours trains and decodes in fp32 and the roof is fp32's;
 - training, per preset and mode: step time, raw tokens/s (padding included), useful (non-pad) tokens/s, MFU of the
-  useful tokens against the measured bf16 roof (FLOPs per token 6·N_matmul + 12·L·d·T; MoE counts active experts),
-  peak memory (process RSS on CPU, max_memory_allocated on CUDA). Rows imitate pretrain_hq.jsonl, whose texts are
-  merged up to ~512 characters: documents of 250-400 tokens (uniform), trained at seq 512, batch --batch_size;
+  useful tokens against the fast dtype's roof of this run (FLOPs per token 6·N_matmul + 12·L·d·T; MoE counts
+  active experts), peak memory (process RSS on CPU, max_memory_allocated on CUDA). Rows imitate pretrain_hq.jsonl,
+  whose texts are merged up to ~512 characters: documents of 250-400 tokens (uniform), at seq 512, batch --batch_size;
 - modes: baseline = fp32, one document per row padded to 512, plain for-loop AdamW (MiniMind's pretraining);
-  ours = documents packed into full rows (PretrainDataset's default), bf16 autocast, fused AdamW (the engine's
-  defaults); compiled = ours + torch.compile. Every (preset, mode) runs in a fresh process, so its memory figure is
-  its own; modes alternate, --repeats times, and the table shows medians;
-- decoding: new tokens/s at batch 1 and 8, 64-token prompt, 200 new tokens, with the KV cache: baseline = fp32
-  weights, transformers' generate() (as MiniMind decodes); ours = the inference core's decode loop (inference/,
-  what chat, server, evaluation and rollouts use) in the device's fast dtype (eval_model.py --dtype auto: bf16 on
-  CUDA and on CPUs with native bf16); compiled = ours + static KV cache + torch.compile'd decode step
-  (eval_model.py --compile); and peak memory.
+  ours = documents packed into full rows (PretrainDataset's default), autocast to the fast dtype, fused AdamW (the
+  engine's defaults, --dtype auto); compiled = ours + torch.compile; ckpt = ours + --grad_checkpoint (per-block
+  recomputation: the memory column is the point). Every (preset, mode) runs in a fresh process, so its memory
+  figure is its own; modes alternate, --repeats times, and the table shows medians;
+- decoding (--decode_modes): new tokens/s at batch 1 and 8, 64-token prompt, 200 new tokens, with the KV cache:
+  baseline = fp32 weights, transformers' generate() (as MiniMind decodes); ours = the inference core's decode loop
+  (inference/, what chat, server, evaluation and rollouts use) in the fast dtype (eval_model.py --dtype auto);
+  compiled = ours + static KV cache + torch.compile'd decode step (--compile); int8 = ours with int8 weight-only
+  Linear layers (--quantize int8), its greedy tokens compared with ours'; int8+compiled = both; peak memory; and, per mode, the time one
+  sweep of batch-1 products over every weight takes (the weight-read time per token: a decode step cannot beat it,
+  so 1000 / it is that mode's batch-1 ceiling in tok/s).
 The figures and the setup go to --json (device, torch version, threads, every number).
 """
 
@@ -112,12 +118,15 @@ def make_batches(mode: str, n_batches: int, batch_size: int, seq_len: int, vocab
 
 def train_child(spec: dict) -> dict:
     from model import MicroLMConfig, MicroLMForCausalLM
+    from trainer.distributed import fast_dtype
     from trainer.engine import lm_loss, param_groups, to_device
 
     device = torch.device(spec["device"])
     mode = spec["mode"]
     torch.manual_seed(0)
     model = MicroLMForCausalLM(MicroLMConfig.from_preset(spec["preset"])).to(device).train()
+    if mode == "ckpt":  # as the engine does for --grad_checkpoint
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     T, B = spec["seq_len"], spec["batch_size"]
     warmup = 3 if mode == "compiled" else 2
     batches = [to_device(b, device) for b in make_batches(mode, warmup + spec["steps"], B, T,
@@ -125,8 +134,8 @@ def train_child(spec: dict) -> dict:
     fused = mode != "baseline"
     optimizer = torch.optim.AdamW(param_groups(model, 0.01), lr=1e-4, betas=(0.9, 0.95),
                                   fused=fused, foreach=False if not fused else None)
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if mode != "baseline"
-                else torch.autocast(device.type, enabled=False))
+    dtype = torch.float32 if mode == "baseline" else fast_dtype(device)  # the engine's --dtype auto
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     net = torch.compile(model) if mode == "compiled" else model
     times, losses = [], []
     for i, batch in enumerate(batches):
@@ -153,8 +162,29 @@ def train_child(spec: dict) -> dict:
 # ----------------------------------------------------------------------------------------------------------------------
 # decoding
 
+def weight_read_ms(model, device, runs: int = 7) -> float:
+    """One batch-1 product with every Linear weight in model order (what a decode step cannot avoid), median ms."""
+    from inference.quant import Int8Linear
+
+    layers = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, Int8Linear))]
+    dtype = next(model.parameters()).dtype
+    xs = [torch.ones(1, m.in_features, device=device, dtype=dtype) for m in layers]
+    times = []
+    with torch.no_grad():
+        for i in range(runs + 1):
+            sync(device)
+            t = time.perf_counter()
+            for m, x in zip(layers, xs):
+                m(x)
+            sync(device)
+            if i:
+                times.append(time.perf_counter() - t)
+    return 1000 * statistics.median(times)
+
+
 def decode_child(spec: dict) -> dict:
     from inference import Sampling, decode
+    from inference.quant import quantize_int8
     from model import MicroLMConfig, MicroLMForCausalLM
     from trainer.distributed import fast_dtype
 
@@ -165,7 +195,9 @@ def decode_child(spec: dict) -> dict:
     ids = torch.randint(10, model.config.vocab_size, (B, prompt), device=device)
     if spec["mode"] != "baseline":
         model = model.to(fast_dtype(device))
-    step = torch.compile(model, dynamic=False) if spec["mode"] == "compiled" else None
+    if "int8" in spec["mode"]:
+        quantize_int8(model)
+    step = torch.compile(model, dynamic=False) if "compiled" in spec["mode"] else None
     times = []
     with torch.no_grad():
         for i in range(spec["runs"] + 1):
@@ -183,7 +215,8 @@ def decode_child(spec: dict) -> dict:
                 times.append(time.perf_counter() - t)
     assert out.shape == (B, new)
     seconds = statistics.median(times)
-    return {"seconds": seconds, "tokens_per_s": B * new / seconds, "peak_memory_mib": peak_memory_mib(device)}
+    return {"seconds": seconds, "tokens_per_s": B * new / seconds, "peak_memory_mib": peak_memory_mib(device),
+            "weight_read_ms": weight_read_ms(model, device), "tokens": out.tolist()}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -200,13 +233,15 @@ def run_child(kind: str, spec: dict) -> dict:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", default="tiny,26m", help="training presets (CUDA: try tiny,26m,104m,moe-145m)")
-    parser.add_argument("--modes", default="baseline,ours", help="baseline, ours, compiled")
+    parser.add_argument("--modes", default="baseline,ours", help="training: baseline, ours, compiled, ckpt")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--seq_len", type=int, default=512)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per measurement (after the warm-up)")
     parser.add_argument("--repeats", type=int, default=3, help="alternating runs of each mode")
     parser.add_argument("--decode_preset", default="26m", help="'' to skip decoding")
     parser.add_argument("--decode_batches", default="1,8")
+    parser.add_argument("--decode_modes", default="baseline,ours,int8",
+                        help="baseline, ours, compiled, int8, int8+compiled")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", default="out/bench/bench.json")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
@@ -216,13 +251,18 @@ def main(argv=None):
         print(json.dumps((train_child if kind == "train" else decode_child)(json.loads(spec))))
         return None
 
+    from trainer.distributed import fast_dtype
+
     device = torch.device(args.device)
     n = 8192 if device.type == "cuda" else 2048
-    roof = {"fp32": matmul_roof(device, torch.float32, n), "bf16": matmul_roof(device, torch.bfloat16, n)}
+    fast = str(fast_dtype(device)).replace("torch.", "").replace("bfloat16", "bf16").replace("float", "fp")
+    roof = {"fp32": matmul_roof(device, torch.float32, n)}
+    if fast != "fp32":  # only a dtype the device computes natively: emulated bf16 would take minutes to measure
+        roof[fast] = matmul_roof(device, fast_dtype(device), n)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         roof["tf32"] = matmul_roof(device, torch.float32, n)
-    result = {"device": device_name(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+    result = {"fast_dtype": fast, "device": device_name(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
               "matmul_gflops": roof, "matmul_size": n, "batch_size": args.batch_size, "seq_len": args.seq_len,
               "doc_tokens": list(DOC_TOKENS), "steps": args.steps, "repeats": args.repeats, "train": [],
               "decode": []}
@@ -241,18 +281,24 @@ def main(argv=None):
                       flush=True)
         for mode in modes:
             med = {k: statistics.median(x[k] for x in runs[mode]) for k in runs[mode][0]}
-            med["mfu"] = med["useful_tokens_per_s"] * med["flops_per_token"] / (roof["bf16"] * 1e9)
+            med["mfu"] = med["useful_tokens_per_s"] * med["flops_per_token"] / (roof[fast] * 1e9)
             result["train"].append({"preset": preset, "mode": mode, **med, "runs": runs[mode]})
 
     if args.decode_preset:
         for batch in map(int, args.decode_batches.split(",")):
-            for mode in [m for m in ["baseline", "ours", "compiled"] if m in modes or m == "baseline"]:
+            for mode in filter(None, args.decode_modes.split(",")):
                 spec = {"preset": args.decode_preset, "mode": mode, "device": args.device, "batch_size": batch,
                         "prompt_tokens": 64, "new_tokens": 200, "runs": 3}
-                result["decode"].append({"preset": args.decode_preset, "mode": mode, "batch_size": batch,
-                                         **run_child("decode", spec)})
-                print(f"  decode {args.decode_preset} {mode} batch {batch}: "
-                      f"{result['decode'][-1]['tokens_per_s']:,.0f} tok/s", flush=True)
+                row = {"preset": args.decode_preset, "mode": mode, "batch_size": batch, **run_child("decode", spec)}
+                ours = next((r for r in result["decode"] if r["mode"] == "ours" and r["batch_size"] == batch), None)
+                if "int8" in mode and ours:  # same prompt, greedy: the share of tokens equal to ours, position-wise
+                    pairs = [(a, b) for x, y in zip(row["tokens"], ours["tokens"]) for a, b in zip(x, y)]
+                    row["agreement_with_ours"] = sum(a == b for a, b in pairs) / len(pairs)
+                result["decode"].append(row)
+                print(f"  decode {args.decode_preset} {mode} batch {batch}: {row['tokens_per_s']:,.0f} tok/s",
+                      flush=True)
+        for row in result["decode"]:
+            row.pop("tokens")
 
     print_tables(result)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -266,7 +312,8 @@ def print_tables(result):
           + ", ".join(f"{k} {v:,.0f} GFLOP/s" for k, v in result["matmul_gflops"].items()))
     print(f"training: batch {result['batch_size']} x seq {result['seq_len']}, documents of "
           f"{result['doc_tokens'][0]}-{result['doc_tokens'][1]} tokens, median of {result['repeats']} runs\n")
-    print("| preset | mode | step s | raw tok/s | useful tok/s | useful × baseline | MFU (bf16 roof) | peak MiB |")
+    print(f"| preset | mode | step s | raw tok/s | useful tok/s | useful × baseline | MFU ({result['fast_dtype']} roof)"
+          " | peak MiB |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     base = {r["preset"]: r["useful_tokens_per_s"] for r in result["train"] if r["mode"] == "baseline"}
     for r in result["train"]:
@@ -274,10 +321,15 @@ def print_tables(result):
         print(f"| {r['preset']} | {r['mode']} | {r['step_s']:.3f} | {r['raw_tokens_per_s']:,.0f} | "
               f"{r['useful_tokens_per_s']:,.0f} | {ratio:.2f}× | {r['mfu']:.1%} | {r['peak_memory_mib']:,.0f} |")
     if result["decode"]:
-        print("\n| decode preset | mode | batch | new tok/s | peak MiB |")
-        print("| --- | --- | --- | --- | --- |")
+        print("\n| decode preset | mode | batch | new tok/s | × baseline | weight read ms/token (ceiling tok/s) | "
+              "peak MiB |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        base = {r["batch_size"]: r["tokens_per_s"] for r in result["decode"] if r["mode"] == "baseline"}
         for r in result["decode"]:
-            print(f"| {r['preset']} | {r['mode']} | {r['batch_size']} | {r['tokens_per_s']:,.0f} | "
+            ratio = r["tokens_per_s"] / base[r["batch_size"]] if r["batch_size"] in base else float("nan")
+            agree = f" (greedy = ours: {r['agreement_with_ours']:.0%})" if "agreement_with_ours" in r else ""
+            print(f"| {r['preset']} | {r['mode']}{agree} | {r['batch_size']} | {r['tokens_per_s']:,.0f} | "
+                  f"{ratio:.2f}× | {r['weight_read_ms']:.1f} ({1000 / r['weight_read_ms']:,.0f}) | "
                   f"{r['peak_memory_mib']:,.0f} |")
 
 

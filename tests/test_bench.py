@@ -43,3 +43,25 @@ def test_a_training_measurement_runs_and_reports_consistent_figures():
     assert base["useful_tokens_per_s"] < base["raw_tokens_per_s"]
     assert ours["raw_tokens_per_s"] == 2 * 64 / ours["step_s"]
     assert all(torch.isfinite(torch.tensor(r["loss_last"])) for r in (ours, base))
+
+
+def test_grad_checkpoint_mode_trains_the_same_steps():
+    spec = {"preset": "tiny", "mode": "ours", "device": "cpu", "batch_size": 2, "seq_len": 64, "steps": 2}
+    ours, ckpt = bench.train_child(spec), bench.train_child({**spec, "mode": "ckpt"})
+    assert abs(ours["loss_first"] - ckpt["loss_first"]) < 1e-5 and abs(ours["loss_last"] - ckpt["loss_last"]) < 1e-4
+
+
+def test_decode_measurements_report_the_weight_read_floor_and_int8_tokens():
+    spec = {"preset": "tiny", "device": "cpu", "batch_size": 2, "prompt_tokens": 8, "new_tokens": 6, "runs": 1}
+    ours, int8 = bench.decode_child({**spec, "mode": "ours"}), bench.decode_child({**spec, "mode": "int8"})
+    for r in (ours, int8):
+        assert len(r["tokens"]) == 2 and all(len(t) == 6 for t in r["tokens"])
+        assert r["weight_read_ms"] > 0 and r["tokens_per_s"] == 12 / r["seconds"]
+    model = make_model("tiny")
+    n = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    calls = []
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear):
+            m.register_forward_hook(lambda mod, i, o: calls.append(i[0].shape))
+    bench.weight_read_ms(model, torch.device("cpu"), runs=1)
+    assert len(calls) == 2 * n and all(s[0] == 1 for s in calls)  # every weight once per sweep, one row

@@ -122,3 +122,39 @@ def test_tools_time_out_convert_units_and_load_from_files(tmp_path):
                        (f"{tmp_path / 'mine.py'}:missing", ValueError)]:
         with pytest.raises(error):
             load_tools(bad)
+
+
+def test_int8_weight_only_layers_compute_the_dequantized_product_and_keep_the_model_close(tmp_path):
+    from argparse import Namespace
+
+    from inference.load import load
+    from inference.quant import Int8Linear, quantize_int8
+
+    model = make_model("tiny", seed=3, tie_word_embeddings=False, use_moe=True).eval()
+    ids = torch.tensor([ROWS[0]])
+    with torch.no_grad():
+        expected = model(ids).logits
+    model.save_pretrained(tmp_path / "ckpt")
+    linear = model.model.layers[0].self_attn.q_proj
+    layer = Int8Linear(linear)
+    w = linear.weight.detach()
+    dequant = layer.qweight.float() * layer.scale.float()[:, None]
+    assert (dequant - w).abs().le(layer.scale.float()[:, None] / 2 + 1e-6).all()  # rounding, one scale per row
+    x = torch.randn(3, 5, linear.in_features)
+    assert torch.allclose(layer(x), x.bfloat16().float() @ dequant.T, rtol=2e-2, atol=2e-2)
+
+    quantize_int8(model)
+    kinds = {type(m).__name__ for n, m in model.named_modules() if n.endswith(("q_proj", "down_proj", "lm_head"))}
+    assert kinds == {"Int8Linear"}
+    assert isinstance(model.model.layers[0].mlp.gate, torch.nn.Linear)  # the MoE router keeps full precision
+    with torch.no_grad():
+        got = model(ids).logits
+    cos = torch.nn.functional.cosine_similarity(got.flatten(), expected.flatten(), dim=0)
+    assert cos > 0.999 and not torch.equal(got, expected)
+    assert generate(model, ids, sampling=Sampling(max_new_tokens=6)).shape == (1, 6)
+
+    args = Namespace(stage="sft", model_path=str(tmp_path / "ckpt"), adapter=None, out_dir=str(tmp_path),
+                     device="cpu", dtype="float32", quantize="int8")
+    loaded, _, _ = load(args)  # what eval_model.py / the server get with --quantize int8
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, got, atol=1e-5)
