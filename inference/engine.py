@@ -49,10 +49,89 @@ def next_token(logits, s: Sampling, seen=None, generator=None):
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
 
 
+class KVCache:
+    """Keys and values of every layer in one pre-allocated buffer, written in place; a layer reads back the filled
+    part only, so attention needs no mask without padding. What `decode` uses for our own models: no per-step
+    concatenation as in transformers' DynamicCache (which stock models keep)."""
+
+    def __init__(self, num_layers: int, max_len: int):
+        self.num_layers, self.max_len, self.length = num_layers, max_len, 0
+        self.keys = self.values = None
+
+    def update(self, k, v, layer_idx: int):
+        B, H, T, D = k.shape
+        if self.keys is None:  # shape and dtype from the first layer's keys
+            self.keys = k.new_empty(self.num_layers, B, H, self.max_len, D)
+            self.values = v.new_empty(self.num_layers, B, H, self.max_len, D)
+        end = self.length + T
+        if end > self.max_len:
+            raise ValueError(f"KV cache of {self.max_len} positions is full")
+        self.keys[layer_idx, :, :, self.length:end] = k
+        self.values[layer_idx, :, :, self.length:end] = v
+        if layer_idx == self.num_layers - 1:
+            self.length = end
+        return self.keys[layer_idx, :, :, :end], self.values[layer_idx, :, :, :end]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.length
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple:
+        return self.length + query_length, 0
+
+
 def _forward(model, ids, position_ids, attention_mask, cache):
     out = model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
                 use_cache=True, logits_to_keep=1)
     return out.logits[:, -1].float()
+
+
+def _steps(model, input_ids, attention_mask, sampling, eos_id, pad_id, static_cache, cache_len, step, generator,
+           stop_check):
+    """(token, done) per step; stops once every row is done, looking every `stop_check` steps (a look is a host
+    sync: on a GPU the loop runs ahead of the device between looks)."""
+    from transformers import DynamicCache, StaticCache
+
+    B, T = input_ids.shape
+    device = input_ids.device
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device).long()
+    padded = not bool(mask.all())  # without padding, the steps need no mask at all
+    n_new = sampling.max_new_tokens
+    if static_cache:
+        cache_len = max(cache_len or 0, T + n_new)
+        cache = StaticCache(config=model.config, max_cache_len=cache_len)
+        keys = torch.zeros(B, cache_len, dtype=torch.bool, device=device)
+        keys[:, :T] = mask.bool()
+    elif getattr(model.config, "model_type", None) == "microlm":
+        cache = KVCache(model.config.num_hidden_layers, T + n_new)
+    else:
+        cache = DynamicCache(config=model.config)
+    step = model if step is None else step
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = _forward(model, input_ids, positions, mask if padded else None, cache)
+    seen = None
+    if sampling.repetition_penalty != 1.0:
+        seen = torch.zeros(B, logits.size(-1), dtype=torch.bool, device=device)
+        seen.scatter_(1, input_ids * mask, mask.bool())
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    position = positions[:, -1:]
+    for i in range(n_new):
+        token = next_token(logits, sampling, seen, generator)
+        token = torch.where(done, torch.full_like(token, pad_id), token)
+        if eos_id is not None:
+            done = done | (token == eos_id)
+        yield token, done
+        if i == n_new - 1 or ((i + 1) % stop_check == 0 and bool(done.all())):
+            return
+        if seen is not None:
+            seen.scatter_(1, token[:, None], True)
+        position = position + 1
+        if static_cache:
+            keys[:, T + i] = True
+            logits = _forward(step, token[:, None], position, keys[:, None, None, :], cache)
+        else:
+            if padded:
+                mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
+            logits = _forward(step, token[:, None], position, mask if padded else None, cache)
 
 
 @torch.no_grad()
@@ -62,56 +141,31 @@ def decode(model, input_ids, attention_mask=None, sampling: Sampling = Sampling(
     an ended row yields `pad_id`. Rows are left-padded (`attention_mask` 0 on the left); positions count from each
     row's first real token, so a row decodes as it would alone. Close the generator to stop early.
 
-    The prompt is prefilled once; each step then feeds one token per row on the KV cache. static_cache: a
-    pre-allocated cache and a (B, 1, 1, kv) mask of fixed shape, so `step` (e.g. a torch.compile'd model) sees the
-    same shapes every step (`cache_len`: its size, at least prompt + max_new_tokens). Any transformers causal LM
-    works (position_ids, cache, logits_to_keep)."""
-    from transformers import DynamicCache, StaticCache
-
-    B, T = input_ids.shape
-    device = input_ids.device
-    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device).long()
-    n_new = sampling.max_new_tokens
-    if static_cache:
-        cache_len = max(cache_len or 0, T + n_new)
-        cache = StaticCache(config=model.config, max_cache_len=cache_len)
-        keys = torch.zeros(B, cache_len, dtype=torch.bool, device=device)
-        keys[:, :T] = mask.bool()
-    else:
-        cache = DynamicCache(config=model.config)
-    step = model if step is None else step
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    logits = _forward(model, input_ids, positions, mask, cache)
-    seen = None
-    if sampling.repetition_penalty != 1.0:
-        seen = torch.zeros(B, logits.size(-1), dtype=torch.bool, device=device)
-        seen.scatter_(1, input_ids * mask, mask.bool())
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    position = positions[:, -1]
-    for i in range(n_new):
-        token = next_token(logits, sampling, seen, generator)
-        token = torch.where(done, torch.full_like(token, pad_id), token)
-        if eos_id is not None:
-            done = done | (token == eos_id)
+    The prompt is prefilled once; each step then feeds one token per row on the KV cache (pre-allocated: our
+    `KVCache` for our models, transformers' DynamicCache for others). static_cache: transformers' StaticCache and a
+    (B, 1, 1, kv) mask of fixed shape, so `step` (e.g. a torch.compile'd model) sees the same shapes every step
+    (`cache_len`: its size, at least prompt + max_new_tokens). Any transformers causal LM works (position_ids,
+    cache, logits_to_keep)."""
+    for token, _ in _steps(model, input_ids, attention_mask, sampling, eos_id, pad_id, static_cache, cache_len, step,
+                           generator, stop_check=1):
         yield token
-        if i == n_new - 1 or bool(done.all()):
-            return
-        if seen is not None:
-            seen.scatter_(1, token[:, None], True)
-        position = position + 1
-        if static_cache:
-            keys[:, T + i] = True
-            logits = _forward(step, token[:, None], position[:, None], keys[:, None, None, :], cache)
-        else:
-            mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
-            logits = _forward(step, token[:, None], position[:, None], mask, cache)
 
 
+@torch.no_grad()
 def generate(model, input_ids, attention_mask=None, sampling: Sampling = Sampling(), eos_id=None, pad_id=0,
-             **kwargs):
-    """(B, n) new tokens (n <= max_new_tokens), `pad_id` after each row's eos: `decode` run to the end."""
-    steps = list(decode(model, input_ids, attention_mask, sampling, eos_id, pad_id, **kwargs))
-    return torch.stack(steps, 1) if steps else input_ids.new_zeros(input_ids.size(0), 0)
+             static_cache=False, cache_len=None, step=None, generator=None, stop_check=8):
+    """(B, n) new tokens (n <= max_new_tokens), `pad_id` after each row's eos: the decode loop run to the end, the
+    host looking whether every row is done only every `stop_check` steps (steps past that are cut off)."""
+    tokens, dones = [], []
+    for token, done in _steps(model, input_ids, attention_mask, sampling, eos_id, pad_id, static_cache, cache_len,
+                              step, generator, stop_check):
+        tokens.append(token)
+        dones.append(done)
+    if not tokens:
+        return input_ids.new_zeros(input_ids.size(0), 0)
+    all_done = torch.stack(dones).all(1).tolist()
+    n = all_done.index(True) + 1 if True in all_done else len(tokens)
+    return torch.stack(tokens[:n], 1)
 
 
 def left_pad(rows, pad_id, device=None):
@@ -277,13 +331,15 @@ class Engine:
 
     # ---- token ids
 
+    def _batch(self, rows, sampling: Sampling) -> dict:
+        ids, mask = left_pad(rows, self.pad_id, self.device)
+        bucket = -(-(ids.size(1) + sampling.max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET
+        return dict(input_ids=ids, attention_mask=mask, sampling=sampling, eos_id=self.eos_id, pad_id=self.pad_id,
+                    static_cache=self.step is not None, cache_len=bucket, step=self.step)
+
     def decode(self, rows, sampling: Sampling, generator=None):
         """`decode()` on lists of prompt ids (left-padded into one batch)."""
-        ids, mask = left_pad(rows, self.pad_id, self.device)
-        static = self.step is not None
-        bucket = -(-(ids.size(1) + sampling.max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET
-        return decode(self.model, ids, mask, sampling, self.eos_id, self.pad_id, static_cache=static,
-                      cache_len=bucket, step=self.step, generator=generator)
+        return decode(self.model, **self._batch(rows, sampling), generator=generator)
 
     def generate(self, rows, sampling: Sampling, batch_size=32, generator=None) -> list:
         """[(new ids without eos, ended with eos)] for many prompts, batched by length so batches pad little."""
@@ -291,9 +347,8 @@ class Engine:
         results = [None] * len(rows)
         for start in range(0, len(order), batch_size):
             batch = order[start:start + batch_size]
-            steps = list(self.decode([rows[i] for i in batch], sampling, generator))
-            new = torch.stack(steps, 1).tolist() if steps else [[] for _ in batch]
-            for i, seq in zip(batch, new):
+            new = generate(self.model, **self._batch([rows[i] for i in batch], sampling), generator=generator)
+            for i, seq in zip(batch, new.tolist()):
                 ended = self.eos_id in seq
                 results[i] = (seq[:seq.index(self.eos_id)] if ended else seq, ended)
         return results

@@ -48,6 +48,33 @@ def test_rows_stop_at_eos_and_pad_after_it():
         assert o[:end] == f[:end] and set(o[end:]) <= {0}
 
 
+def test_generate_stops_at_the_step_every_row_has_ended_whenever_the_host_looks():
+    model = make_model("tiny", seed=3, tie_word_embeddings=False).eval()
+    ids, mask = left_pad(ROWS, 0)
+    free = generate(model, ids, mask, Sampling(max_new_tokens=24), pad_id=0)
+    eos = int(free[0, 2])  # every row must reach it (or run to the end) for the loop to stop early
+    ends = [f.index(eos) + 1 if eos in f else 24 for f in free.tolist()]
+    for stop_check in (1, 5, 8, 64):  # the host looks every stop_check steps; steps past the end are cut
+        out = generate(model, ids, mask, Sampling(max_new_tokens=24), eos_id=eos, pad_id=0, stop_check=stop_check)
+        assert out.size(1) == max(ends)
+        assert all(o[:e] == f[:e] for o, f, e in zip(out.tolist(), free.tolist(), ends))
+
+
+def test_our_models_decode_on_the_preallocated_cache_exactly_as_a_full_forward():
+    from inference.engine import KVCache, _steps
+
+    model = make_model("tiny", seed=3, tie_word_embeddings=False).eval()
+    ids, mask = left_pad(ROWS[:1], 0)
+    out = generate(model, ids, mask, Sampling(max_new_tokens=6))
+    with torch.no_grad():
+        logits = model(torch.cat([ids, out[:, :-1]], 1)).logits[:, ids.size(1) - 1:]
+    assert torch.equal(logits.argmax(-1), out)  # greedy on the cache == greedy on the whole sequence
+    seen = []
+    model.register_forward_pre_hook(lambda m, a, kw: seen.append(type(kw["cache"])), with_kwargs=True)
+    list(_steps(model, ids, mask, Sampling(max_new_tokens=3), None, 0, False, None, None, None, 1))
+    assert seen == [KVCache] * 3
+
+
 def test_sampling_filters_keep_only_what_they_should():
     logits = torch.tensor([[0.0, 3.0, 1.0, 2.5, -1.0]]).repeat(2000, 1)
     g = torch.Generator().manual_seed(0)
