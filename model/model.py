@@ -206,7 +206,7 @@ class Block(GradientCheckpointingLayer):  # transformers' wrapper: gradient_chec
 # Model
 
 def build_attention_mask(attention_mask: torch.Tensor | None, q_len: int, past_len: int,
-                         kv_len: int | None = None) -> torch.Tensor | None:
+                         kv_len: int | None = None, device=None) -> torch.Tensor | None:
     """Boolean SDPA mask (True = attend), or None when SDPA's own causal path or no mask at all is exact.
 
     Needed for padding (a 0 in `attention_mask`, e.g. left-padded generation), for several new tokens on top of a
@@ -219,7 +219,7 @@ def build_attention_mask(attention_mask: torch.Tensor | None, q_len: int, past_l
     has_padding = attention_mask is not None and not bool(attention_mask.all())
     if not has_padding and not static and (q_len == 1 or past_len == 0):
         return None
-    device = attention_mask.device if attention_mask is not None else None
+    device = attention_mask.device if attention_mask is not None else device
     q_pos = torch.arange(past_len, past_len + q_len, device=device)
     mask = torch.arange(kv_len, device=device)[None, :] <= q_pos[:, None]  # (q_len, kv_len) causal
     if has_padding:
@@ -281,7 +281,7 @@ class MicroLMModel(MicroLMPreTrainedModel):
                     position_ids = torch.arange(past_len, past_len + T, device=x.device).expand(B, T)
             # a DynamicCache returns past + new keys; a StaticCache all of its pre-allocated slots
             kv_len = cache.get_mask_sizes(T, 0)[0] if cache is not None else T
-            attn_mask = build_attention_mask(attention_mask, T, past_len, kv_len)
+            attn_mask = build_attention_mask(attention_mask, T, past_len, kv_len, x.device)
         cos, sin = self.rotary_emb(position_ids, x.dtype)
 
         x = self.dropout(x)

@@ -291,7 +291,12 @@ def main(argv=None):
             for mode in filter(None, args.decode_modes.split(",")):
                 spec = {"preset": args.decode_preset, "mode": mode, "device": args.device, "batch_size": batch,
                         "prompt_tokens": 64, "new_tokens": 200, "runs": 3}
-                row = {"preset": args.decode_preset, "mode": mode, "batch_size": batch, **run_child("decode", spec)}
+                try:
+                    row = {"preset": args.decode_preset, "mode": mode, "batch_size": batch,
+                           **run_child("decode", spec)}
+                except RuntimeError as e:  # one failing mode costs its row, not the rows measured after it
+                    print(f"  decode {mode} batch {batch} FAILED: {str(e)[-600:]}", flush=True)
+                    row = {"preset": args.decode_preset, "mode": mode, "batch_size": batch, "skipped": str(e)[-600:]}
                 if "skipped" in row:
                     print(f"  decode {mode} batch {batch} skipped: {row['skipped']}", flush=True)
                     result.setdefault("skipped", []).append(row)

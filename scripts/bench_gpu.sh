@@ -16,6 +16,6 @@ timeout 300 python3 scripts/bench.py --device cuda --presets 26m,104m --modes ba
 for run in "26m --compile" "104m --compile" "104m --compile --batch_size 64"; do
   set -- $run
   name=stages_$1_compiled${3:+_batch$4}
-  timeout 85 python3 scripts/bench_stages.py --preset "$1" --stages pretrain --steps 30 --extra "${*:2}" \
+  timeout 85 python3 scripts/bench_stages.py --preset "$1" --stages pretrain --steps 30 --extra="${*:2}" \
     --out "$out/$name.json" 2>&1 | grep -v "^\s*$" | tail -3 | tee -a "$out/stages.log"
 done

@@ -403,3 +403,19 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients_and_saves_less
     for (name, a), b in zip(plain.named_parameters(), ckpt.parameters()):
         assert torch.allclose(a.grad, b.grad, atol=1e-6, rtol=1e-5), name
     assert saved[1] < 0.6 * saved[0], saved
+
+
+def test_a_mask_built_without_attention_mask_lands_on_the_models_device(monkeypatch):
+    """A static cache with no padding and no attention_mask still needs a mask (its unwritten slots): it must be made
+    on the model's device (it was made on the CPU, which broke compiled decoding on CUDA)."""
+    import model.model as modeling
+    from transformers import StaticCache
+
+    mask = modeling.build_attention_mask(None, 4, 0, 16, device=torch.device("meta"))
+    assert mask.device.type == "meta" and mask.shape == (4, 16)
+    seen, build = [], modeling.build_attention_mask
+    monkeypatch.setattr(modeling, "build_attention_mask", lambda *a, **kw: seen.append((a, kw)) or build(*a, **kw))
+    model = make_model("tiny")
+    model(input_ids=random_ids(1, 4), cache=StaticCache(config=model.config, max_cache_len=16), use_cache=True)
+    (args, kwargs), = seen
+    assert args[0] is None and [*args, *kwargs.values()][-1] == model.device  # the model's device handed down
