@@ -21,9 +21,9 @@ def build_parser():
 
 def run(trainer, args):
     model = trainer.build_model()
-    data = PretrainDataset(args.data_path, trainer.tokenizer, args.max_seq_len, packed=not args.padded,
-                           strict=args.strict)
-    return trainer.fit(model, data)
+    data, held = trainer.split(lambda path: PretrainDataset(path, trainer.tokenizer, args.max_seq_len,
+                                                            packed=not args.padded, strict=args.strict))
+    return trainer.fit(model, data, eval_dataset=held)
 
 
 def main(argv=None):

@@ -20,9 +20,10 @@ def build_parser():
 
 def run(trainer, args):
     model = trainer.build_model()
-    data = SFTDataset(args.data_path, trainer.tokenizer, args.max_seq_len, strict=args.strict,
-                      empty_think_ratio=args.empty_think_ratio, seed=args.seed)
-    return trainer.fit(model, data, collate_fn=partial(pad_collate, pad_id=trainer.tokenizer.pad_token_id or 0))
+    data, held = trainer.split(lambda path: SFTDataset(path, trainer.tokenizer, args.max_seq_len, strict=args.strict,
+                                                       empty_think_ratio=args.empty_think_ratio, seed=args.seed))
+    return trainer.fit(model, data, collate_fn=partial(pad_collate, pad_id=trainer.tokenizer.pad_token_id or 0),
+                       eval_dataset=held)
 
 
 def main(argv=None):

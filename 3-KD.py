@@ -60,11 +60,11 @@ def load_teacher(trainer, name_or_path, student_vocab: int):
 
 def run(trainer, args):
     model = trainer.build_model()
-    data = SFTDataset(args.data_path, trainer.tokenizer, args.max_seq_len, strict=args.strict,
-                      empty_think_ratio=args.empty_think_ratio, seed=args.seed)
+    data, held = trainer.split(lambda path: SFTDataset(path, trainer.tokenizer, args.max_seq_len, strict=args.strict,
+                                                       empty_think_ratio=args.empty_think_ratio, seed=args.seed))
     collate = partial(pad_collate, pad_id=trainer.tokenizer.pad_token_id or 0)
     if not args.teacher:
-        return trainer.fit(model, data, collate_fn=collate)  # black-box: plain SFT on the teacher's text
+        return trainer.fit(model, data, collate_fn=collate, eval_dataset=held)  # black-box: plain SFT on the teacher's text
     teacher, _ = load_teacher(trainer, args.teacher, model.config.vocab_size)
     vocab = model.config.vocab_size
 
@@ -77,7 +77,7 @@ def run(trainer, args):
             loss = loss + out.aux_loss * (batch["labels"][:, 1:] != -100).sum()
         return loss, {"ce": ce.detach(), "kl": kl.detach()}
 
-    return trainer.fit(model, data, collate_fn=collate, loss_fn=loss_fn)
+    return trainer.fit(model, data, collate_fn=collate, loss_fn=loss_fn, eval_dataset=held)
 
 
 def main(argv=None):

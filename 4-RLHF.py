@@ -69,8 +69,11 @@ def precompute_ref_logps(trainer, ref_model, dataset, collate) -> torch.Tensor:
 
 def run(trainer, args):
     model = trainer.build_model()
-    data = DPODataset(args.data_path, trainer.tokenizer, args.max_seq_len, strict=args.strict,
-                      empty_think_ratio=args.empty_think_ratio, seed=args.seed)
+    if args.precompute_ref and args.eval_data:
+        raise SystemExit("--precompute_ref keeps reference log-probs of the training file's rows only: use "
+                         "--eval_split, or drop --precompute_ref, to evaluate held-out pairs")
+    data, held = trainer.split(lambda path: DPODataset(path, trainer.tokenizer, args.max_seq_len, strict=args.strict,
+                                                       empty_think_ratio=args.empty_think_ratio, seed=args.seed))
     collate = partial(dpo_collate, pad_id=trainer.tokenizer.pad_token_id or 0)
     ref = copy.deepcopy(model).eval().requires_grad_(False)
     ref_table = None
@@ -79,7 +82,8 @@ def run(trainer, args):
         if args.resume and path.exists():
             ref_table = torch.load(path, weights_only=True).to(trainer.device)
         else:
-            ref_table = precompute_ref_logps(trainer, ref, data, collate)
+            # every row of the file (held-out ones too: a batch's "index" is the row's index in the file)
+            ref_table = precompute_ref_logps(trainer, ref, getattr(data, "dataset", data), collate)
             if trainer.env.is_main:
                 torch.save(ref_table.cpu(), path)
         del ref  # the point of precomputing: no second model in memory while training
@@ -95,7 +99,8 @@ def run(trainer, args):
         return losses.sum(), {"reward_chosen": chosen.detach().sum(), "reward_rejected": rejected.detach().sum(),
                               "reward_margin": margin.detach().sum(), "accuracy": (margin > 0).float().sum()}
 
-    return trainer.fit(model, data, collate_fn=collate, loss_fn=loss_fn, count_fn=lambda b: b["index"].numel())
+    return trainer.fit(model, data, collate_fn=collate, loss_fn=loss_fn, count_fn=lambda b: b["index"].numel(),
+                       eval_dataset=held)
 
 
 def main(argv=None):

@@ -47,10 +47,10 @@ def run(trainer, args):
         save_adapter(model, folder, str(base_path) if base_path else None)
         trainer.tokenizer.save_pretrained(folder)
 
-    data = SFTDataset(args.data_path, trainer.tokenizer, args.max_seq_len, strict=args.strict,
-                      empty_think_ratio=args.empty_think_ratio, seed=args.seed)
+    data, held = trainer.split(lambda path: SFTDataset(path, trainer.tokenizer, args.max_seq_len, strict=args.strict,
+                                                       empty_think_ratio=args.empty_think_ratio, seed=args.seed))
     summary = trainer.fit(model, data, collate_fn=partial(pad_collate, pad_id=trainer.tokenizer.pad_token_id or 0),
-                          save_fn=save_fn)
+                          save_fn=save_fn, eval_dataset=held)
     if args.merge and trainer.env.is_main:
         merged = copy.deepcopy(model).cpu()
         remove_lora(merged, merge=True)

@@ -132,10 +132,14 @@ def run(trainer, args):
     model = trainer.build_model()
     pad_id = trainer.tokenizer.pad_token_id or 0
     if args.method == "sft":
-        data = ReasonDataset(args.data_path, trainer.tokenizer, args.max_seq_len, args.tag_weight, strict=args.strict,
-                             empty_think_ratio=args.empty_think_ratio, seed=args.seed)
+        data, held = trainer.split(lambda path: ReasonDataset(path, trainer.tokenizer, args.max_seq_len, args.tag_weight,
+                                                              strict=args.strict, seed=args.seed,
+                                                              empty_think_ratio=args.empty_think_ratio))
         # the rows carry "weights": the engine's lm_loss / count_label_tokens weight each label by them
-        return trainer.fit(model, data, collate_fn=partial(pad_collate, pad_id=pad_id))
+        return trainer.fit(model, data, collate_fn=partial(pad_collate, pad_id=pad_id), eval_dataset=held)
+    if args.eval_data or args.eval_split:
+        raise SystemExit("--eval_data / --eval_split: GRPO has no held-out loss (its rollouts are sampled); "
+                         "score held-out prompts with scripts/eval_tools.py or the demo metrics instead")
     rewards = [load_reward(spec.strip()) for spec in args.reward.split(",") if spec.strip()]
     reference = copy.deepcopy(model).eval().requires_grad_(False) if args.beta > 0 else None
     data = PromptDataset(args.data_path, trainer.tokenizer, args.max_prompt_len, strict=args.strict)

@@ -29,6 +29,7 @@ from model import TOKENIZER_DIR, MicroLMConfig, MicroLMForCausalLM
 
 from . import checkpoint as ckpt
 from .distributed import barrier, cleanup, fast_dtype, init_distributed
+from .evaluation import HeldOut, Rows, split_rows
 from .tracking import Tracker, plot_loss
 
 log = logging.getLogger("trainer")
@@ -74,6 +75,12 @@ def add_train_args(parser: argparse.ArgumentParser, *, epochs: int, batch_size: 
     a("--stop_at_step", type=int, default=0, help="save and exit after this step, as a preempted run would")
     a("--strict", action="store_true", help="stop at the first malformed data line instead of skipping it")
     a("--max_bad_steps", type=int, default=5, help="stop after this many non-finite steps in a row")
+    a("--eval_data", default=None, metavar="FILE",
+      help="held-out jsonl in this stage's format: its loss (and bits per byte) is logged every --eval_interval steps")
+    a("--eval_split", type=float, default=0.0, metavar="FRACTION",
+      help="hold out this seeded share of the training file's rows instead (never trained on)")
+    a("--eval_interval", type=int, default=100, help="optimizer steps between held-out evaluations")
+    a("--eval_batches", type=int, default=50, help="batches per rank and evaluation (0 = the whole held-out set)")
     a("--compile", action="store_true", help="torch.compile the model (slow start, faster steps)")
     a("--grad_checkpoint", action="store_true",
       help="recompute each block's activations in the backward pass: far less memory, ~1/3 more compute")
@@ -238,9 +245,26 @@ class Trainer:
         self.log(f"model: {counts['total'] / 1e6:.2f}M parameters ({counts['active'] / 1e6:.2f}M active)")
         return model.to(self.device)
 
+    def split(self, load):
+        """(training dataset, held-out dataset or None). `load(path)` builds the stage's dataset from a jsonl file:
+        --eval_data FILE loads a second file, --eval_split F holds out a seeded share F of the training rows."""
+        args = self.args
+        data = load(args.data_path)
+        if args.eval_data and args.eval_split:
+            raise SystemExit("--eval_data and --eval_split: give one of them")
+        if args.eval_data:
+            if not Path(args.eval_data).exists():
+                raise SystemExit(f"--eval_data {args.eval_data}: no such file (a jsonl in this stage's format)")
+            return data, load(args.eval_data)
+        if args.eval_split:
+            train, held = split_rows(len(data), args.eval_split, args.seed)
+            self.log(f"held out {len(held)} of {len(data)} rows of {args.data_path} (--eval_split {args.eval_split})")
+            return Rows(data, train), Rows(data, held)
+        return data, None
+
     # -- training -----------------------------------------------------------------------------------------------------
     def fit(self, model, dataset, collate_fn=None, loss_fn=lm_loss, count_fn=count_label_tokens, save_fn=None,
-            shuffle: bool = True, curve: str = "loss") -> dict:
+            shuffle: bool = True, curve: str = "loss", eval_dataset=None) -> dict:
         """Train `model` on `dataset`; returns a summary (steps, losses, seconds) for the demo runner.
 
         loss_fn(model, batch) -> (summed loss, {name: summed metric}); count_fn(batch) -> how many units those
@@ -248,6 +272,7 @@ class Trainer:
         and all ranks, so batch 2 x accumulation 2 == batch 4 x accumulation 1 == 2 ranks x batch 2, whatever the
         padding. save_fn(model, folder) replaces the default save_pretrained (LoRA saves only its adapter). curve: what
         the PNG shows, "loss" or one of loss_fn's metrics (GRPO: "reward"; its loss hovers near 0 by construction).
+        eval_dataset (see `split`): scored every --eval_interval steps, at the start and at the end (evaluation.py).
         """
         args, env = self.args, self.env
         A, B, W = args.accumulation_steps, args.batch_size, env.world_size
@@ -270,8 +295,8 @@ class Trainer:
                                       betas=(0.9, 0.95), fused=args.fused_adamw or None)
         scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
 
-        state = {"step": 0, "epoch": 0, "row": 0, "history": [], "metric_history": [], "run_id": None,
-                 "bad_steps": 0}
+        state = {"step": 0, "epoch": 0, "row": 0, "history": [], "metric_history": [], "eval_history": [],
+                 "run_id": None, "bad_steps": 0}
         resume_path = ckpt.find_resume(self.stage_dir) if args.resume else None
         if resume_path is not None:
             state = ckpt.load_resume(resume_path, model, optimizer, scaler, env.rank)
@@ -282,6 +307,14 @@ class Trainer:
                      f"row {state['row']})")
         elif args.resume:
             self.log(f"no resume state in {self.stage_dir / 'resume'}; starting from the beginning")
+        if resume_path is None:
+            # each rank its own stream for dropout and sampling (every rank had seeded args.seed, so their masks
+            # were the same); a resumed run restores each rank's saved state instead
+            torch.manual_seed(args.seed * 1_000_003 + 1 + env.rank)
+        held = None
+        if eval_dataset is not None:
+            held = HeldOut(eval_dataset, collate_fn, loss_fn, count_fn, self.tokenizer, env, B, args.eval_batches,
+                           self.autocast, model.config.vocab_size, token_level=count_fn is count_label_tokens)
 
         net = model
         if args.grad_checkpoint:  # non-reentrant: works with frozen inputs (LoRA) and keeps dropout's RNG per block
@@ -310,6 +343,8 @@ class Trainer:
         # non-finite steps: counted on the device, looked at (one sync) when logging or saving
         bad_run, unchecked = torch.tensor(state["bad_steps"], device=self.device), []
         done = state["step"] >= total_steps
+        if held is not None and state["step"] == 0:
+            self._evaluate(held, model, state, tracker)
         model.train()
         for epoch in range(state["epoch"], args.epochs):
             if done:
@@ -368,6 +403,8 @@ class Trainer:
                     self._check_finite(unchecked, state, scaler)
                 if log_now:
                     last_metrics = self._flush(pending, state, lr, grad_norm, tracker, bar, t0, tokens_seen)
+                if held is not None and (state["step"] % args.eval_interval == 0 or last):
+                    self._evaluate(held, model, state, tracker)
                 if save_now:
                     self._save(model, optimizer, scaler, state, save_fn)
                 if state["step"] == args.stop_at_step:
@@ -395,7 +432,8 @@ class Trainer:
         if env.is_main and history:
             png = Path(args.image_dir) / f"{self.stage}_{curve}.png"
             if curve == "loss":
-                plot_loss(history, png, f"{self.stage} loss")
+                plot_loss(history, png, f"{self.stage} loss",
+                          held_out=[(st, e["loss"]) for st, e in state.get("eval_history", [])])
             else:  # logged as means over each --log_interval
                 plot_loss([(s, m[curve]) for s, m in state.get("metric_history", []) if curve in m], png,
                           f"{self.stage} {curve}", ylabel=curve)
@@ -405,7 +443,8 @@ class Trainer:
         barrier()
         steady = (tokens_seen - warm[1]) * W / (t_step - warm[0]) if warm and t_step > warm[0] else None
         return {"steps": state["step"], "history": history, "seconds": seconds, "metrics": last_metrics,
-                "metric_history": state.get("metric_history", []),
+                "metric_history": state.get("metric_history", []), "eval_history": state.get("eval_history", []),
+                "eval": state["eval_history"][-1][1] if state.get("eval_history") else None,
                 "tokens": tokens_seen * W, "tokens_per_s_after_first_step": steady,
                 "first_loss": history[0][1] if history else None, "last_loss": history[-1][1] if history else None}
 
@@ -462,6 +501,15 @@ class Trainer:
             tracker.log({"loss": values[-1], "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tok_s,
                          "epoch": state["epoch"], **metrics}, step=state["step"])
         return metrics
+
+    def _evaluate(self, held, model, state, tracker):
+        result = held.run(model)
+        state.setdefault("eval_history", []).append([state["step"], result])
+        bpb = f", {result['bpb']:.4f} bits per byte" if "bpb" in result else ""
+        self.log(f"step {state['step']}: held-out loss {result['loss']:.4f}{bpb} ({result['tokens']:,} "
+                 f"{'tokens' if 'bpb' in result else 'units'} of {held.rows} rows)")
+        if tracker:
+            tracker.log({f"eval/{k}": v for k, v in result.items()}, step=state["step"])
 
     def _save(self, model, optimizer, scaler, state, save_fn):
         try:

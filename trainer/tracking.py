@@ -40,8 +40,8 @@ class Tracker:
             self.run.finish()
 
 
-def plot_loss(history: list, path, title: str, ylabel: str = "loss") -> None:
-    """history: [(step, value), ...] -> a PNG of the raw curve and its moving average."""
+def plot_loss(history: list, path, title: str, ylabel: str = "loss", held_out=()) -> None:
+    """history: [(step, value), ...] -> a PNG of the raw curve and its moving average (+ the held-out points)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -55,6 +55,8 @@ def plot_loss(history: list, path, title: str, ylabel: str = "loss") -> None:
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     ax.plot(steps, losses, alpha=0.35, label=ylabel)
     ax.plot(steps, smooth, label=f"moving average ({k})")
+    if held_out:
+        ax.plot(*zip(*held_out), "o-", color="tab:red", label="held-out")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
