@@ -32,6 +32,7 @@ from dataset.demo_metrics import tool_use_scores  # noqa: E402
 from dataset.jsonl import BadLineError, JsonlFile  # noqa: E402
 from inference import load_tools  # noqa: E402
 from inference.load import add_model_args, load  # noqa: E402
+from trainer import report  # noqa: E402
 
 DEMO_SET = ROOT / "dataset" / "demo" / "tools_eval.jsonl"
 
@@ -92,6 +93,10 @@ def main(argv=None):
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    for name in ("valid_call", "right_arguments", "answer_accuracy"):  # into the report card
+        if isinstance(scores.get(name), float):
+            report.append(args.out_dir, {"kind": "metric", "name": f"tools: {name}", "value": scores[name],
+                                         "model": str(path), "source": f"eval_tools on {data}"})
     return result
 
 

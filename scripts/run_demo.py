@@ -5,7 +5,8 @@
 
 Each stage is the real stage script with demo-sized arguments; after it, the stage's held-out metric is measured on
 items the stage never trained on. Prints a table (stage, steps, loss first -> last, metric, seconds) and writes it
-to <out_dir>/demo_results.json; loss curves go to images/<stage>_loss.png.
+to <out_dir>/demo_results.json; loss curves go to images/<stage>_loss.png (with the held-out loss where the stage has
+an eval file), the report card to <out_dir>/report.md and images/report.png.
 """
 
 import argparse
@@ -25,31 +26,38 @@ from dataset import demo_metrics as metrics  # noqa: E402
 from dataset.rewards import correctness_reward, format_reward  # noqa: E402
 from model import MicroLMForCausalLM  # noqa: E402
 from model.lora import from_adapter, is_adapter_dir  # noqa: E402
+from trainer import report  # noqa: E402
 
 DEMO = ROOT / "dataset" / "demo"
 # the demo model: ~1.6M parameters, trains a few hundred steps a minute on 2 CPU cores
 DEMO_MODEL = ["--preset", "demo"]
 
+# held-out loss and bits per byte during training, on the stage's own eval file (the whole file, 100 rows or fewer)
+HELD_OUT = ["--eval_interval", 20, "--eval_batches", 0, "--eval_data"]
 # stage -> (script, its demo arguments)
 STAGES = {
     "pretrain": ("1-pretrain.py", ["--data_path", DEMO / "pretrain.jsonl", *DEMO_MODEL, "--epochs", 4,
-                                   "--batch_size", 16, "--max_seq_len", 256, "--learning_rate", 1e-2]),
+                                   "--batch_size", 16, "--max_seq_len", 256, "--learning_rate", 1e-2,
+                                   *HELD_OUT, DEMO / "pretrain_eval.jsonl"]),
     "sft": ("2-sft.py", ["--data_path", DEMO / "sft.jsonl", "--from", "pretrain", "--epochs", 2,
-                         "--batch_size", 16, "--max_seq_len", 256, "--learning_rate", 5e-4]),
+                         "--batch_size", 16, "--max_seq_len", 256, "--learning_rate", 5e-4,
+                         *HELD_OUT, DEMO / "sft_eval.jsonl"]),
     # tool use: a second SFT pass on weather tool chats, on top of sft and saved beside it (a branch, like lora);
     # the tool prompt in front (~200 tokens of schema and instructions) needs a context longer than 256
     "tools": ("2-sft.py", ["--data_path", DEMO / "sft_tools.jsonl", "--from", "sft", "--save_as", "tools",
                            "--epochs", 5, "--batch_size", 16, "--max_seq_len", 320, "--learning_rate", 1e-3]),
     # the demo pretrains 256-token rows, so KD keeps to 256 positions (the real stage uses 1024 after a 512 pretrain)
     "kd": ("3-KD.py", ["--data_path", DEMO / "kd.jsonl", "--from", "sft", "--epochs", 3, "--batch_size", 8,
-                       "--max_seq_len", 256, "--learning_rate", 5e-4]),
+                       "--max_seq_len", 256, "--learning_rate", 5e-4, *HELD_OUT, DEMO / "kd_eval.jsonl"]),
     # DPO keeps the stage's default learning rate (1e-6): the README's sweep on this demo shows why
     "dpo": ("4-RLHF.py", ["--data_path", DEMO / "dpo.jsonl", "--from", "kd", "--epochs", 1, "--batch_size", 8,
                           "--max_seq_len", 256, "--precompute_ref"]),
     "lora": ("5-LoRA.py", ["--data_path", DEMO / "lora_medical.jsonl", "--from", "dpo", "--epochs", 10,
-                           "--batch_size", 16, "--max_seq_len", 256, "--learning_rate", 2e-3, "--lora_rank", 16]),
+                           "--batch_size", 16, "--max_seq_len", 256, "--learning_rate", 2e-3, "--lora_rank", 16,
+                           *HELD_OUT, DEMO / "lora_medical_eval.jsonl"]),
     "reason": ("6-reason.py", ["--data_path", DEMO / "reason.jsonl", "--from", "dpo", "--epochs", 3,
-                               "--batch_size", 16, "--max_seq_len", 256, "--learning_rate", 1e-3]),
+                               "--batch_size", 16, "--max_seq_len", 256, "--learning_rate", 1e-3,
+                               *HELD_OUT, DEMO / "reason_eval.jsonl"]),
     "grpo": ("6-reason.py", ["--method", "grpo", "--data_path", DEMO / "reason_prompts.jsonl", "--from", "reason",
                              "--max_steps", 30, "--batch_size", 4, "--num_generations", 4, "--max_new_tokens", 128,
                              "--learning_rate", 1e-4]),
@@ -154,6 +162,11 @@ def run(stages, out_dir: Path, image_dir: Path, extra: list) -> list:
             row.update(curve="reward", first_loss=mean(rewards[:2]), last_loss=mean(rewards[-2:]))
         row["seconds"] = time.time() - t0
         results.append(row)
+        for name, value in row["metrics"].items():  # the report card's score panel: shares, higher is better
+            if any(k in name for k in ("accuracy", "rate", "valid call", "right arguments")) and "before" not in name:
+                report.append(out_dir, {"kind": "metric", "name": f"{stage}: {name}", "value": value,
+                                        "model": str(out_dir / stage), "source": "demo held-out items"},
+                              image_dir=image_dir)
         print(f"[demo] {stage}: {row}", flush=True)
     return results
 

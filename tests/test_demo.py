@@ -58,6 +58,13 @@ def test_demo_pipeline_runs_every_stage_and_each_moves_its_held_out_metric(tmp_p
     assert grpo["format rate"] >= 0.7 and grpo["mean reward"] >= grpo["mean reward before"] - 0.2, grpo
     saved = json.loads((tmp_path / "out" / "demo_results.json").read_text())
     assert [r["stage"] for r in saved] == stages
+    # the report card: every stage's facts, the held-out loss of the stages with an eval file, the demo's scores
+    card = (tmp_path / "out" / "report.md").read_text()
+    assert all(f"| {stage} |" in card for stage in stages) and "| tools: valid call |" in card
+    entries = json.loads((tmp_path / "out" / "report.json").read_text())
+    held = {e["stage"]: e for e in entries if e["kind"] == "stage" and e["eval_bpb"] is not None}
+    assert set(held) == {"pretrain", "sft", "kd", "lora", "reason"}
+    assert (tmp_path / "images" / "report.png").stat().st_size > 10000
 
 
 def _tool_round_trips_through_the_server(folder, n=12):

@@ -94,6 +94,13 @@ def test_held_out_loss_and_bits_per_byte_equal_an_independent_computation(tmp_pa
     assert reported["tokens"] == count
     assert reported["loss"] == pytest.approx(nats / count, rel=1e-5)
     assert reported["bpb"] == pytest.approx(text_nats / math.log(2) / text_bytes, rel=1e-5)
+    # the report card carries the run's facts: data, rows, steps, the final training and held-out figures
+    entry, = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert (entry["kind"], entry["stage"], entry["rows"], entry["steps"]) == ("stage", "sft", 48, 3)
+    assert entry["eval_bpb"] == reported["bpb"] and entry["train_loss"] == result["last_loss"]
+    assert entry["tokens"] == result["tokens"] and entry["data"] == str(train)
+    assert f"| sft | train.jsonl | 48 | 3 |" in (tmp_path / "out" / "report.md").read_text()
+    assert (tmp_path / "images" / "report.png").stat().st_size > 5000
 
 
 def test_token_byte_lengths_count_utf8_bytes_and_zero_for_special_tokens(tokenizer):

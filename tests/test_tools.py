@@ -143,12 +143,15 @@ def test_eval_tools_reports_the_scores_of_tool_use_scores_and_counts_bad_rows(tm
     data = write_jsonl(tmp_path / "agent_rl.jsonl", [good[0], "{broken", {"conversations": [
         {"role": "user", "content": "hi"}], "gt": ["x"]}, good[1]])
     result = eval_tools.main(["--model_path", str(tmp_path / "m"), "--data", str(data), "--max_new_tokens", "8",
-                              "--dtype", "float32", "--device", "cpu", "--json", str(tmp_path / "r.json")])
+                              "--dtype", "float32", "--device", "cpu", "--json", str(tmp_path / "r.json"),
+                              "--out_dir", str(tmp_path / "out")])
     assert result["bad_rows"] == 2 and result["n"] == 2
     items = [dict(g, gt=[g["gt"]]) for g in good]
     expected = metrics.tool_use_scores(model, tokenizer, items, max_new_tokens=8)
     assert {k: result[k] for k in expected} == expected
     assert json.loads((tmp_path / "r.json").read_text())["valid_call"] == expected["valid_call"]
+    card = {e["name"]: e["value"] for e in json.loads((tmp_path / "out" / "report.json").read_text())}
+    assert card["tools: valid_call"] == expected["valid_call"]  # the report card carries the same figure
 
 
 def test_the_demo_weather_tool_has_the_schema_the_demo_model_learnt():

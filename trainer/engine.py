@@ -28,6 +28,7 @@ from dataset.sft import EMPTY_THINK_RATIO
 from model import TOKENIZER_DIR, MicroLMConfig, MicroLMForCausalLM
 
 from . import checkpoint as ckpt
+from . import report
 from .distributed import barrier, cleanup, fast_dtype, init_distributed
 from .evaluation import HeldOut, Rows, split_rows
 from .tracking import Tracker, plot_loss
@@ -440,6 +441,15 @@ class Trainer:
             self.log(f"loss {history[0][1]:.3f} -> {history[-1][1]:.3f} over {state['step']} steps; curve: {png}")
         if tracker:
             tracker.finish()
+        evaluated = state["eval_history"][-1][1] if state.get("eval_history") else {}
+        if env.is_main and history:
+            report.append(args.out_dir, {
+                "kind": "stage", "stage": self.stage, "data": str(args.data_path), "rows": len(dataset),
+                "model": str(args.init_from or args.preset), "steps": state["step"], "tokens": tokens_seen * W,
+                "seconds": seconds, "tokens_per_s": tokens_seen * W / max(seconds, 1e-9),
+                "train_loss": history[-1][1], "eval_loss": evaluated.get("loss"), "eval_bpb": evaluated.get("bpb"),
+                "eval_data": args.eval_data or (f"{args.eval_split:.0%} of the data" if args.eval_split else None)},
+                image_dir=args.image_dir)
         barrier()
         steady = (tokens_seen - warm[1]) * W / (t_step - warm[0]) if warm and t_step > warm[0] else None
         return {"steps": state["step"], "history": history, "seconds": seconds, "metrics": last_metrics,
