@@ -52,9 +52,11 @@ STAGES = {
     # DPO keeps the stage's default learning rate (1e-6): the README's sweep on this demo shows why
     "dpo": ("4-RLHF.py", ["--data_path", DEMO / "dpo.jsonl", "--from", "kd", "--epochs", 1, "--batch_size", 8,
                           "--max_seq_len", 256, "--precompute_ref"]),
+    # fp32 on every machine: with bf16 autocast (CPUs with AMX/AVX512-BF16) the adapter's held-out department
+    # accuracy was 0.24, in fp32 0.41 from the same DPO model, at the same speed on 2 cores
     "lora": ("5-LoRA.py", ["--data_path", DEMO / "lora_medical.jsonl", "--from", "dpo", "--epochs", 10,
                            "--batch_size", 16, "--max_seq_len", 256, "--learning_rate", 2e-3, "--lora_rank", 16,
-                           *HELD_OUT, DEMO / "lora_medical_eval.jsonl"]),
+                           "--dtype", "float32", *HELD_OUT, DEMO / "lora_medical_eval.jsonl"]),
     "reason": ("6-reason.py", ["--data_path", DEMO / "reason.jsonl", "--from", "dpo", "--epochs", 3,
                                "--batch_size", 16, "--max_seq_len", 256, "--learning_rate", 1e-3,
                                *HELD_OUT, DEMO / "reason_eval.jsonl"]),

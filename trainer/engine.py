@@ -308,10 +308,11 @@ class Trainer:
                      f"row {state['row']})")
         elif args.resume:
             self.log(f"no resume state in {self.stage_dir / 'resume'}; starting from the beginning")
-        if resume_path is None:
-            # each rank its own stream for dropout and sampling (every rank had seeded args.seed, so their masks
-            # were the same); a resumed run restores each rank's saved state instead
-            torch.manual_seed(args.seed * 1_000_003 + 1 + env.rank)
+        if resume_path is None and env.rank > 0:
+            # each rank its own stream for dropout and sampling: every rank had seeded args.seed, so their masks were
+            # the same. Rank 0 (and so a single process) keeps the stream it always had; a resumed run restores each
+            # rank's saved state instead
+            torch.manual_seed(args.seed + 1_000_003 * env.rank)
         held = None
         if eval_dataset is not None:
             held = HeldOut(eval_dataset, collate_fn, loss_fn, count_fn, self.tokenizer, env, B, args.eval_batches,

@@ -115,6 +115,10 @@ class HeldOut:
                 sums = torch.cat([sums, sums.new_zeros(part.numel() - sums.numel())])
             sums += part
         if self.env.world_size > 1:
+            # a rank with no held-out rows (fewer rows than ranks) never learnt the metric names: same sizes first
+            size = torch.tensor([sums.numel()], device=device)
+            dist.all_reduce(size, op=dist.ReduceOp.MAX)
+            sums = torch.cat([sums, sums.new_zeros(int(size) - sums.numel())])
             dist.all_reduce(sums)
         loss, count, nats, nbytes, *metric_sums = sums.tolist()
         out = {"loss": loss / max(count, 1), "tokens": int(count)}
