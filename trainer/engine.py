@@ -446,8 +446,9 @@ class Trainer:
         if env.is_main and history:
             report.append(args.out_dir, {
                 "kind": "stage", "stage": self.stage, "data": str(args.data_path), "rows": len(dataset),
-                "model": str(args.init_from or args.preset), "steps": state["step"], "tokens": tokens_seen * W,
-                "seconds": seconds, "tokens_per_s": tokens_seen * W / max(seconds, 1e-9),
+                # tokens fed as input_ids; None where the loss makes its own (GRPO's rollouts)
+                "model": str(args.init_from or args.preset), "steps": state["step"], "tokens": tokens_seen * W or None,
+                "seconds": seconds, "tokens_per_s": tokens_seen * W / max(seconds, 1e-9) if tokens_seen else None,
                 "train_loss": history[-1][1], "eval_loss": evaluated.get("loss"), "eval_bpb": evaluated.get("bpb"),
                 "eval_data": args.eval_data or (f"{args.eval_split:.0%} of the data" if args.eval_split else None)},
                 image_dir=args.image_dir)
