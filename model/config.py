@@ -4,6 +4,7 @@ Presets reproduce MiniMind2's published sizes (tied embeddings counted once):
     26m       512 hidden,  8 layers, 8 q / 2 kv heads, FFN 1408                       -> 25.83M
     104m      768 hidden, 16 layers, 8 q / 2 kv heads, FFN 2048                       -> 104.03M
     moe-145m  640 hidden,  8 layers, 8 q / 2 kv heads, FFN 1728, 4 routed top-2 + 1 shared -> 145.03M
+    minimind3 768 hidden,  8 layers, 8 q / 4 kv heads, FFN 2432, q/k RMSNorm (Qwen3's)      -> 63.91M
     demo      ~1.6M parameters: the embedded demo pipeline on a laptop CPU
     tiny      a few-hundred-thousand-parameter model for CPU tests
 """
@@ -20,6 +21,9 @@ PRESETS = {
     "moe-145m": dict(hidden_size=640, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
                      intermediate_size=1728, use_moe=True, num_experts=4, num_experts_per_tok=2,
                      n_shared_experts=1),
+    # minimind-3's dense architecture (Qwen3's: per-head RMSNorm on q and k), exported as stock Qwen3ForCausalLM
+    "minimind3": dict(hidden_size=768, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
+                      intermediate_size=2432, rms_norm_eps=1e-6, qk_norm=True),
     "demo": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                  intermediate_size=384, max_position_embeddings=2048),
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -51,6 +55,8 @@ class MicroLMConfig(PretrainedConfig):
         hidden_act: str = "silu",
         max_position_embeddings: int = 32768,
         rms_norm_eps: float = 1e-5,
+        qk_norm: bool = False,
+        attention_bias: bool = False,
         rope_parameters: dict | None = None,
         dropout: float = 0.0,
         initializer_range: float = 0.02,
@@ -78,6 +84,8 @@ class MicroLMConfig(PretrainedConfig):
         self.hidden_act = hidden_act
         self.max_position_embeddings = max_position_embeddings
         self.rms_norm_eps = rms_norm_eps
+        self.qk_norm = qk_norm  # RMSNorm over each head's q and k before RoPE (Qwen3, minimind-3)
+        self.attention_bias = attention_bias  # biases on q/k/v, none on o (Qwen2)
         self.dropout = dropout
         self.initializer_range = initializer_range
         self.use_cache = use_cache
@@ -149,12 +157,21 @@ def _stock_kwargs(config: MicroLMConfig) -> dict:
         bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id)
 
 
+def _refuse_qwen_parts(config: MicroLMConfig, family: str):
+    """Llama and Mixtral have no q/k norm and put a bias on all four projections or none: refuse, never approximate."""
+    parts = [name for name, on in (("qk_norm", config.qk_norm), ("attention_bias", config.attention_bias)) if on]
+    if parts:
+        raise ValueError(f"{', '.join(parts)}: {family} has no exact equivalent (Qwen3 has qk_norm, Qwen2 q/k/v "
+                         f"biases)")
+
+
 def to_llama_config(config: MicroLMConfig):
     """The stock `transformers.LlamaConfig` a dense MicroLM checkpoint loads into unchanged (same tensor names)."""
     from transformers import LlamaConfig
 
     if config.use_moe:
         raise ValueError("a MoE MicroLM has no Llama equivalent; export it with its own code (auto_map) instead")
+    _refuse_qwen_parts(config, "Llama")
     return LlamaConfig(**_stock_kwargs(config), attention_bias=False, mlp_bias=False)
 
 
@@ -165,6 +182,7 @@ def to_mixtral_config(config: MicroLMConfig):
 
     if not config.use_moe or config.n_shared_experts or not config.norm_topk_prob:
         raise ValueError("only a MoE without shared experts and with norm_topk_prob=True matches Mixtral")
+    _refuse_qwen_parts(config, "Mixtral")
     return MixtralConfig(**_stock_kwargs(config), num_local_experts=config.num_experts,
                          num_experts_per_tok=config.num_experts_per_tok,
                          router_aux_loss_coef=config.router_aux_loss_coef, sliding_window=None)

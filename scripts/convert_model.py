@@ -169,6 +169,9 @@ def export_gguf(model, tokenizer, out, dtype="f16") -> Path:
     c = model.config
     if c.use_moe:
         raise ValueError("GGUF export covers dense models; export a MoE model as a Hugging Face folder (--out)")
+    if c.qk_norm or c.attention_bias:  # llama.cpp's `llama` architecture has neither; never drop a tensor silently
+        raise ValueError("GGUF export writes the `llama` architecture, which has no q/k norm or q/k/v biases "
+                         "(qk_norm / attention_bias); export this model as a Hugging Face folder (--out)")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".part")
