@@ -292,6 +292,8 @@ def plot_ppl(result, image: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from trainer.tracking import save_figure
+
     rows = result["rows"]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     ax.plot([r["length"] for r in rows], [r["ppl"] for r in rows], "o-", label="RoPE as trained")
@@ -306,10 +308,7 @@ def plot_ppl(result, image: Path):
     ax.set_title(f"perplexity against context length: {Path(result['model']).name}")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    image.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(image)
-    plt.close(fig)
+    save_figure(fig, image)
     print(f"plot: {image}")
 
 

@@ -124,7 +124,7 @@ def test_two_ranks_report_what_one_process_does_and_draw_their_own_dropout(tmp_p
     for (_, a), (_, b) in zip(ddp, single["eval_history"]):
         assert a["tokens"] == b["tokens"] == 3 * 4 * 31
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["bpb"] == pytest.approx(b["bpb"], rel=1e-5)
-    rng = [torch.load(tmp_path / f"ddp/out/pretrain/resume/rng_rank{r}.pt", weights_only=False)["torch"]
+    rng = [torch.load(tmp_path / f"ddp/out/pretrain/resume/rng_rank{r}.pt", weights_only=True)["torch"]
            for r in (0, 1)]
     assert not torch.equal(rng[0], rng[1])  # each rank its own dropout / sampling stream
 

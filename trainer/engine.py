@@ -456,7 +456,7 @@ class Trainer:
         steady = (tokens_seen - warm[1]) * W / (t_step - warm[0]) if warm and t_step > warm[0] else None
         return {"steps": state["step"], "history": history, "seconds": seconds, "metrics": last_metrics,
                 "metric_history": state.get("metric_history", []), "eval_history": state.get("eval_history", []),
-                "eval": state["eval_history"][-1][1] if state.get("eval_history") else None,
+                "eval": evaluated or None,
                 "tokens": tokens_seen * W, "tokens_per_s_after_first_step": steady,
                 "first_loss": history[0][1] if history else None, "last_loss": history[-1][1] if history else None}
 

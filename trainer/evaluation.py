@@ -95,13 +95,15 @@ class HeldOut:
 
     @torch.no_grad()
     def run(self, model) -> dict:
+        from .engine import to_device  # the engine imports this module: no import cycle at load time
+
         was_training = model.training
         model.eval()
         device = self.env.device
         # loss sum, loss count, nats over text tokens, bytes of text tokens, then loss_fn's metric sums
         sums, names = torch.zeros(4, dtype=torch.float64, device=device), []
         for batch in self.loader:
-            batch = {key: v.to(device) if torch.is_tensor(v) else v for key, v in batch.items()}
+            batch = to_device(batch, device)
             with self.autocast:
                 if self.token_level:
                     part = self._token_sums(model, batch)

@@ -13,6 +13,8 @@ import os
 import time
 from pathlib import Path
 
+from .tracking import save_figure
+
 
 def _write(path: Path, text: str):
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
@@ -107,9 +109,4 @@ def plot(entries: list, path: Path):
     ax.set_title("scores, higher is better")
     for ax in axes:
         ax.grid(alpha=0.3, axis="y" if ax is axes[0] else "x")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)

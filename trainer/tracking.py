@@ -62,6 +62,13 @@ def plot_loss(history: list, path, title: str, ylabel: str = "loss", held_out=()
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
+    save_figure(fig, path)
+
+
+def save_figure(fig, path) -> None:
+    """Write a matplotlib figure aside and rename it: a crash mid-write never leaves half a PNG under the name."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}.png"
