@@ -6,7 +6,8 @@ White-box (--teacher DIR): also match the teacher's next-token distribution on t
     loss = alpha * CE + (1 - alpha) * T^2 * KL(teacher || student)   at temperature T.
     python 3-KD.py --data_path dataset/sft_t2t_mini.jsonl --teacher out/sft_104m
     torchrun --nproc_per_node 4 3-KD.py --data_path dataset/sft_t2t_mini.jsonl --teacher out/sft_104m
-The teacher is any causal LM with the same tokenizer (our model of another preset, or a Hugging Face one); it is
+The teacher is any causal LM with the same tokenizer (our model of another preset, a released MiniMind / Qwen /
+Llama checkpoint that model/families.py reads, or any other Hugging Face one); it is
 frozen, in eval mode, runs without gradients in the compute dtype.
 """
 
@@ -15,11 +16,9 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM
-
-import model as _registers_microlm  # noqa: F401  (AutoModelForCausalLM must know our model type)
 from dataset import SFTDataset, pad_collate
 from trainer import add_train_args, stage_main
+from model.families import load_for_inference
 from trainer.checkpoint import resolve_checkpoint
 
 
@@ -28,6 +27,7 @@ def build_parser():
     add_train_args(parser, epochs=2, batch_size=64, learning_rate=5e-5, max_seq_len=1024,
                    data_path="dataset/sft_t2t_mini.jsonl", init_from="sft")
     parser.add_argument("--teacher", default=None, help="teacher checkpoint folder or stage name (white-box KD)")
+    parser.add_argument("--teacher_preset", default=None, help="the architecture of a bare .pth teacher (MiniMind's)")
     parser.add_argument("--alpha", type=float, default=0.5, help="weight of the cross-entropy on the labels")
     parser.add_argument("--temperature", type=float, default=2.0, help="softmax temperature of the KL term")
     return parser
@@ -47,7 +47,10 @@ def kd_loss(student_logits, teacher_logits, labels, alpha: float, temperature: f
 
 def load_teacher(trainer, name_or_path, student_vocab: int):
     path = resolve_checkpoint(name_or_path, trainer.args.out_dir)
-    teacher = AutoModelForCausalLM.from_pretrained(path).to(trainer.device).eval().requires_grad_(False)
+    teacher, note = load_for_inference(path, trainer.args.teacher_preset)
+    if note:
+        trainer.log(f"teacher {path}: {note}")
+    teacher = teacher.to(trainer.device).eval().requires_grad_(False)
     vocab = teacher.config.vocab_size
     if vocab < student_vocab:
         raise ValueError(f"teacher {path} has vocab_size {vocab} < the student's {student_vocab}: "

@@ -33,11 +33,9 @@ def build_parser():
 
 
 def sequence_logps(model, input_ids, labels) -> torch.Tensor:
-    """Summed log-probability of the labelled tokens of each row (labels shifted inside, -100 ignored)."""
-    logits = model(input_ids=input_ids).logits[:, :-1].float()
-    targets = labels[:, 1:]
-    logps = torch.gather(F.log_softmax(logits, dim=-1), 2, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (logps * (targets != -100)).sum(-1)
+    """Summed log-probability of the labelled tokens of each row (labels shifted inside, -100 ignored): minus the
+    model's per-position cross-entropy, which is chunked for a large vocabulary."""
+    return -model(input_ids=input_ids, labels=labels, reduction="none").loss.sum(-1)
 
 
 def dpo_terms(policy_logps, ref_logps, beta: float):

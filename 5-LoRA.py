@@ -44,7 +44,8 @@ def run(trainer, args):
                 f"{total / 1e6:.2f}M parameters ({trainable / total:.2%})")
 
     def save_fn(model, folder):
-        save_adapter(model, folder, str(base_path) if base_path else None)
+        save_adapter(model, folder, str(base_path) if base_path else None,
+                     base_preset=args.preset if base_path and base_path.is_file() else None)
         trainer.tokenizer.save_pretrained(folder)
 
     data, held = trainer.split(lambda path: SFTDataset(path, trainer.tokenizer, args.max_seq_len, strict=args.strict,

@@ -13,8 +13,13 @@ def add_model_args(parser):
     from trainer.checkpoint import STAGE_SCRIPTS
 
     parser.add_argument("--stage", default="sft", choices=sorted(STAGE_SCRIPTS), help="out/<stage> to load")
-    parser.add_argument("--model_path", default=None, help="a checkpoint or HF folder instead of --stage")
+    parser.add_argument("--model_path", default=None,
+                        help="instead of --stage: a checkpoint folder (ours, Hugging Face, MiniMind's) or a .pth")
     parser.add_argument("--adapter", default=None, help="a LoRA adapter folder to put on top")
+    parser.add_argument("--preset", default=None,
+                        help="the architecture of a bare .pth state dict (MiniMind's): 26m, 104m, moe-145m, minimind3, ...")
+    parser.add_argument("--tokenizer", default=None,
+                        help="tokenizer folder, for a checkpoint without one beside it (a MiniMind .pth)")
     parser.add_argument("--out_dir", default="out")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
@@ -29,12 +34,12 @@ def add_model_args(parser):
 def load(args):
     """(model, tokenizer, folder) for --stage / --model_path, with --adapter on top; SystemExit naming the missing
     checkpoint and the script that makes it."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    import model as _registers_microlm  # noqa: F401  (AutoModelForCausalLM must know our model type)
     from model import TOKENIZER_DIR
+    from model.families import load_for_inference
     from model.lora import from_adapter, is_adapter_dir, load_adapter
-    from trainer.checkpoint import resolve_checkpoint
+    from trainer.checkpoint import checkpoint_tokenizer, resolve_checkpoint
     from trainer.distributed import fast_dtype
 
     dtype = fast_dtype(args.device) if args.dtype == "auto" else DTYPES[args.dtype]
@@ -45,13 +50,16 @@ def load(args):
     else:
         try:
             path = resolve_checkpoint(args.model_path or args.stage, args.out_dir)
-        except FileNotFoundError as e:
+            # released Llama / Qwen / MiniMind checkpoints run as MicroLM where exact, else as their stock class
+            model, note = load_for_inference(path, getattr(args, "preset", None), dtype=dtype)
+        except (FileNotFoundError, ValueError) as e:
             raise SystemExit(str(e)) from None
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        if note:
+            print(f"{path}: {note}")
         if adapter:
             load_adapter(model, adapter)
-    tok_dir = path if (Path(path) / "tokenizer_config.json").exists() else TOKENIZER_DIR
-    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint_tokenizer(path, getattr(args, "tokenizer", None),
+                                                                   TOKENIZER_DIR))
     model = model.to(args.device).eval()
     if getattr(args, "quantize", "none") == "int8":
         from .quant import quantize_int8

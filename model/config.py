@@ -5,6 +5,7 @@ Presets reproduce MiniMind2's published sizes (tied embeddings counted once):
     104m      768 hidden, 16 layers, 8 q / 2 kv heads, FFN 2048                       -> 104.03M
     moe-145m  640 hidden,  8 layers, 8 q / 2 kv heads, FFN 1728, 4 routed top-2 + 1 shared -> 145.03M
     minimind3 768 hidden,  8 layers, 8 q / 4 kv heads, FFN 2432, q/k RMSNorm (Qwen3's)      -> 63.91M
+    minimind3-moe  the same with 4 routed experts of FFN 2432, top-1, no shared expert -> 198.4M, 63.9M active
     demo      ~1.6M parameters: the embedded demo pipeline on a laptop CPU
     tiny      a few-hundred-thousand-parameter model for CPU tests
 """
@@ -24,6 +25,10 @@ PRESETS = {
     # minimind-3's dense architecture (Qwen3's: per-head RMSNorm on q and k), exported as stock Qwen3ForCausalLM
     "minimind3": dict(hidden_size=768, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
                       intermediate_size=2432, rms_norm_eps=1e-6, qk_norm=True),
+    # minimind-3-moe ("198M-A64M"): 4 experts, top-1, no shared expert; exported as stock Qwen3MoeForCausalLM
+    "minimind3-moe": dict(hidden_size=768, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
+                          intermediate_size=2432, rms_norm_eps=1e-6, qk_norm=True, use_moe=True, num_experts=4,
+                          num_experts_per_tok=1, n_shared_experts=0, router_aux_loss_coef=5e-4),
     "demo": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                  intermediate_size=384, max_position_embeddings=2048),
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -107,9 +112,9 @@ class MicroLMConfig(PretrainedConfig):
         self._validate_rope()
 
     def _validate_shapes(self):
-        if self.hidden_size % self.num_attention_heads != 0:
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(f"hidden_size={self.hidden_size} is not divisible by "
-                             f"num_attention_heads={self.num_attention_heads}")
+                             f"num_attention_heads={self.num_attention_heads} (give head_dim explicitly)")
         if self.num_attention_heads % self.num_key_value_heads != 0:
             raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                              f"num_key_value_heads={self.num_key_value_heads}")
@@ -186,3 +191,47 @@ def to_mixtral_config(config: MicroLMConfig):
     return MixtralConfig(**_stock_kwargs(config), num_local_experts=config.num_experts,
                          num_experts_per_tok=config.num_experts_per_tok,
                          router_aux_loss_coef=config.router_aux_loss_coef, sliding_window=None)
+
+
+def to_qwen2_config(config: MicroLMConfig):
+    """Stock `Qwen2Config` for a dense MicroLM with q/k/v biases (attention_bias) and no q/k norm."""
+    from transformers import Qwen2Config
+
+    if config.use_moe or config.qk_norm or not config.attention_bias:
+        raise ValueError("Qwen2 matches exactly a dense model with attention_bias and without qk_norm")
+    return Qwen2Config(**_stock_kwargs(config), use_sliding_window=False)
+
+
+def to_qwen3_config(config: MicroLMConfig):
+    """Stock `Qwen3Config` for a dense MicroLM with per-head q/k RMSNorm (qk_norm) and no biases (minimind-3)."""
+    from transformers import Qwen3Config
+
+    if config.use_moe or not config.qk_norm or config.attention_bias:
+        raise ValueError("Qwen3 matches exactly a dense model with qk_norm and without attention_bias")
+    return Qwen3Config(**_stock_kwargs(config), attention_bias=False, use_sliding_window=False)
+
+
+def to_qwen3_moe_config(config: MicroLMConfig):
+    """Stock `Qwen3MoeConfig` for a qk_norm MoE without shared experts (minimind-3-moe): every layer sparse, the
+    experts of size intermediate_size, softmax router with norm_topk_prob as ours."""
+    from transformers import Qwen3MoeConfig
+
+    if not config.use_moe or config.n_shared_experts or not config.qk_norm or config.attention_bias:
+        raise ValueError("Qwen3-MoE matches exactly a qk_norm MoE without shared experts and without biases")
+    return Qwen3MoeConfig(**_stock_kwargs(config), moe_intermediate_size=config.intermediate_size,
+                          num_experts=config.num_experts, num_experts_per_tok=config.num_experts_per_tok,
+                          norm_topk_prob=config.norm_topk_prob, router_aux_loss_coef=config.router_aux_loss_coef,
+                          decoder_sparse_step=1, mlp_only_layers=[], attention_bias=False, use_sliding_window=False)
+
+
+def stock_family(config: MicroLMConfig) -> str | None:
+    """The stock transformers model_type that computes this MicroLM exactly, or None (then only our code does)."""
+    if config.qk_norm and config.attention_bias:
+        return None
+    if not config.use_moe:
+        return "qwen3" if config.qk_norm else "qwen2" if config.attention_bias else "llama"
+    if config.n_shared_experts or config.attention_bias:
+        return None
+    if config.qk_norm:
+        return "qwen3_moe"
+    return "mixtral" if config.norm_topk_prob else None

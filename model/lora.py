@@ -121,7 +121,8 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if ".lora_A." in k or ".lora_B." in k}
 
 
-def save_adapter(model: nn.Module, out_dir, base_model_name_or_path: str | None = None) -> Path:
+def save_adapter(model: nn.Module, out_dir, base_model_name_or_path: str | None = None,
+                 base_preset: str | None = None) -> Path:
     """Write only the adapter: adapter_model.safetensors + adapter_config.json, in PEFT's format."""
     if any(m.merged for _, m in _lora_modules(model)):
         raise ValueError("adapter is merged into the base weights; unmerge_lora(model) before saving it")
@@ -135,6 +136,7 @@ def save_adapter(model: nn.Module, out_dir, base_model_name_or_path: str | None 
         "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "init_lora_weights": True,
         "inference_mode": True, "modules_to_save": None,
         "base_model_name_or_path": base_model_name_or_path or getattr(model, "name_or_path", None) or None,
+        **({"base_preset": base_preset} if base_preset else {}),  # a bare .pth base: its architecture (ours; PEFT ignores it)
     }
     # each file is written aside and renamed into place: a crash mid-save leaves the previous adapter readable
     tmp = out / (ADAPTER_WEIGHTS + ".tmp")
@@ -183,14 +185,15 @@ def is_adapter_dir(path) -> bool:
     return (Path(path) / ADAPTER_CONFIG).exists()
 
 
-def from_adapter(adapter_dir, base=None, **from_pretrained_kwargs) -> nn.Module:
-    """Base model + adapter, ready for inference: `base` (a folder) or the adapter's `base_model_name_or_path`."""
-    from transformers import AutoModelForCausalLM
+def from_adapter(adapter_dir, base=None, dtype=torch.float32) -> nn.Module:
+    """Base model + adapter, ready for inference: `base` (a checkpoint) or the adapter's `base_model_name_or_path`
+    (any checkpoint model/families.py reads; a bare .pth with the `base_preset` the adapter recorded)."""
+    from .families import load_for_inference
 
     cfg = json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text())
     base = base or cfg.get("base_model_name_or_path")
     if not base or not Path(base).exists():
         raise FileNotFoundError(f"adapter {adapter_dir} needs its base model: {base!r} does not exist; pass the base "
                                 f"checkpoint folder explicitly")
-    model = AutoModelForCausalLM.from_pretrained(base, **from_pretrained_kwargs)
+    model, _ = load_for_inference(base, cfg.get("base_preset"), dtype=dtype)
     return load_adapter(model, adapter_dir)

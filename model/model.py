@@ -9,6 +9,7 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 import torch.nn.functional as F
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
@@ -303,6 +304,12 @@ class MicroLMModel(MicroLMPreTrainedModel):
         return self.norm(x), aux_loss
 
 
+# Vocabularies from this size on (Qwen's 151,936, Llama 3's 128,256) compute the loss in chunks of positions whose
+# logits are freed after use and recomputed in the backward pass: B x T x V fp32 logits would otherwise dominate memory.
+LARGE_VOCAB = 32768
+LOSS_CHUNK_ELEMENTS = 2 ** 26  # logits per chunk: 256 MiB in fp32
+
+
 class MicroLMForCausalLM(MicroLMPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
@@ -313,8 +320,12 @@ class MicroLMForCausalLM(MicroLMPreTrainedModel, GenerationMixin):
         self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, past_key_values=None,
-                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, reduction="mean", **kwargs):
         """Logits, and with `labels` the shifted cross-entropy (ignore_index -100) plus the MoE balance loss.
+
+        reduction="none" / "sum" (the training engine's form): `loss` is the per-position cross-entropy (B, T-1)
+        (0 where ignored) or its sum, without the balance loss (in `aux_loss`), and no logits are returned; with a
+        large vocabulary it is computed in chunks that never hold the whole batch's logits.
 
         `cache` (transformers 5 name; `past_key_values` accepted too) is a `Cache`; with `use_cache=True` and no
         cache a new `DynamicCache` is made and returned. `logits_to_keep=n` computes logits for the last n
@@ -326,6 +337,10 @@ class MicroLMForCausalLM(MicroLMPreTrainedModel, GenerationMixin):
             cache = DynamicCache(config=self.config)
         hidden, aux_loss = self.model(input_ids, attention_mask, position_ids, cache if use_cache else None,
                                       inputs_embeds)
+        if labels is not None and reduction != "mean":
+            ce = self.token_cross_entropy(hidden, labels)
+            return MoeCausalLMOutputWithPast(loss=ce.sum() if reduction == "sum" else ce, aux_loss=aux_loss,
+                                             cache=cache if use_cache else None)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)
@@ -337,6 +352,23 @@ class MicroLMForCausalLM(MicroLMPreTrainedModel, GenerationMixin):
                 loss = loss + aux_loss
         return MoeCausalLMOutputWithPast(loss=loss, aux_loss=aux_loss, logits=logits,
                                          cache=cache if use_cache else None)
+
+    def token_cross_entropy(self, hidden, labels) -> torch.Tensor:
+        """(B, T-1) next-token cross-entropy from the final hidden states, 0 at ignored (-100) labels."""
+        h, y = hidden[:, :-1], labels[:, 1:]
+        shape = y.shape
+        h, y = h.reshape(-1, h.shape[-1]), y.reshape(-1)
+
+        def ce(h, y):
+            return F.cross_entropy(self.lm_head(h).float(), y, ignore_index=-100, reduction="none")
+
+        chunk = max(1, LOSS_CHUNK_ELEMENTS // self.config.vocab_size)
+        if self.config.vocab_size < LARGE_VOCAB or y.numel() <= chunk:
+            return ce(h, y).view(shape)
+        recompute = torch.is_grad_enabled()
+        parts = [torch.utils.checkpoint.checkpoint(ce, h[i:i + chunk], y[i:i + chunk], use_reentrant=False)
+                 if recompute else ce(h[i:i + chunk], y[i:i + chunk]) for i in range(0, y.numel(), chunk)]
+        return torch.cat(parts).view(shape)
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):

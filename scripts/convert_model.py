@@ -5,15 +5,20 @@
     python scripts/convert_model.py --model_path out/pretrain_moe --out export/moe # MoE -> our code via auto_map
     python scripts/convert_model.py --stage sft --gguf export/microlm-sft.gguf      # dense -> llama.cpp / ollama
 
-A dense model becomes a stock `LlamaForCausalLM` folder (no remote code; same tensor names, our config translated):
-    AutoModelForCausalLM.from_pretrained("export/microlm-sft")
-A MoE model without shared experts is computed exactly by stock `MixtralForCausalLM` and exported as one. With shared
-experts (our presets' default) no stock class matches: the folder carries our model code and an `auto_map`, so it
-loads with
+The folder holds the stock transformers class that computes the model exactly (no remote code; same tensor names,
+our config translated), loadable with AutoModelForCausalLM.from_pretrained("export/microlm-sft"):
+    dense                       LlamaForCausalLM
+    dense, qk_norm              Qwen3ForCausalLM      (minimind3 preset, imported Qwen3 / minimind-3)
+    dense, attention_bias       Qwen2ForCausalLM      (imported Qwen2)
+    MoE without shared experts  MixtralForCausalLM, or Qwen3MoeForCausalLM with qk_norm (minimind3-moe)
+With shared experts (our MoE preset's default) no stock class matches: the folder carries our model code and an
+`auto_map`, so it loads with
     AutoModelForCausalLM.from_pretrained("export/moe", trust_remote_code=True)
-Both get the tokenizer (with its chat template) and a generation config.
-`--gguf FILE` writes a `llama`-architecture GGUF (f16 by default; `--gguf_dtype f32`, or `q8_0` / `q4_0` quantized)
-with the tokenizer and chat template in its metadata, for llama.cpp, llama-cpp-python and ollama (dense models only).
+All get the tokenizer (with its chat template) and a generation config. Any checkpoint `--from` accepts can be
+exported (model/families.py), e.g. a MiniMind `.pth` with `--preset` and `--tokenizer`.
+`--gguf FILE` writes a GGUF of the matching llama.cpp architecture (`llama`, `qwen3` for qk_norm, `qwen2` for biases;
+f16 by default; `--gguf_dtype f32`, or `q8_0` / `q4_0` quantized) with the tokenizer and chat template in its
+metadata, for llama.cpp, llama-cpp-python and ollama (dense models only).
 """
 
 import argparse
@@ -29,13 +34,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from model import MicroLMForCausalLM, to_llama_config, to_mixtral_config  # noqa: E402
+from model.config import stock_family, to_qwen2_config, to_qwen3_config, to_qwen3_moe_config  # noqa: E402
+from model.families import load_pretrained  # noqa: E402
 from model.lora import from_adapter, is_adapter_dir, load_adapter, remove_lora  # noqa: E402
-from trainer.checkpoint import resolve_checkpoint  # noqa: E402
+from trainer.checkpoint import checkpoint_tokenizer, resolve_checkpoint  # noqa: E402
 
 
-def load_merged(path, adapter=None) -> MicroLMForCausalLM:
-    """The checkpoint at `path` (an adapter folder brings its base), any LoRA merged into plain weights."""
-    model = from_adapter(path) if is_adapter_dir(path) else MicroLMForCausalLM.from_pretrained(path)
+def load_merged(path, adapter=None, preset=None) -> MicroLMForCausalLM:
+    """The checkpoint at `path` (ours, an imported family, an adapter folder with its base; see
+    model/families.py), any LoRA merged into plain weights."""
+    model = from_adapter(path) if is_adapter_dir(path) else load_pretrained(path, preset)
     if adapter:
         load_adapter(model, adapter)
     remove_lora(model, merge=True)  # no-op without adapters
@@ -61,26 +69,33 @@ def _save_stock(model_class, hf_config, state_dict, model, tokenizer, out) -> Pa
     return Path(out)
 
 
-def export_llama(model, tokenizer, out) -> Path:
-    from transformers import LlamaForCausalLM
-
-    # same names, same shapes
-    return _save_stock(LlamaForCausalLM, to_llama_config(model.config), model.state_dict(), model, tokenizer, out)
-
-
-def export_mixtral(model, tokenizer, out) -> Path:
-    """A MoE that Mixtral computes exactly (see to_mixtral_config) as a stock MixtralForCausalLM folder."""
-    from transformers import MixtralForCausalLM
-
-    sd = model.state_dict()
-    for i in range(model.config.num_hidden_layers):
+def _fuse_experts(sd: dict, config) -> dict:
+    """Mixtral and Qwen3-MoE (transformers 5) keep a layer's experts fused: gate_up_proj (E, 2I, H) with the gate rows
+    first, down_proj (E, H, I)."""
+    for i in range(config.num_hidden_layers):
         prefix = f"model.layers.{i}.mlp.experts."
-        experts = range(model.config.num_experts)
-        # Mixtral keeps the experts fused: gate_up_proj (E, 2I, H) with gate first, down_proj (E, H, I)
+        experts = range(config.num_experts)
         sd[prefix + "gate_up_proj"] = torch.stack([torch.cat([sd.pop(f"{prefix}{e}.gate_proj.weight"),
                                                               sd.pop(f"{prefix}{e}.up_proj.weight")]) for e in experts])
         sd[prefix + "down_proj"] = torch.stack([sd.pop(f"{prefix}{e}.down_proj.weight") for e in experts])
-    return _save_stock(MixtralForCausalLM, to_mixtral_config(model.config), sd, model, tokenizer, out)
+    return sd
+
+
+# model_type -> (stock class name, config translation); model.config.stock_family() picks the one that is exact
+STOCK_EXPORTS = {"llama": ("LlamaForCausalLM", to_llama_config), "qwen2": ("Qwen2ForCausalLM", to_qwen2_config),
+                 "qwen3": ("Qwen3ForCausalLM", to_qwen3_config), "mixtral": ("MixtralForCausalLM", to_mixtral_config),
+                 "qwen3_moe": ("Qwen3MoeForCausalLM", to_qwen3_moe_config)}
+
+
+def export_stock(model, tokenizer, out, family: str) -> Path:
+    """The stock transformers class that computes this model exactly (same tensor names; MoE experts fused)."""
+    import transformers
+
+    class_name, to_config = STOCK_EXPORTS[family]
+    sd = model.state_dict()
+    if model.config.use_moe:
+        sd = _fuse_experts(sd, model.config)
+    return _save_stock(getattr(transformers, class_name), to_config(model.config), sd, model, tokenizer, out)
 
 
 def export_remote_code(model, tokenizer, out) -> Path:
@@ -160,22 +175,29 @@ GGUF_FILE_TYPES = {"f32": lambda g: g.LlamaFileType.ALL_F32, "f16": lambda g: g.
 QUANTS, QUANT_BLOCK = ("q8_0", "q4_0"), 32  # llama.cpp's block quantizations, 32 weights a block, via gguf.quants
 
 
+def gguf_arch(config) -> str:
+    """llama.cpp's architecture that computes this dense model: `qwen3` (q/k norm), `qwen2` (q/k/v biases), `llama`."""
+    if config.use_moe:
+        raise ValueError("GGUF export covers dense models; export a MoE model as a Hugging Face folder (--out)")
+    if config.qk_norm and config.attention_bias:  # no llama.cpp architecture has both; never drop a tensor silently
+        raise ValueError("no llama.cpp architecture has both q/k norm and q/k/v biases (qk_norm + attention_bias); "
+                         "export this model as a Hugging Face folder (--out)")
+    return "qwen3" if config.qk_norm else "qwen2" if config.attention_bias else "llama"
+
+
 def export_gguf(model, tokenizer, out, dtype="f16") -> Path:
-    """A llama-architecture GGUF: weights (q/k rows reordered for llama.cpp's rotary layout), hyper-parameters,
-    byte-level BPE tokenizer and chat template. Written aside and renamed, so a crash leaves no half file."""
+    """A GGUF of the matching llama.cpp architecture (llama / qwen2 / qwen3): weights, hyper-parameters, byte-level
+    BPE tokenizer and chat template. llama.cpp rotates adjacent pairs for `llama` (q/k rows are reordered for it) and
+    half-split pairs, as we do, for the Qwen architectures. Written aside and renamed: a crash leaves no half file."""
     import gguf
     import numpy as np
 
     c = model.config
-    if c.use_moe:
-        raise ValueError("GGUF export covers dense models; export a MoE model as a Hugging Face folder (--out)")
-    if c.qk_norm or c.attention_bias:  # llama.cpp's `llama` architecture has neither; never drop a tensor silently
-        raise ValueError("GGUF export writes the `llama` architecture, which has no q/k norm or q/k/v biases "
-                         "(qk_norm / attention_bias); export this model as a Hugging Face folder (--out)")
+    arch = gguf_arch(c)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".part")
-    writer = gguf.GGUFWriter(tmp, "llama")
+    writer = gguf.GGUFWriter(tmp, arch)
     writer.add_name(out.stem)
     writer.add_context_length(c.max_position_embeddings)
     writer.add_embedding_length(c.hidden_size)
@@ -211,16 +233,18 @@ def export_gguf(model, tokenizer, out, dtype="f16") -> Path:
     writer.add_chat_template(tokenizer.chat_template)
 
     try:
-        names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, c.num_hidden_layers)
+        names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.upper()), c.num_hidden_layers)
         for name, tensor in model.state_dict().items():
             if name == "lm_head.weight" and c.tie_word_embeddings:
                 continue  # llama.cpp uses token_embd for the output when there is no output.weight
-            if name.endswith("q_proj.weight"):
+            if arch == "llama" and name.endswith("q_proj.weight"):
                 tensor = interleave_rope_rows(tensor, c.num_attention_heads)
-            elif name.endswith("k_proj.weight"):
+            elif arch == "llama" and name.endswith("k_proj.weight"):
                 tensor = interleave_rope_rows(tensor, c.num_key_value_heads)
             array = tensor.detach().float().cpu().numpy()
-            gguf_name = names.get_name(name, try_suffixes=(".weight",))
+            gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
+            if gguf_name is None:  # a tensor the architecture has no slot for must stop the export, not vanish
+                raise ValueError(f"GGUF {arch}: no llama.cpp tensor for {name}")
             if array.ndim == 1 or dtype == "f32":  # norms stay f32, as llama.cpp expects
                 writer.add_tensor(gguf_name, array)
             elif dtype in QUANTS and array.shape[-1] % QUANT_BLOCK == 0:
@@ -249,6 +273,8 @@ def main(argv=None):
     parser.add_argument("--stage", default="sft", help="out/<stage> to export")
     parser.add_argument("--model_path", default=None, help="a checkpoint or adapter folder instead of --stage")
     parser.add_argument("--adapter", default=None, help="a LoRA adapter to merge in before exporting")
+    parser.add_argument("--preset", default=None, help="the architecture of a bare .pth state dict (MiniMind's)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer folder, for a checkpoint that has none beside it")
     parser.add_argument("--out_dir", default="out")
     parser.add_argument("--out", default=None, help="the Hugging Face folder to write")
     parser.add_argument("--gguf", default=None, help="the GGUF file to write (llama.cpp, ollama)")
@@ -263,25 +289,25 @@ def main(argv=None):
             path = resolve_checkpoint(args.model_path or args.stage, args.out_dir)
         except FileNotFoundError as e:
             raise SystemExit(str(e)) from None
-    model = load_merged(path, args.adapter)
-    tok_dir = path if (path / "tokenizer_config.json").exists() else TOKENIZER_DIR
-    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint_tokenizer(path, args.tokenizer, TOKENIZER_DIR))
+    try:
+        model = load_merged(path, args.adapter, args.preset)
+    except ValueError as e:  # a checkpoint that does not map exactly, or a .pth without its preset
+        raise SystemExit(str(e)) from None
     out = None
     if args.out:
-        if not model.config.use_moe:
-            export, kind = export_llama, "stock LlamaForCausalLM"
-        elif not model.config.n_shared_experts and model.config.norm_topk_prob:
-            export, kind = export_mixtral, "stock MixtralForCausalLM"
-        else:  # shared experts: no stock class computes this model
-            export, kind = export_remote_code, "MicroLM code via auto_map (trust_remote_code=True)"
-        out = export(model, tokenizer, args.out)
+        family = stock_family(model.config)
+        if family:
+            out, kind = export_stock(model, tokenizer, args.out, family), f"stock {STOCK_EXPORTS[family][0]}"
+        else:  # shared experts, or q/k norm with biases: no stock class computes this model
+            out, kind = export_remote_code(model, tokenizer, args.out), "MicroLM code via auto_map (trust_remote_code=True)"
         print(f"{path} -> {out}: {kind}")
     if args.gguf:
         try:
             gguf_file = export_gguf(model, tokenizer, args.gguf, args.gguf_dtype)
         except ValueError as e:
             raise SystemExit(str(e)) from None
-        print(f"{path} -> {gguf_file}: GGUF ({args.gguf_dtype}, llama architecture)")
+        print(f"{path} -> {gguf_file}: GGUF ({args.gguf_dtype}, {gguf_arch(model.config)} architecture)")
         out = out or gguf_file
     return out
 

@@ -1,7 +1,7 @@
 """Config switches for the families users start from (issue 18, part 1): `qk_norm` computes exactly what stock
 Qwen3ForCausalLM does and `attention_bias` what Qwen2ForCausalLM does, from the same tensors; the minimind3 preset has
 minimind-3's ~64M parameters; checkpoints saved before these switches load unchanged; Llama / Mixtral export refuses a
-model they cannot express."""
+model they cannot express; GGUF export picks llama.cpp's qwen3 / qwen2 architecture for them."""
 
 import json
 
@@ -73,12 +73,33 @@ def test_llama_export_refuses_what_llama_cannot_express():
     to_llama_config(MicroLMConfig.from_preset("tiny"))  # the default still exports
 
 
-def test_gguf_export_refuses_a_model_the_llama_architecture_cannot_hold(tmp_path, tokenizer):
+@pytest.mark.parametrize("switch, arch", [("qk_norm", "qwen3"), ("attention_bias", "qwen2")])
+def test_gguf_export_writes_the_llama_cpp_architecture_that_has_the_switch(tmp_path, tokenizer, switch, arch):
+    """qwen3 carries attn_q_norm / attn_k_norm, qwen2 the q/k/v biases; both rotate half-split pairs as we do (NEOX),
+    so their q/k rows are written unchanged (llama's are reordered)."""
+    import gguf
     from conftest import load_script
 
     convert = load_script("scripts/convert_model.py")
-    for switch in ("qk_norm", "attention_bias"):
-        model = MicroLMForCausalLM(MicroLMConfig.from_preset("tiny", **{switch: True}))
-        with pytest.raises(ValueError, match=switch):
-            convert.export_gguf(model, tokenizer, tmp_path / "m.gguf")
-        assert not (tmp_path / "m.gguf").exists() and not (tmp_path / "m.gguf.part").exists()
+    model = _ours(**{switch: True})
+    path = convert.export_gguf(model, tokenizer, tmp_path / "m.gguf", dtype="f32")
+    reader = gguf.GGUFReader(path)
+    meta = {f.name: f.contents() for f in reader.fields.values()}
+    tensors = {t.name: torch.from_numpy(t.data.copy()).reshape(list(reversed(t.shape.tolist()))) for t in reader.tensors}
+    assert meta["general.architecture"] == arch and meta[f"{arch}.attention.key_length"] == model.config.head_dim
+    sd = model.state_dict()
+    assert len(tensors) == len(sd)  # every tensor has its slot (untied: output.weight too)
+    expected = {"blk.0.attn_q.weight": sd["model.layers.0.self_attn.q_proj.weight"],
+                "blk.0.attn_k.weight": sd["model.layers.0.self_attn.k_proj.weight"]}
+    if arch == "qwen3":
+        expected |= {"blk.1.attn_q_norm.weight": sd["model.layers.1.self_attn.q_norm.weight"],
+                     "blk.1.attn_k_norm.weight": sd["model.layers.1.self_attn.k_norm.weight"]}
+    else:
+        expected |= {f"blk.1.attn_{x}.bias": sd[f"model.layers.1.self_attn.{x}_proj.bias"] for x in "qkv"}
+    for name, want in expected.items():
+        assert torch.equal(tensors[name], want), name
+
+    both = MicroLMForCausalLM(MicroLMConfig.from_preset("tiny", qk_norm=True, attention_bias=True))
+    with pytest.raises(ValueError, match="qk_norm \\+ attention_bias"):
+        convert.export_gguf(both, tokenizer, tmp_path / "both.gguf")
+    assert not (tmp_path / "both.gguf").exists() and not (tmp_path / "both.gguf.part").exists()

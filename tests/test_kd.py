@@ -89,7 +89,7 @@ def test_teacher_with_a_smaller_vocabulary_is_an_error(tmp_path, tokenizer):
     small.save_pretrained(tmp_path / "teacher")
 
     class FakeTrainer:
-        args = type("A", (), {"out_dir": str(tmp_path)})
+        args = type("A", (), {"out_dir": str(tmp_path), "teacher_preset": None})
         device = torch.device("cpu")
 
         def log(self, msg):

@@ -23,16 +23,42 @@ COMPLETE = "COMPLETE"
 
 
 def resolve_checkpoint(name_or_path, out_root="out") -> Path:
-    """A stage name (`sft` -> out/sft) or a folder holding a from_pretrained checkpoint; a clear error otherwise."""
+    """A stage name (`sft` -> out/sft), a checkpoint folder (ours, Hugging Face Llama / Qwen / Mixtral, MiniMind's)
+    or a MiniMind `.pth` state dict (model/families.py); a clear error otherwise."""
+    from model.families import is_checkpoint
+
     path = Path(name_or_path)
-    if not path.is_dir() and str(name_or_path) in STAGE_SCRIPTS:
+    if not path.exists() and str(name_or_path) in STAGE_SCRIPTS:
         path = Path(out_root) / str(name_or_path)
-    if (path / "config.json").exists() and ((path / WEIGHTS).exists() or (path / f"{WEIGHTS}.index.json").exists()):
+    if is_checkpoint(path):
         return path
     stage = str(name_or_path) if str(name_or_path) in STAGE_SCRIPTS else None
     made_by = f"; it is made by `python {STAGE_SCRIPTS[stage]}`" if stage else ""
-    raise FileNotFoundError(f"no checkpoint at {path} (looked for {path / 'config.json'} and {path / WEIGHTS})"
-                            f"{made_by}")
+    raise FileNotFoundError(f"no checkpoint at {path} (looked for {path / 'config.json'} and {path / WEIGHTS}, or a "
+                            f".pth / .bin / .safetensors state dict){made_by}")
+
+
+def checkpoint_tokenizer(path, tokenizer_arg=None, default=None) -> Path:
+    """The tokenizer that goes with the checkpoint at `path`: --tokenizer if given, else the one saved beside it,
+    else (our own checkpoints only) `default`. A foreign checkpoint without one is an error: another tokenizer's ids
+    would silently mean other tokens."""
+    from model.families import model_type
+
+    path = Path(path)
+    if tokenizer_arg is not None:
+        return Path(tokenizer_arg)
+    if path.is_dir() and (path / "tokenizer_config.json").exists():
+        return path
+    if (path / "adapter_config.json").exists():  # an adapter without its own: the base's
+        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if base and Path(base).exists():
+            return checkpoint_tokenizer(base, None, default)
+        if default is not None:
+            return Path(default)
+    if path.is_dir() and (path / "config.json").exists() and model_type(path) in ("microlm", None) and default:
+        return Path(default)
+    raise SystemExit(f"{path} has no tokenizer beside it: give --tokenizer (for MiniMind's checkpoints, the folder "
+                     f"with MiniMind's tokenizer.json and tokenizer_config.json)")
 
 
 def resolve_tokenizer(tokenizer_arg, init_from=None, out_root="out", default=None) -> Path:
@@ -43,9 +69,11 @@ def resolve_tokenizer(tokenizer_arg, init_from=None, out_root="out", default=Non
     if init_from and str(init_from).lower() != "none":
         with contextlib.suppress(FileNotFoundError):  # a missing checkpoint is reported where the model is built
             path = resolve_checkpoint(init_from, out_root)
+            if tokenizer_arg is None:
+                return checkpoint_tokenizer(path, None, default)
             saved = path if (path / "tokenizer_config.json").exists() else None
     if tokenizer_arg is None:
-        return saved or Path(default)
+        return Path(default)
     if saved is not None and Path(tokenizer_arg).resolve() != saved.resolve():
         from transformers import AutoTokenizer
 

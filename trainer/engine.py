@@ -26,6 +26,7 @@ from transformers.utils import logging as hf_logging
 
 from dataset.sft import EMPTY_THINK_RATIO
 from model import TOKENIZER_DIR, MicroLMConfig, MicroLMForCausalLM
+from model.families import load_pretrained, model_type
 
 from . import checkpoint as ckpt
 from . import report
@@ -48,8 +49,12 @@ def add_train_args(parser: argparse.ArgumentParser, *, epochs: int, batch_size: 
       help="write to <out_dir>/NAME/ instead of <out_dir>/<stage>/ (a second run of a stage that must not replace "
            "the first, e.g. tool-use SFT on top of sft; MiniMind's --save_weight); later stages take --from NAME")
     a("--from", dest="init_from", default=init_from,
-      help="initialise from a stage's output (pretrain, sft, ...) or a checkpoint folder; none = random init")
-    a("--preset", default=preset, help="model size when starting from scratch: 26m, 104m, moe-145m, tiny, ...")
+      help="initialise from a stage's output (pretrain, sft, ...), a checkpoint folder (ours, Hugging Face Llama / "
+           "Qwen2 / Qwen3 / Mixtral / Qwen3-MoE, MiniMind's) or a MiniMind .pth with --preset; none = random init")
+    a("--preset", default=None,
+      help=f"model size from scratch (default {preset}): 26m, 104m, moe-145m, minimind3, minimind3-moe, tiny, ...; "
+           f"with --from FILE.pth the architecture of that state dict")
+    parser.set_defaults(default_preset=preset)
     a("--use_moe", action="store_true", help="mixture-of-experts feed-forward layers (from scratch only)")
     a("--tokenizer", default=None,
       help="tokenizer folder (ours, or MiniMind's official one); default: the one saved beside the --from checkpoint, "
@@ -106,11 +111,11 @@ def add_train_args(parser: argparse.ArgumentParser, *, epochs: int, batch_size: 
 def lm_loss(model, batch):
     """Summed next-token cross-entropy over labelled positions (+ MoE balance loss); the engine normalises. With
     batch["weights"] (6-reason.py's tag weights) each label counts that many times, in the sum and in the count."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
-    labels = batch["labels"][:, 1:]
-    ce = F.cross_entropy(out.logits[:, :-1].reshape(-1, out.logits.size(-1)), labels.reshape(-1),
-                         ignore_index=-100, reduction="none")
-    loss = (ce * batch["weights"][:, 1:].reshape(-1)).sum() if "weights" in batch else ce.sum()
+    # the model computes the per-position cross-entropy itself: in chunks for a large vocabulary (model/model.py)
+    out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"],
+                reduction="none")
+    ce = out.loss
+    loss = (ce * batch["weights"][:, 1:]).sum() if "weights" in batch else ce.sum()
     if out.aux_loss is not None:
         loss = loss + out.aux_loss * count_label_tokens(batch)
     return loss, {}
@@ -233,12 +238,15 @@ class Trainer:
         args = self.args
         if args.init_from and str(args.init_from).lower() != "none":
             path = ckpt.resolve_checkpoint(args.init_from, args.out_dir)
-            model = MicroLMForCausalLM.from_pretrained(path)
-            self.log(f"initialised from {path}")
+            try:
+                model = load_pretrained(path, args.preset)
+            except ValueError as e:  # not an exact mapping, a .pth without --preset, mismatched tensors
+                raise SystemExit(str(e)) from None
+            self.log(f"initialised from {path}" + (f" ({model_type(path)})" if model_type(path) != "microlm" else ""))
         else:
             if args.use_moe:
                 overrides.setdefault("use_moe", True)
-            model = MicroLMForCausalLM(MicroLMConfig.from_preset(args.preset, **overrides))
+            model = MicroLMForCausalLM(MicroLMConfig.from_preset(args.preset or args.default_preset, **overrides))
         if len(self.tokenizer) > model.config.vocab_size:
             raise ValueError(f"tokenizer {args.tokenizer} has {len(self.tokenizer)} tokens but the model's "
                              f"vocab_size is {model.config.vocab_size}")
@@ -447,7 +455,7 @@ class Trainer:
             report.append(args.out_dir, {
                 "kind": "stage", "stage": self.stage, "data": str(args.data_path), "rows": len(dataset),
                 # tokens fed as input_ids; None where the loss makes its own (GRPO's rollouts)
-                "model": str(args.init_from or args.preset), "steps": state["step"], "tokens": tokens_seen * W or None,
+                "model": str(args.init_from or args.preset or args.default_preset), "steps": state["step"], "tokens": tokens_seen * W or None,
                 "seconds": seconds, "tokens_per_s": tokens_seen * W / max(seconds, 1e-9) if tokens_seen else None,
                 "train_loss": history[-1][1], "eval_loss": evaluated.get("loss"), "eval_bpb": evaluated.get("bpb"),
                 "eval_data": args.eval_data or (f"{args.eval_split:.0%} of the data" if args.eval_split else None)},
