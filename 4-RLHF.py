@@ -32,10 +32,12 @@ def build_parser():
     return parser
 
 
-def sequence_logps(model, input_ids, labels) -> torch.Tensor:
+def sequence_logps(model, input_ids, labels, with_aux: bool = False):
     """Summed log-probability of the labelled tokens of each row (labels shifted inside, -100 ignored): minus the
-    model's per-position cross-entropy, which is chunked for a large vocabulary."""
-    return -model(input_ids=input_ids, labels=labels, reduction="none").loss.sum(-1)
+    model's per-position cross-entropy, which is chunked for a large vocabulary. with_aux: also the MoE balance loss."""
+    out = model(input_ids=input_ids, labels=labels, reduction="none")
+    logps = -out.loss.sum(-1)
+    return (logps, out.aux_loss) if with_aux else logps
 
 
 def dpo_terms(policy_logps, ref_logps, beta: float):
@@ -87,14 +89,17 @@ def run(trainer, args):
         del ref  # the point of precomputing: no second model in memory while training
 
     def loss_fn(net, batch):
-        policy = sequence_logps(net, batch["input_ids"], batch["labels"])
+        policy, aux = sequence_logps(net, batch["input_ids"], batch["labels"], with_aux=True)
         if ref_table is not None:
             ref_logps = ref_table[batch["index"]].T.reshape(-1)  # [chosen...; rejected...]
         else:
             with torch.no_grad():
                 ref_logps = sequence_logps(ref, batch["input_ids"], batch["labels"])
         losses, chosen, rejected, margin = dpo_terms(policy, ref_logps.to(policy.dtype), args.beta)
-        return losses.sum(), {"reward_chosen": chosen.detach().sum(), "reward_rejected": rejected.detach().sum(),
+        loss = losses.sum()
+        if model.config.use_moe:  # the routers keep their balance loss (per pair, as the engine normalises by pairs)
+            loss = loss + aux * losses.numel()
+        return loss, {"reward_chosen": chosen.detach().sum(), "reward_rejected": rejected.detach().sum(),
                               "reward_margin": margin.detach().sum(), "accuracy": (margin > 0).float().sum()}
 
     return trainer.fit(model, data, collate_fn=collate, loss_fn=loss_fn, count_fn=lambda b: b["index"].numel(),

@@ -7,25 +7,31 @@ right whatever the tokenizer does with the tags.
     python 6-reason.py --data_path dataset/sft_t2t_mini.jsonl
     torchrun --nproc_per_node 4 6-reason.py --data_path dataset/sft_t2t_mini.jsonl
 
---method grpo: online RL with rule rewards (GRPO, arXiv 2402.03300). Per prompt it samples --num_generations
-replies with the KV cache, scores each with the --reward functions (summed), normalises the rewards within the
-group into advantages, and maximises the clipped ratio objective minus --beta x KL(policy || reference), where the
-reference is the frozen starting model. Rows: chats whose last assistant reply is the reference answer (the seed's),
-rlaif.jsonl's prompt-only rows (no reference: only rewards that need none score), or agent_rl rows with "gt".
+--method grpo: online RL (GRPO, arXiv 2402.03300). Per prompt it samples --num_generations replies through the
+inference core, scores each with the --reward functions and/or a --reward_model (weighted sum), normalises the rewards
+within the group into advantages, and takes --num_iterations optimizer steps on that batch with the --loss_type
+objective (cispo, grpo, dr_grpo, dapo; see policy_loss) plus --beta x KL(policy || reference), the reference being
+the frozen starting model. Log-probs are taken at the sampling temperature. Rows: chats whose last assistant reply is
+the reference answer (the seed's), rlaif.jsonl's prompt-only rows (no reference: only rewards that need none score,
+and the run says which), or agent_rl rows with "gt".
     python 6-reason.py --method grpo --data_path dataset/rlaif.jsonl           # starts from out/reason
-    python 6-reason.py --method grpo --reward format,my_rewards.py:length_penalty
-A reward is any function (completion: str, reference: str) -> float; see dataset/rewards.py.
+    python 6-reason.py --method grpo --reward format,my_rewards.py:length_penalty --num_iterations 2
+    python 6-reason.py --method grpo --reward format --reward_model path/to/reward-model --reward_weights 0.5,1
+A reward is any function (prompt, completion, reference) -> float (or the older (completion, reference)); see
+dataset/rewards.py.
 """
 
 import argparse
 import copy
+import time
 from functools import partial
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from dataset import PromptDataset, ReasonDataset, pad_collate, prompt_collate
-from dataset.rewards import load_reward
+from dataset.rewards import RewardModel, call_reward, load_reward
 from inference import Sampling, generate
 from trainer import add_train_args, stage_main
 
@@ -37,31 +43,74 @@ def build_parser():
     parser.add_argument("--method", choices=["sft", "grpo"], default="sft")
     parser.add_argument("--tag_weight", type=float, default=10.0, help="sft: loss weight of the tag tokens")
     g = parser.add_argument_group("grpo (--batch_size counts prompts; --from defaults to reason)")
-    g.add_argument("--num_generations", type=int, default=8, help="replies sampled per prompt (the group)")
+    g.add_argument("--num_generations", type=int, default=8, help="replies sampled per prompt (the group, >= 2)")
+    g.add_argument("--num_iterations", type=int, default=1,
+                   help="mu: optimizer steps on each batch of rollouts (> 1: the ratio to the sampling policy leaves 1 "
+                        "and the clip acts)")
+    g.add_argument("--loss_type", choices=LOSS_TYPES, default="cispo",
+                   help="cispo (MiniMind's default): clipped, detached importance weight on log p, token-level; grpo: "
+                        "clipped surrogate, per-sequence mean; dr_grpo: sum / max_new_tokens; dapo: token-level")
     g.add_argument("--max_new_tokens", type=int, default=256)
     g.add_argument("--max_prompt_len", type=int, default=256)
-    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
-    g.add_argument("--beta", type=float, default=0.04, help="weight of KL(policy || reference)")
-    g.add_argument("--clip_eps", type=float, default=0.2, help="PPO-style clip of the policy ratio")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (log-probs use it too)")
+    g.add_argument("--beta", type=float, default=0.04, help="weight of KL(policy || reference); 0: no reference")
+    g.add_argument("--clip_eps", type=float, default=0.2, help="clip of the ratio: [1 - eps, 1 + eps_high]")
+    g.add_argument("--clip_eps_high", type=float, default=None, help="upper clip (DAPO's clip-higher; default clip_eps)")
+    g.add_argument("--cispo_max", type=float, default=5.0, help="cispo: cap of the importance weight")
+    g.add_argument("--thinking_ratio", type=float, default=None,
+                   help="share of prompts rendered with thinking on (MiniMind's 0.9); default: the template's own")
     g.add_argument("--reward", default="format,correctness",
-                   help="comma-separated rewards, summed: builtin names, module:function or file.py:function")
+                   help="comma-separated rule rewards: builtin names, module:function or file.py:function")
+    g.add_argument("--reward_model", default=None,
+                   help="a Hugging Face sequence-classification reward model folder, added to the rule rewards")
+    g.add_argument("--reward_weights", default=None,
+                   help="comma-separated weights: one per --reward, then the reward model's (default: all 1)")
+    g.add_argument("--reward_device", default=None, help="device of the reward model (default: the training one)")
+    g.add_argument("--reward_dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    g.add_argument("--ref_device", default=None, help="device of the frozen reference (default: the training one)")
     return parser
 
 
 # ----------------------------------------------------------------------------------------------------------- GRPO
 
-def grpo_loss(logps, old_logps, ref_logps, advantages, mask, clip_eps: float, beta: float):
-    """Per-sequence GRPO loss and KL: each token's -min(r·A, clip(r, 1±eps)·A) + beta·KL, where r = p/p_old and KL
-    is the k3 estimate exp(ref - logp) - (ref - logp) - 1 (unbiased, >= 0), averaged over the sequence's tokens.
-    logps, old_logps, ref_logps, mask: (N, T); advantages: (N,)."""
+LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "cispo")
+
+
+def policy_loss(logps, old_logps, ref_logps, advantages, mask, loss_type: str = "grpo", clip_eps: float = 0.2,
+                clip_eps_high: float | None = None, cispo_max: float = 5.0, beta: float = 0.0,
+                max_new_tokens: int | None = None):
+    """Per-sequence loss terms (to be summed), per-sequence KL and per-sequence share of clipped tokens.
+
+    Per token, with r = p / p_old (the sampling policy's probability) and A the sequence's advantage:
+      grpo, dr_grpo, dapo  -min(r·A, clip(r, 1 - eps, 1 + eps_high)·A)          (PPO's clipped surrogate)
+      cispo                -sg(min(r, cispo_max))·A·log p                     (CISPO: the importance weight clipped
+                                                                                and detached; every token keeps a
+                                                                                gradient)
+    plus beta x the k3 estimate of KL(policy || reference), exp(ref - logp) - (ref - logp) - 1 (>= 0).
+    Reduction over a sequence's tokens: grpo their mean; dr_grpo their sum / max_new_tokens (a constant: no length
+    bias); dapo, cispo their sum (the caller divides by the tokens of the whole batch: token-level).
+    logps, old_logps, ref_logps (or None), mask: (N, T); advantages: (N,)."""
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type {loss_type!r}: choose one of {', '.join(LOSS_TYPES)}")
     ratio = torch.exp(logps - old_logps)
     adv = advantages.unsqueeze(1)
-    surrogate = torch.min(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
-    delta = ref_logps - logps
-    kl = torch.exp(delta) - delta - 1
-    per_token = -surrogate + beta * kl
-    n = mask.sum(1).clamp(min=1)
-    return (per_token * mask).sum(1) / n, (kl * mask).sum(1) / n
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    if loss_type == "cispo":
+        per_token = -ratio.clamp(max=cispo_max).detach() * adv * logps
+        clipped = ratio > cispo_max
+    else:
+        per_token = -torch.min(ratio * adv, ratio.clamp(1 - clip_eps, 1 + high) * adv)
+        clipped = ((ratio < 1 - clip_eps) & (adv < 0)) | ((ratio > 1 + high) & (adv > 0))
+    kl = torch.zeros_like(logps)
+    if ref_logps is not None:
+        delta = ref_logps - logps
+        kl = torch.exp(delta) - delta - 1
+        per_token = per_token + beta * kl
+    n = mask.sum(1)
+    summed = (per_token * mask).sum(1)
+    per_seq = (summed / n.clamp(min=1) if loss_type == "grpo" else
+               summed / max_new_tokens if loss_type == "dr_grpo" else summed)
+    return per_seq, (kl * mask).sum(1) / n.clamp(min=1), (clipped.float() * mask).sum(1) / n.clamp(min=1)
 
 
 def group_advantages(rewards: torch.Tensor, group: int) -> torch.Tensor:
@@ -77,9 +126,13 @@ def completion_mask(completion: torch.Tensor, eos_id: int) -> torch.Tensor:
     return (~after_eos).float()
 
 
-def token_logps(model, input_ids, attention_mask, n_completion: int) -> torch.Tensor:
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, -n_completion - 1:-1].float()
-    return torch.gather(F.log_softmax(logits, -1), 2, input_ids[:, -n_completion:, None]).squeeze(2)
+def token_logps(model, input_ids, attention_mask, n_completion: int, temperature: float = 1.0):
+    """(log-probabilities of the last n_completion tokens at the sampling temperature, the MoE balance loss). The
+    temperature divides the logits as it did when sampling, so the ratio compares the distributions sampled from."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=n_completion + 1)
+    logits = out.logits[:, :-1].float() / temperature
+    logps = torch.gather(F.log_softmax(logits, -1), 2, input_ids[:, -n_completion:, None]).squeeze(2)
+    return logps, getattr(out, "aux_loss", None)
 
 
 def unwrap(net):
@@ -87,43 +140,119 @@ def unwrap(net):
     return getattr(net, "module", net)  # DDP
 
 
-def make_grpo_loss(args, tokenizer, reference, rewards):
-    G, eos, pad = args.num_generations, tokenizer.eos_token_id, tokenizer.pad_token_id
-    sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+def score_rewards(rewards, weights, prompts, texts, refs) -> torch.Tensor:
+    """(N, len(rewards)) weighted scores. A reward model scores the batch at once; a reward that needs a reference
+    scores 0 where a row has none (prompt-only rows)."""
+    columns = []
+    for fn, w in zip(rewards, weights):
+        if hasattr(fn, "score"):
+            values = fn.score(prompts, texts)
+        else:
+            values = [0.0 if ref is None and getattr(fn, "needs_reference", False) else call_reward(fn, p, t, ref)
+                      for p, t, ref in zip(prompts, texts, refs)]
+        columns.append(torch.tensor(values, dtype=torch.float32) * w)
+    return torch.stack(columns, 1)
 
-    def loss_fn(net, batch):
-        policy = unwrap(net)
+
+class GRPO:
+    """The engine's count_fn samples a window's rollouts (once per window of micro-batches) and keeps the sampling
+    policy's and the reference's log-probs; loss_fn is the policy loss, taken --num_iterations times on them."""
+
+    def __init__(self, args, trainer, policy, reference, rewards, weights, reward_names):
+        self.args, self.trainer, self.policy, self.reference = args, trainer, policy, reference
+        self.rewards, self.weights, self.reward_names = rewards, weights, reward_names
+        self.tokenizer = trainer.tokenizer
+        self.sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+        self.window, self.rollout_tokens, self.rollout_seconds = [], 0, 0.0
+
+    def count(self, batch):
+        batch["rollout"] = self.rollout(batch)
+        self.window.append(batch["rollout"])
+        return batch["rollout"]["n"]
+
+    @torch.no_grad()
+    def rollout(self, batch) -> dict:
+        args, G, tok = self.args, self.args.num_generations, self.tokenizer
+        eos, pad = tok.eos_token_id, tok.pad_token_id
         prompt_ids = batch["prompt_ids"].repeat_interleave(G, 0)
         prompt_mask = batch["prompt_mask"].repeat_interleave(G, 0)
-        with torch.no_grad():
-            training = policy.training
-            policy.eval()
-            # rollouts through the inference core's decode loop (the one chat, server and evaluation use)
-            completion = generate(policy, prompt_ids, prompt_mask, sampling, eos_id=eos, pad_id=pad)
-            policy.train(training)
+        training = self.policy.training
+        self.policy.eval()
+        t0 = time.time()
+        # rollouts through the inference core's decode loop (the one chat, server and evaluation use)
+        completion = generate(self.policy, prompt_ids, prompt_mask, self.sampling, eos_id=eos, pad_id=pad)
+        self.policy.train(training)
         mask = completion_mask(completion, eos)
-        texts = tokenizer.batch_decode([c[:int(m.sum())] for c, m in zip(completion, mask)],
-                                       skip_special_tokens=True)
+        self.rollout_seconds += time.time() - t0
+        self.rollout_tokens += int(mask.sum())
+        texts = tok.batch_decode([c[:int(m.sum())] for c, m in zip(completion, mask)], skip_special_tokens=True)
+        # a prompt that opened the think block: the reply is scored with that opening, as the chat shows it
+        texts = [("<think>\n" if opened else "") + t
+                 for t, opened in zip(texts, [o for o in batch["opened"] for _ in range(G)])]
         refs = [r if r is not None else gt for r, gt in zip(batch["references"], batch["gt"]) for _ in range(G)]
-        scores = torch.tensor([[fn(t, ref) for fn in rewards] for t, ref in zip(texts, refs)],
-                              dtype=torch.float32, device=completion.device)
+        prompts = [m for m in batch["messages"] for _ in range(G)]
+        scores = score_rewards(self.rewards, self.weights, prompts, texts, refs).to(completion.device)
         reward = scores.sum(1)
-        advantages = group_advantages(reward, G)
-
         input_ids = torch.cat([prompt_ids, completion], 1)
         attention_mask = torch.cat([prompt_mask, mask.long()], 1)
-        logps = token_logps(net, input_ids, attention_mask, completion.size(1))
-        with torch.no_grad():
-            ref_logps = (token_logps(reference, input_ids, attention_mask, completion.size(1))
-                         if reference is not None else logps.detach())
-        # one update per batch of samples, so the sampling policy is this one: ratio 1, gradient A·∇log p
-        per_seq, kl = grpo_loss(logps, logps.detach(), ref_logps, advantages, mask, args.clip_eps, args.beta)
-        metrics = {"reward": reward.sum(), "kl": kl.sum().detach(), "completion_tokens": mask.sum()}
-        for i, spec in enumerate(args.reward.split(",")):
-            metrics[f"reward_{spec.rsplit(':', 1)[-1]}"] = scores[:, i].sum()
-        return per_seq.sum(), metrics
+        n = completion.size(1)
+        with self.trainer.autocast:
+            # the sampling policy's log-probs: the ratio's denominator in every later iteration
+            old = (token_logps(self.policy, input_ids, attention_mask, n, args.temperature)[0]
+                   if args.num_iterations > 1 else None)
+        ref = None
+        if self.reference is not None:
+            dev = next(self.reference.parameters()).device
+            ref = token_logps(self.reference, input_ids.to(dev), attention_mask.to(dev), n,
+                              args.temperature)[0].to(completion.device)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "mask": mask, "n_completion": n,
+                "advantages": group_advantages(reward, G), "reward": reward, "scores": scores, "old": old,
+                "ref": ref, "n": len(texts), "scale": None}
 
-    return loss_fn
+    def _token_scale(self):
+        """dapo / cispo normalise by the completion tokens of the whole optimizer step (all micro-batches, all ranks);
+        the engine divides by the sequences, so each sum is scaled by sequences / tokens."""
+        totals = torch.tensor([[r["n"], float(r["mask"].sum())] for r in self.window]).sum(0).to(self.trainer.device)
+        if self.trainer.env.world_size > 1:
+            dist.all_reduce(totals)
+        scale = float(totals[0] / totals[1].clamp(min=1)) if self.args.loss_type in ("dapo", "cispo") else 1.0
+        for r in self.window:
+            r["scale"] = scale
+        self.window = []
+
+    def loss(self, net, batch):
+        args, r = self.args, batch["rollout"]
+        if r["scale"] is None:
+            self._token_scale()
+        logps, aux = token_logps(net, r["input_ids"], r["attention_mask"], r["n_completion"], args.temperature)
+        old = r["old"] if r["old"] is not None else logps.detach()  # one iteration: the sampling policy is this one
+        per_seq, kl, clipped = policy_loss(logps, old, r["ref"], r["advantages"], r["mask"], args.loss_type,
+                                           args.clip_eps, args.clip_eps_high, args.cispo_max, args.beta,
+                                           args.max_new_tokens)
+        loss = per_seq.sum() * r["scale"]
+        if aux is not None and unwrap(net).config.use_moe:  # the routers keep their balance loss in RL too
+            loss = loss + aux * r["n"]
+        metrics = {"reward": r["reward"].sum(), "kl": kl.sum().detach(), "clip_ratio": clipped.sum(),
+                   "completion_tokens": r["mask"].sum()}
+        for i, name in enumerate(self.reward_names):
+            metrics[f"reward_{name}"] = r["scores"][:, i].sum()
+        return loss, metrics
+
+
+def check_rewards(trainer, data, rewards, names):
+    """Say which rewards score prompt-only rows (those without a reference); stop if none would."""
+    sample = [data[i] for i in range(min(len(data), 256))]
+    without = sum(x["reference"] is None and x["gt"] is None for x in sample)
+    if not without:
+        return
+    need = [n for fn, n in zip(rewards, names) if getattr(fn, "needs_reference", False)]
+    apply = [n for n in names if n not in need]
+    if not apply and without == len(sample):
+        raise SystemExit(f"{trainer.args.data_path}: the rows have no reference answer (prompt-only, like "
+                         f"rlaif.jsonl) and every reward ({', '.join(names)}) needs one; add one that does not, e.g. "
+                         f"--reward format or --reward_model PATH")
+    trainer.log(f"{without} of the first {len(sample)} rows have no reference: on them only "
+                f"{', '.join(apply) or 'no reward'} score" + (f" ({', '.join(need)} need a reference)" if need else ""))
 
 
 # ----------------------------------------------------------------------------------------------------------- run
@@ -140,12 +269,42 @@ def run(trainer, args):
     if args.eval_data or args.eval_split:
         raise SystemExit("--eval_data / --eval_split: GRPO has no held-out loss (its rollouts are sampled); "
                          "score held-out prompts with scripts/eval_tools.py or the demo metrics instead")
-    rewards = [load_reward(spec.strip()) for spec in args.reward.split(",") if spec.strip()]
-    reference = copy.deepcopy(model).eval().requires_grad_(False) if args.beta > 0 else None
-    data = PromptDataset(args.data_path, trainer.tokenizer, args.max_prompt_len, strict=args.strict)
-    return trainer.fit(model, data, collate_fn=partial(prompt_collate, pad_id=pad_id),
-                       loss_fn=make_grpo_loss(args, trainer.tokenizer, reference, rewards),
-                       count_fn=lambda batch: len(batch["references"]) * args.num_generations, curve="reward")
+    if args.num_generations < 2:
+        raise SystemExit(f"--num_generations {args.num_generations}: GRPO's advantage is a reply's reward minus its "
+                         f"group's mean, so a group of one has none and no step would teach anything; use 2 or more")
+    rewards, weights, names = build_rewards(args, trainer)
+    reference = None
+    if args.beta > 0:
+        reference = copy.deepcopy(model).eval().requires_grad_(False).to(args.ref_device or trainer.device)
+    data = PromptDataset(args.data_path, trainer.tokenizer, args.max_prompt_len, strict=args.strict,
+                         thinking_ratio=args.thinking_ratio, seed=args.seed)
+    check_rewards(trainer, data, rewards, names)
+    grpo = GRPO(args, trainer, model, reference, rewards, weights, names)
+    summary = trainer.fit(model, data, collate_fn=partial(prompt_collate, pad_id=pad_id), loss_fn=grpo.loss,
+                          count_fn=grpo.count, curve="reward", repeat=args.num_iterations)
+    summary["rollout_tokens_per_s"] = grpo.rollout_tokens / max(grpo.rollout_seconds, 1e-9)
+    trainer.log(f"rollouts: {grpo.rollout_tokens:,} tokens in {grpo.rollout_seconds:.1f} s "
+                f"({summary['rollout_tokens_per_s']:,.0f} tokens/s)")
+    return summary
+
+
+def build_rewards(args, trainer):
+    """(reward functions, weights, names): --reward's rule rewards, then --reward_model; --reward_weights."""
+    specs = [spec.strip() for spec in args.reward.split(",") if spec.strip()]
+    rewards = [load_reward(spec) for spec in specs]
+    names = [spec.rsplit(":", 1)[-1] for spec in specs]
+    if args.reward_model:
+        rewards.append(RewardModel(args.reward_model, args.reward_device or trainer.device, args.reward_dtype))
+        names.append("model")
+    weights = [1.0] * len(rewards)
+    if args.reward_weights:
+        weights = [float(w) for w in args.reward_weights.split(",")]
+        if len(weights) != len(rewards):
+            raise SystemExit(f"--reward_weights has {len(weights)} weights for {len(rewards)} rewards "
+                             f"({', '.join(names)})")
+    if not rewards:
+        raise SystemExit("no reward: give --reward and/or --reward_model")
+    return rewards, weights, names
 
 
 def main(argv=None):

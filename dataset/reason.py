@@ -3,7 +3,7 @@
 import torch
 from torch.utils.data import Dataset
 
-from .chat import ChatEncoder, check_prompt_row, normalize_chat
+from .chat import ChatEncoder, check_prompt_row, normalize_chat, row_chooses
 from .jsonl import BadLineError, JsonlFile
 from .sft import EMPTY_THINK_RATIO, SFTDataset, unmappable
 
@@ -42,8 +42,12 @@ class PromptDataset(Dataset):
     Each item: prompt_ids (rendered with the tools and the generation prompt), reference (str or None), gt (list
     or None), and the messages and tools for multi-turn rollouts."""
 
-    def __init__(self, path, tokenizer, max_prompt_len: int = 256, strict: bool = False, verbose: bool = True):
+    def __init__(self, path, tokenizer, max_prompt_len: int = 256, strict: bool = False, verbose: bool = True,
+                 thinking_ratio: float | None = None, seed: int = 0):
         self.tokenizer, self.max_prompt_len = tokenizer, max_prompt_len
+        # MiniMind's thinking ratio: this share of prompts (a fixed, seeded choice per row) is rendered with thinking
+        # on, the rest with it off; None leaves the template's default
+        self.thinking_ratio, self.seed = thinking_ratio, seed
         self.rows = JsonlFile(path, check_prompt_row, strict=strict, verbose=verbose)
         self.encoder = ChatEncoder(tokenizer)
 
@@ -59,10 +63,15 @@ class PromptDataset(Dataset):
             reference = last["content"] if last["content"].strip() else None
         gt = row.get("gt")
         gt = None if gt is None else [str(g) for g in (gt if isinstance(gt, list) else [gt])]
-        text = self.encoder.render(messages, tools, add_generation_prompt=True)
+        thinking = {}
+        if self.thinking_ratio is not None:
+            on = row_chooses(self.seed, i, self.thinking_ratio)
+            thinking = {"enable_thinking": on, "open_thinking": on}  # ours reads the first, minimind-3's the second
+        text = self.encoder.render(messages, tools, add_generation_prompt=True, **thinking)
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"][-self.max_prompt_len:]  # keep the question
+        # a prompt that opens the think block (thinking on): the reply starts inside it, and is scored with it
         return {"prompt_ids": torch.tensor(ids), "reference": reference, "gt": gt, "messages": messages,
-                "tools": tools}
+                "tools": tools, "opened": text.endswith("<think>\n")}
 
 
 def prompt_collate(rows, pad_id: int = 0) -> dict:
@@ -74,4 +83,5 @@ def prompt_collate(rows, pad_id: int = 0) -> dict:
         input_ids[i, n - len(r["prompt_ids"]):] = r["prompt_ids"]
         attention_mask[i, n - len(r["prompt_ids"]):] = 1
     return {"prompt_ids": input_ids, "prompt_mask": attention_mask, "references": [r["reference"] for r in rows],
-            "gt": [r["gt"] for r in rows], "messages": [r["messages"] for r in rows], "tools": [r["tools"] for r in rows]}
+            "gt": [r["gt"] for r in rows], "messages": [r["messages"] for r in rows], "tools": [r["tools"] for r in rows],
+            "opened": [r.get("opened", False) for r in rows]}

@@ -1,7 +1,11 @@
-"""Rule rewards for GRPO (6-reason.py --method grpo) and the reasoning metrics: a completion either is or is not a
-well-formed `<think>…</think><answer>…</answer>` reply, and its answer either is or is not the reference number.
+"""Rewards for GRPO / PPO (6-reason.py --method grpo|agent, 4-RLHF.py --method ppo) and the reasoning metrics: rule
+rewards (a completion is or is not a well-formed `<think>…</think><answer>…</answer>` reply; its final answer does or
+does not match the reference, as a number or as text) and a Hugging Face reward model (`RewardModel`).
 
-A reward is any function `(completion: str, reference: str) -> float`; `load_reward` finds one by name:
+A reward is any function `(prompt, completion: str, reference) -> float`, or the older `(completion, reference)`;
+`prompt` is the conversation before the reply (a list of {"role", "content"} messages), `reference` the row's
+reference answer, its `gt` list, or None for prompt-only rows. A function with `needs_reference = True` is skipped
+(scores 0) on rows without one. `load_reward` finds a function by name:
 
     format                       REWARDS below
     correctness
@@ -42,35 +46,77 @@ def extract_answer(text: str):
     return text[start:end].strip() if start <= end else None
 
 
-def reference_number(reference) -> int:
-    """An int, a number string, or a whole reference reply with an <answer> block -> the one integer it states."""
-    if isinstance(reference, int):
-        return reference
-    answer = extract_answer(reference)
-    numbers = _INT.findall(answer if answer is not None else reference)
-    if len(numbers) != 1:
-        raise ValueError(f"reference {reference!r} does not state exactly one integer")
-    return int(numbers[0])
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def _numbers(text: str) -> list[float]:
+    """The numbers a text states ("1,000" is one number: thousands separators are dropped)."""
+    return [float(n) for n in _NUMBER.findall(re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", text))]
+
+
+def _normalise(text: str) -> str:
+    """Case, whitespace and punctuation (any script's) removed: "New  York." == "new york"."""
+    import unicodedata
+
+    return "".join(c for c in text.casefold() if not c.isspace() and not unicodedata.category(c).startswith("P"))
+
+
+def final_answer(text: str) -> str | None:
+    """What a reply answers: with answer tags, its one <answer> block (None if the tags are not exactly one pair);
+    without (a plain reply, e.g. an agent's last turn), its text after any </think>."""
+    if "<answer>" in text or "</answer>" in text:
+        return extract_answer(text)
+    return text.rsplit("</think>", 1)[-1].strip()
+
+
+def reference_number(reference):
+    """The one number a reference states (an int, a number string, or a reply with an <answer> block), else None."""
+    if isinstance(reference, (int, float)) and not isinstance(reference, bool):
+        return float(reference)
+    numbers = _numbers(final_answer(str(reference)) or "")
+    return numbers[0] if len(numbers) == 1 else None
+
+
+def answer_matches(text: str, reference) -> bool:
+    """The reply's final answer equals the reference: as a number when the reference states exactly one (the answer
+    must state exactly that one number: "8", "8个", "答案是8.0" count, "7 or 8" does not), else as text with case,
+    whitespace and punctuation ignored. Never raises."""
+    answer = final_answer(text)
+    if reference is None or answer is None:
+        return False
+    number = reference_number(reference)
+    if number is not None:
+        numbers = _numbers(answer)
+        return len(numbers) == 1 and abs(numbers[0] - number) <= 1e-6 * max(1.0, abs(number))
+    expected = _normalise(final_answer(str(reference)) or "")
+    return bool(expected) and _normalise(answer) == expected
 
 
 def correctness_reward(text: str, reference_answer) -> float:
-    """GRPO answer reward: 1.0 if the reply has exactly one `<answer>…</answer>` block, that block states exactly one
-    integer, and it equals the reference ("8", "8个", "答案是8" all count; "7 or 8" does not); else 0.0. A list of
-    references (agent_rl's "gt") counts any of them; no reference (rlaif's prompt-only rows) or one that states no
-    single integer scores 0.0."""
-    answer = extract_answer(text)
-    if answer is None or reference_answer is None:
-        return 0.0
-    numbers = _INT.findall(answer)
-    if len(numbers) != 1:
-        return 0.0
-    for ref in (reference_answer if isinstance(reference_answer, list) else [reference_answer]):
-        try:
-            if int(numbers[0]) == reference_number(ref):
-                return 1.0
-        except (ValueError, TypeError):
-            continue
-    return 0.0
+    """GRPO answer reward: 1.0 if the reply's final answer matches the reference (`answer_matches`), else 0.0. A list
+    of references (agent_rl's "gt") counts any of them; no reference (rlaif's prompt-only rows) scores 0.0."""
+    refs = reference_answer if isinstance(reference_answer, list) else [reference_answer]
+    return 1.0 if any(answer_matches(text, ref) for ref in refs) else 0.0
+
+
+correctness_reward.needs_reference = True  # prompt-only rows skip it (the RL stages say so at the start)
+
+
+def reward_arity(fn) -> int:
+    """3 for fn(prompt, completion, reference), 2 for the older fn(completion, reference)."""
+    import inspect
+
+    try:
+        params = [p for p in inspect.signature(fn).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):  # a callable without a signature: the three-argument form
+        return 3
+    return 3 if len(params) >= 3 else 2
+
+
+def call_reward(fn, prompt, completion: str, reference) -> float:
+    """Score with either form of reward function."""
+    return float(fn(prompt, completion, reference) if reward_arity(fn) == 3 else fn(completion, reference))
 
 
 REWARDS = {
@@ -90,3 +136,47 @@ def load_reward(spec: str):
     from inference.tools import load_function
 
     return load_function(where, name, f"reward file {where} (from --reward {spec})", f"(from --reward {spec})")
+
+
+class RewardModel:
+    """A Hugging Face sequence-classification reward model (one logit per conversation, e.g. Skywork-Reward,
+    internlm2-reward exported to transformers) as a reward: it reads prompt + reply with its own tokenizer and chat
+    template, on its own device and dtype, frozen. `score` takes a batch; calling it scores one reply."""
+
+    needs_reference = False
+
+    def __init__(self, path, device="cpu", dtype="float32", batch_size: int = 16, max_length: int = 2048):
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=getattr(torch, dtype))
+        if self.model.config.num_labels != 1:
+            raise ValueError(f"reward model {path} has {self.model.config.num_labels} labels; a reward model scores "
+                             f"with one")
+        if self.tokenizer.pad_token is None:  # the score is read at the last real token: padding must be known
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.model.to(device).eval().requires_grad_(False)
+        self.device, self.batch_size, self.max_length = device, batch_size, max_length
+
+    def text(self, prompt, completion: str) -> str:
+        messages = [*(prompt or []), {"role": "assistant", "content": completion}]
+        if self.tokenizer.chat_template:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False)
+        return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
+
+    def score(self, prompts, completions) -> list[float]:
+        import torch
+
+        texts = [self.text(p, c) for p, c in zip(prompts, completions)]
+        scores = []
+        with torch.no_grad():
+            for i in range(0, len(texts), self.batch_size):
+                enc = self.tokenizer(texts[i:i + self.batch_size], return_tensors="pt", padding=True, truncation=True,
+                                     max_length=self.max_length, add_special_tokens=False).to(self.device)
+                scores += self.model(**enc).logits[:, 0].float().tolist()
+        return scores
+
+    def __call__(self, prompt, completion: str, reference=None) -> float:
+        return self.score([prompt], [completion])[0]

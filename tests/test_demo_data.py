@@ -261,7 +261,9 @@ def test_format_reward(text, reward):
     ("<think>x</think><answer>7 or 8</answer>", 0.0),
     ("<think>x</think><answer>8</answer><answer>8</answer>", 0.0),
     ("<think>the answer is 8</think>", 0.0),
-    ("8", 0.0),
+    ("<think>x</think>8.0", 1.0),  # a plain reply (no answer tags) is judged on its text after the think block
+    ("8", 1.0),
+    ("<answer>8", 0.0),  # answer tags, but not one pair
 ])
 def test_correctness_reward(text, reward):
     assert correctness_reward(text, "8") == reward

@@ -85,24 +85,60 @@ def test_weighted_loss_with_weight_1_is_the_sft_loss_and_weights_count_in_the_me
 
 # ---------------------------------------------------------------------------------------------------------- GRPO
 
-def test_grpo_loss_equals_a_hand_computed_value():
-    logps = torch.tensor([[-1.0, -2.0, -0.5], [-0.2, -3.0, -1.0]])
-    old = torch.tensor([[-1.2, -2.0, -0.5], [-0.2, -2.0, -1.0]])
-    ref = torch.tensor([[-1.0, -1.5, -9.0], [-0.1, -3.0, -1.0]])
-    adv = torch.tensor([1.0, -0.5])
-    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])  # row 0's third token is after its eos
-    loss, kl = reason.grpo_loss(logps, old, ref, adv, mask, clip_eps=0.2, beta=0.1)
+LOGPS = torch.tensor([[-1.0, -2.0, -0.5], [-0.2, -3.0, -1.0]])
+OLD = torch.tensor([[-1.2, -2.0, -0.5], [-0.2, -2.0, -1.0]])
+REF = torch.tensor([[-1.0, -1.5, -9.0], [-0.1, -3.0, -1.0]])
+ADV = torch.tensor([1.0, -0.5])
+MASK = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])  # row 0's third token is after its eos
 
-    def k3(lp, rf):
-        return math.exp(rf - lp) - (rf - lp) - 1
 
+def k3(lp, rf):
+    return math.exp(rf - lp) - (rf - lp) - 1
+
+
+def test_clipped_losses_equal_hand_computed_values():
+    loss, kl, clipped = reason.policy_loss(LOGPS, OLD, REF, ADV, MASK, "grpo", clip_eps=0.2, beta=0.1)
     # row 0: ratios e^0.2 = 1.2214 (clipped to 1.2 for A > 0), e^0 = 1
     r0 = [-min(math.exp(0.2) * 1, 1.2 * 1) + 0.1 * k3(-1.0, -1.0), -1.0 + 0.1 * k3(-2.0, -1.5)]
     # row 1: ratios 1, e^-1 = 0.3679 (A < 0: min(-0.5 r, -0.5 clip(r)) = -0.5 * 0.8 = -0.4 -> loss 0.4), 1
     r1 = [0.5 + 0.1 * k3(-0.2, -0.1), -min(math.exp(-1) * -0.5, 0.8 * -0.5) + 0.1 * k3(-3.0, -3.0),
           0.5 + 0.1 * k3(-1.0, -1.0)]
-    torch.testing.assert_close(loss, torch.tensor([sum(r0) / 2, sum(r1) / 3]))
+    torch.testing.assert_close(loss, torch.tensor([sum(r0) / 2, sum(r1) / 3]))  # grpo: each sequence's mean
     torch.testing.assert_close(kl, torch.tensor([(k3(-1, -1) + k3(-2, -1.5)) / 2, k3(-0.2, -0.1) / 3]))
+    torch.testing.assert_close(clipped, torch.tensor([1 / 2, 1 / 3]))
+    dr, _, _ = reason.policy_loss(LOGPS, OLD, REF, ADV, MASK, "dr_grpo", clip_eps=0.2, beta=0.1, max_new_tokens=8)
+    torch.testing.assert_close(dr, torch.tensor([sum(r0) / 8, sum(r1) / 8]))  # a constant divisor: no length bias
+    # dapo: token sums (the caller divides by the batch's tokens) and clip-higher: 1.2214 < 1 + 0.28 is not clipped
+    dapo, _, clipped = reason.policy_loss(LOGPS, OLD, REF, ADV, MASK, "dapo", clip_eps=0.2, clip_eps_high=0.28,
+                                          beta=0.1)
+    torch.testing.assert_close(dapo, torch.tensor([sum(r0) + 1.2 - math.exp(0.2), sum(r1)]))
+    torch.testing.assert_close(clipped, torch.tensor([0.0, 1 / 3]))
+
+
+def test_cispo_clips_the_detached_weight_and_keeps_every_tokens_gradient():
+    logps = LOGPS.clone().requires_grad_()
+    loss, _, clipped = reason.policy_loss(logps, OLD, REF, ADV, MASK, "cispo", cispo_max=1.1, beta=0.1)
+    w = [[min(math.exp(0.2), 1.1), 1.0], [1.0, math.exp(-1), 1.0]]  # row 0 token 0: e^0.2 = 1.22 capped at 1.1
+    lp = LOGPS.tolist()
+    r0 = [-w[0][0] * 1.0 * lp[0][0] + 0.1 * k3(-1.0, -1.0), -w[0][1] * 1.0 * lp[0][1] + 0.1 * k3(-2.0, -1.5)]
+    r1 = [-w[1][j] * -0.5 * lp[1][j] + 0.1 * k3(lp[1][j], REF[1, j].item()) for j in range(3)]
+    torch.testing.assert_close(loss, torch.tensor([sum(r0), sum(r1)]))  # token sums: cispo is token-level
+    torch.testing.assert_close(clipped, torch.tensor([1 / 2, 0.0]))
+    loss.sum().backward()
+    # d/dlogp = -w·A + beta·(1 - exp(ref - logp)): the capped token still learns (at weight 1.1), unlike a PPO clip
+    expected = [[-w[0][0] + 0.1 * (1 - math.exp(0.0)), -1.0 + 0.1 * (1 - math.exp(0.5)), 0.0],
+                [-w[1][j] * -0.5 + 0.1 * (1 - math.exp(REF[1, j].item() - lp[1][j])) for j in range(3)]]
+    torch.testing.assert_close(logps.grad, torch.tensor(expected))
+
+
+def test_log_probs_are_taken_at_the_sampling_temperature():
+    model = make_model("tiny", seed=3)
+    ids = torch.randint(3, 6400, (2, 12))
+    mask = torch.ones_like(ids)
+    logps, _ = reason.token_logps(model, ids, mask, 5, temperature=0.7)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[:, -6:-1].float() / 0.7
+    torch.testing.assert_close(logps.detach(), torch.log_softmax(logits, -1).gather(2, ids[:, -5:, None]).squeeze(2))
 
 
 def test_group_advantages_and_completion_mask():

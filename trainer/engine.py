@@ -273,7 +273,7 @@ class Trainer:
 
     # -- training -----------------------------------------------------------------------------------------------------
     def fit(self, model, dataset, collate_fn=None, loss_fn=lm_loss, count_fn=count_label_tokens, save_fn=None,
-            shuffle: bool = True, curve: str = "loss", eval_dataset=None) -> dict:
+            shuffle: bool = True, curve: str = "loss", eval_dataset=None, repeat: int = 1) -> dict:
         """Train `model` on `dataset`; returns a summary (steps, losses, seconds) for the demo runner.
 
         loss_fn(model, batch) -> (summed loss, {name: summed metric}); count_fn(batch) -> how many units those
@@ -282,6 +282,8 @@ class Trainer:
         padding. save_fn(model, folder) replaces the default save_pretrained (LoRA saves only its adapter). curve: what
         the PNG shows, "loss" or one of loss_fn's metrics (GRPO: "reward"; its loss hovers near 0 by construction).
         eval_dataset (see `split`): scored every --eval_interval steps, at the start and at the end (evaluation.py).
+        repeat: optimizer steps taken on each window of micro-batches (GRPO's and PPO's epochs over one rollout batch:
+        count_fn runs once per window, where they sample, and loss_fn once per micro-batch and step).
         """
         args, env = self.args, self.env
         A, B, W = args.accumulation_steps, args.batch_size, env.world_size
@@ -291,7 +293,7 @@ class Trainer:
         if steps_per_epoch == 0:
             raise ValueError(f"{len(dataset)} rows are fewer than one optimizer step needs "
                              f"({W} ranks x batch {B} x accumulation {A})")
-        total_steps = min(args.max_steps or 10 ** 12, args.epochs * steps_per_epoch)
+        total_steps = min(args.max_steps or 10 ** 12, args.epochs * steps_per_epoch * repeat)
         warmup = args.warmup_steps if args.warmup_steps >= 0 else max(1, total_steps // 100)
         # the loader's own generator: iter(loader) draws the workers' base seed from it, not from the global RNG that
         # --resume restores (that draw shifted every later dropout mask and sampled token after a resume)
@@ -363,14 +365,18 @@ class Trainer:
             state["epoch"], state["row"] = epoch, state["row"] if epoch == state["epoch"] else 0
             loader_rng.manual_seed(args.seed + epoch)  # same worker seeds per epoch, resumed or not, any world size
             batches = iter(loader)
+            reuse = 0  # how many more steps the current window serves (repeat > 1)
             while state["step"] < total_steps:
-                micro = [to_device(b, self.device) for b in islice(batches, A)]
-                if len(micro) < A:
-                    break  # an incomplete accumulation window at the end of the epoch is dropped
-                counts = torch.stack([torch.as_tensor(count_fn(b), device=self.device) for b in micro]).float()
-                total = counts.sum()
-                if W > 1:
-                    dist.all_reduce(total)
+                if reuse == 0:
+                    micro = [to_device(b, self.device) for b in islice(batches, A)]
+                    if len(micro) < A:
+                        break  # an incomplete accumulation window at the end of the epoch is dropped
+                    counts = torch.stack([torch.as_tensor(count_fn(b), device=self.device) for b in micro]).float()
+                    total = counts.sum()
+                    if W > 1:
+                        dist.all_reduce(total)
+                    reuse = repeat
+                reuse -= 1
                 step_loss, step_metrics = torch.zeros((), device=self.device), {}
                 for i, b in enumerate(micro):
                     sync = nullcontext() if W == 1 or i == A - 1 else net.no_sync()
@@ -398,7 +404,8 @@ class Trainer:
                 optimizer.zero_grad(set_to_none=True)
                 bad_run = torch.where(finite, torch.zeros_like(bad_run), bad_run + 1)
                 state["step"] += 1
-                state["row"] += A * W * B
+                if reuse == 0:  # the window is done: a resume starts at the next one
+                    state["row"] += A * W * B
                 unchecked.append((state["step"], bad_run))
                 pending.append((step_loss, step_metrics))
                 bar.update(1)

@@ -1,0 +1,189 @@
+"""Reinforcement learning, complete (issue 17): GRPO's iterations, refusals and rewards, reward models, the MoE
+balance loss in DPO / GRPO."""
+
+import json
+
+import pytest
+import torch
+from conftest import ROOT, load_script, make_model, tiny_args, write_jsonl
+
+from dataset.rewards import RewardModel, call_reward, correctness_reward, load_reward
+
+reason = load_script("6-reason.py")
+dpo = load_script("4-RLHF.py")
+pretrain = load_script("1-pretrain.py")
+DEMO = ROOT / "dataset" / "demo"
+GRPO = ("--method", "grpo", "--batch_size", 2, "--num_generations", 4, "--max_new_tokens", 8)
+
+
+@pytest.fixture(scope="module")
+def start(tmp_path_factory):
+    """A barely trained tiny model to run RL from."""
+    tmp = tmp_path_factory.mktemp("start")
+    pretrain.main(tiny_args(tmp, DEMO / "pretrain_eval.jsonl", "--max_steps", 1, "--max_seq_len", 32,
+                            "--batch_size", 2))
+    return tmp / "out" / "pretrain"
+
+
+def test_a_group_of_one_is_refused_with_the_reason(tmp_path, start):
+    with pytest.raises(SystemExit, match="group of one"):
+        reason.main(tiny_args(tmp_path, DEMO / "reason_prompts.jsonl", *GRPO, "--from", start,
+                              "--num_generations", 1))
+
+
+def test_more_iterations_per_rollout_move_the_ratio_off_1_and_the_clip_acts(tmp_path, start):
+    """num_iterations 1: every update is on-policy (ratio 1, nothing clipped). num_iterations 3: from the second
+    step on a batch the policy has moved, so with a tight clip some tokens are clipped; the first step of each
+    batch is on-policy again (the sampling policy's log-probs, at the same temperature, equal the policy's)."""
+    (tmp_path / "length.py").write_text("def length(completion, reference):\n    return float(len(completion))\n")
+    common = (*GRPO, "--from", start, "--loss_type", "grpo", "--clip_eps", 0.01, "--learning_rate", 5e-3,
+              "--temperature", 0.7, "--log_interval", 1, "--reward", f"{tmp_path / 'length.py'}:length")
+    one = reason.main(tiny_args(tmp_path / "one", DEMO / "reason_prompts.jsonl", *common, "--max_steps", 2))
+    assert [m["clip_ratio"] for _, m in one["metric_history"]] == [0.0, 0.0]
+    three = reason.main(tiny_args(tmp_path / "three", DEMO / "reason_prompts.jsonl", *common, "--max_steps", 6,
+                                  "--num_iterations", 3))
+    clip = [m["clip_ratio"] for _, m in three["metric_history"]]
+    assert len(clip) == 6 and clip[0] == 0.0 and clip[3] == 0.0, clip  # each rollout batch's first step
+    assert max(clip[1], clip[2]) > 0 and max(clip[4], clip[5]) > 0, clip
+    # the same rollouts serve the three steps: their rewards repeat
+    rewards = [m["reward"] for _, m in three["metric_history"]]
+    assert rewards[0] == rewards[1] == rewards[2] and rewards[3] == rewards[4] == rewards[5]
+
+
+def test_rewards_see_the_prompt_and_the_older_two_argument_form_keeps_working(tmp_path):
+    (tmp_path / "mine.py").write_text(
+        "def asks(prompt, completion, reference):\n"
+        "    return float(len(prompt[-1]['content'])) + (reference == 'r')\n"
+        "def old(completion, reference):\n"
+        "    return float(len(completion))\n")
+    prompt = [{"role": "user", "content": "abc"}]
+    assert call_reward(load_reward(f"{tmp_path / 'mine.py'}:asks"), prompt, "xy", "r") == 4.0
+    assert call_reward(load_reward(f"{tmp_path / 'mine.py'}:old"), prompt, "xy", "r") == 2.0
+    scores = reason.score_rewards([load_reward("correctness"), load_reward(f"{tmp_path / 'mine.py'}:asks")],
+                                  [2.0, 1.0], [prompt, prompt], ["<answer>8</answer>", "8"], ["8", None])
+    assert scores.tolist() == [[2.0, 3.0], [0.0, 3.0]]  # weighted; correctness skips the row without a reference
+
+
+def test_correctness_matches_numbers_or_normalised_text_and_never_raises():
+    assert correctness_reward("<answer>Paris.</answer>", "paris") == 1.0
+    assert correctness_reward("<think>hmm</think>The Great Wall", ["长城", "the great wall"]) == 1.0
+    assert correctness_reward("<answer>Lyon</answer>", "Paris") == 0.0
+    assert correctness_reward("<answer>3.50 元</answer>", "3.5") == 1.0
+    for reference in (None, "", [], ["", None], {"a": 1}, 7, 2.5, "<answer></answer>"):
+        assert correctness_reward("<answer>7</answer>", reference) in (0.0, 1.0)
+
+
+def test_prompt_only_rows_say_which_rewards_apply_and_stop_when_none_does(tmp_path, start, capsys):
+    rows = [{"conversations": [{"role": "user", "content": f"写一句关于{x}的话"}, {"role": "assistant", "content": ""}]}
+            for x in "春夏秋冬"] * 2
+    data = write_jsonl(tmp_path / "rlaif.jsonl", rows)
+    with pytest.raises(SystemExit, match="every reward \\(correctness\\) needs one"):
+        reason.main(tiny_args(tmp_path, data, *GRPO, "--from", start, "--reward", "correctness", "--max_steps", 1))
+    reason.main(tiny_args(tmp_path, data, *GRPO, "--from", start, "--reward", "format,correctness",
+                          "--max_steps", 1))
+    assert "on them only format score (correctness need a reference)" in capsys.readouterr().out
+
+
+def test_thinking_ratio_renders_that_share_of_prompts_with_thinking_on(tmp_path, tokenizer):
+    from dataset import PromptDataset
+
+    rows = [{"conversations": [{"role": "user", "content": f"q{i}"}]} for i in range(200)]
+    data = PromptDataset(write_jsonl(tmp_path / "p.jsonl", rows), tokenizer, thinking_ratio=0.9, seed=1)
+    opened = [data[i]["opened"] for i in range(len(data))]
+    assert 0.8 < sum(opened) / len(opened) < 0.97
+    assert all(tokenizer.decode(data[i]["prompt_ids"]).endswith("<think>\n\n</think>\n\n")
+               for i in range(len(data)) if not opened[i])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# reward models
+
+@pytest.fixture
+def reward_model_dir(tmp_path, tokenizer):
+    """A tiny random Hugging Face reward model (sequence classification, one label) with our tokenizer."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    model = LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=6400, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, num_labels=1, pad_token_id=tokenizer.pad_token_id))
+    model.save_pretrained(tmp_path / "rm")
+    tokenizer.save_pretrained(tmp_path / "rm")
+    return tmp_path / "rm"
+
+
+def test_reward_model_scores_equal_its_own_forward_on_each_conversation(reward_model_dir, tokenizer):
+    from transformers import AutoModelForSequenceClassification
+
+    rm = RewardModel(reward_model_dir, batch_size=3)
+    prompts = [[{"role": "user", "content": "1+1?"}], [{"role": "system", "content": "be brief"},
+                                                       {"role": "user", "content": "天空是什么颜色？"}]] * 2
+    replies = ["2", "蓝色，因为瑞利散射。", "two, I think, but let me write much more text here", ""]
+    scores = rm.score(prompts, replies)  # padded batches of 3 and 1
+    model = AutoModelForSequenceClassification.from_pretrained(reward_model_dir).eval()
+    for p, r, s in zip(prompts, replies, scores):
+        text = tokenizer.apply_chat_template([*p, {"role": "assistant", "content": r}], tokenize=False)
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]  # alone: no padding
+        with torch.no_grad():
+            assert abs(model(input_ids=ids).logits[0, 0].item() - s) < 1e-4
+    assert len(set(round(s, 5) for s in scores)) == 4  # the reply matters
+    assert rm(prompts[0], replies[0], None) == pytest.approx(scores[0], abs=1e-5)
+
+
+def test_grpo_trains_on_a_reward_model_combined_with_rule_rewards(tmp_path, start, reward_model_dir):
+    summary = reason.main(tiny_args(tmp_path, DEMO / "reason_prompts.jsonl", *GRPO, "--from", start, "--max_steps", 2,
+                                    "--reward", "format", "--reward_model", reward_model_dir,
+                                    "--reward_weights", "0.5,2", "--log_interval", 1))
+    m = summary["metric_history"][0][1]
+    assert m["reward"] == pytest.approx(m["reward_format"] + m["reward_model"], abs=1e-5)
+    assert m["reward_model"] != 0.0
+    with pytest.raises(SystemExit, match="2 weights for 1 rewards"):
+        reason.main(tiny_args(tmp_path, DEMO / "reason_prompts.jsonl", *GRPO, "--from", start, "--reward", "format",
+                              "--reward_weights", "1,2", "--max_steps", 1))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# MoE routers keep their balance loss in the preference / RL losses
+
+def _top1_moe():
+    # top-1 with renormalised weights: each token's expert weight is 1, so only the balance loss reaches the router
+    return make_model("tiny-moe", seed=1, num_experts_per_tok=1, n_shared_experts=0).train()
+
+
+def test_dpo_and_grpo_losses_carry_the_moe_balance_loss_to_the_router(tmp_path, start, tokenizer):
+    from dataset import DPODataset, dpo_collate
+
+    model = _top1_moe()
+    data = DPODataset(DEMO / "dpo.jsonl", tokenizer, 64)
+    batch = dpo_collate([data[0], data[1]], pad_id=0)
+    policy, aux = dpo.sequence_logps(model, batch["input_ids"], batch["labels"], with_aux=True)
+    assert aux > 0
+    (policy.sum() + aux).backward()
+    with_aux = model.model.layers[0].mlp.gate.weight.grad.abs().sum()
+    model.zero_grad()
+    policy = dpo.sequence_logps(model, batch["input_ids"], batch["labels"])
+    policy.sum().backward()
+    # without it only rounding reaches the router (each token's one expert weighs w / w = 1)
+    assert model.model.layers[0].mlp.gate.weight.grad.abs().sum() < 1e-3 * with_aux
+
+    # the stages themselves: one step of each; the router moves far more than in the same run with the balance
+    # loss's coefficient set to 0 (where Adam only scales up rounding noise)
+    from safetensors.torch import load_file
+
+    def router_move(script, data_path, extra, coef):
+        moe = tmp_path / f"moe{coef}"
+        _top1_moe().save_pretrained(moe)
+        config = json.loads((moe / "config.json").read_text())
+        (moe / "config.json").write_text(json.dumps({**config, "router_aux_loss_coef": coef}))
+        tokenizer.save_pretrained(moe)
+        out = tmp_path / f"{script.__name__}{coef}"
+        script.main(tiny_args(out, data_path, "--from", moe, "--max_steps", 1, "--learning_rate", 1e-2,
+                              "--weight_decay", 0, "--warmup_steps", 0, *extra))
+        stage = "dpo" if script is dpo else "grpo"
+        key = "model.layers.0.mlp.gate.weight"
+        return (load_file(moe / "model.safetensors")[key] - load_file(out / "out" / stage / "model.safetensors")[key]
+                ).abs().mean()
+
+    for script, data_path, extra in ((dpo, DEMO / "dpo.jsonl", ("--batch_size", 2, "--max_seq_len", 64)),
+                                     (reason, DEMO / "reason_prompts.jsonl", (*GRPO, "--reward", "format"))):
+        assert router_move(script, data_path, extra, 0.01) > 3 * router_move(script, data_path, extra, 0.0)
