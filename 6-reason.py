@@ -27,13 +27,12 @@ import time
 from functools import partial
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 
 from dataset import PromptDataset, ReasonDataset, pad_collate, prompt_collate
-from dataset.rewards import RewardModel, call_reward, load_reward
 from inference import Sampling, generate
 from trainer import add_train_args, stage_main
+from trainer.rl import (LOSS_TYPES, RolloutWindow, add_reward_args, build_rewards, check_rewards,  # noqa: F401
+                        completion_mask, group_advantages, policy_loss, score_rewards, token_logps, unwrap)
 
 
 def build_parser():
@@ -59,100 +58,11 @@ def build_parser():
     g.add_argument("--cispo_max", type=float, default=5.0, help="cispo: cap of the importance weight")
     g.add_argument("--thinking_ratio", type=float, default=None,
                    help="share of prompts rendered with thinking on (MiniMind's 0.9); default: the template's own")
-    g.add_argument("--reward", default="format,correctness",
-                   help="comma-separated rule rewards: builtin names, module:function or file.py:function")
-    g.add_argument("--reward_model", default=None,
-                   help="a Hugging Face sequence-classification reward model folder, added to the rule rewards")
-    g.add_argument("--reward_weights", default=None,
-                   help="comma-separated weights: one per --reward, then the reward model's (default: all 1)")
-    g.add_argument("--reward_device", default=None, help="device of the reward model (default: the training one)")
-    g.add_argument("--reward_dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    g.add_argument("--ref_device", default=None, help="device of the frozen reference (default: the training one)")
+    add_reward_args(g, default="format,correctness")
     return parser
 
 
 # ----------------------------------------------------------------------------------------------------------- GRPO
-
-LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "cispo")
-
-
-def policy_loss(logps, old_logps, ref_logps, advantages, mask, loss_type: str = "grpo", clip_eps: float = 0.2,
-                clip_eps_high: float | None = None, cispo_max: float = 5.0, beta: float = 0.0,
-                max_new_tokens: int | None = None):
-    """Per-sequence loss terms (to be summed), per-sequence KL and per-sequence share of clipped tokens.
-
-    Per token, with r = p / p_old (the sampling policy's probability) and A the sequence's advantage:
-      grpo, dr_grpo, dapo  -min(r·A, clip(r, 1 - eps, 1 + eps_high)·A)          (PPO's clipped surrogate)
-      cispo                -sg(min(r, cispo_max))·A·log p                     (CISPO: the importance weight clipped
-                                                                                and detached; every token keeps a
-                                                                                gradient)
-    plus beta x the k3 estimate of KL(policy || reference), exp(ref - logp) - (ref - logp) - 1 (>= 0).
-    Reduction over a sequence's tokens: grpo their mean; dr_grpo their sum / max_new_tokens (a constant: no length
-    bias); dapo, cispo their sum (the caller divides by the tokens of the whole batch: token-level).
-    logps, old_logps, ref_logps (or None), mask: (N, T); advantages: (N,)."""
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type {loss_type!r}: choose one of {', '.join(LOSS_TYPES)}")
-    ratio = torch.exp(logps - old_logps)
-    adv = advantages.unsqueeze(1)
-    high = clip_eps if clip_eps_high is None else clip_eps_high
-    if loss_type == "cispo":
-        per_token = -ratio.clamp(max=cispo_max).detach() * adv * logps
-        clipped = ratio > cispo_max
-    else:
-        per_token = -torch.min(ratio * adv, ratio.clamp(1 - clip_eps, 1 + high) * adv)
-        clipped = ((ratio < 1 - clip_eps) & (adv < 0)) | ((ratio > 1 + high) & (adv > 0))
-    kl = torch.zeros_like(logps)
-    if ref_logps is not None:
-        delta = ref_logps - logps
-        kl = torch.exp(delta) - delta - 1
-        per_token = per_token + beta * kl
-    n = mask.sum(1)
-    summed = (per_token * mask).sum(1)
-    per_seq = (summed / n.clamp(min=1) if loss_type == "grpo" else
-               summed / max_new_tokens if loss_type == "dr_grpo" else summed)
-    return per_seq, (kl * mask).sum(1) / n.clamp(min=1), (clipped.float() * mask).sum(1) / n.clamp(min=1)
-
-
-def group_advantages(rewards: torch.Tensor, group: int) -> torch.Tensor:
-    """(reward - group mean) / (group std + 1e-4): a group where every reply scores the same teaches nothing."""
-    r = rewards.view(-1, group)
-    return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-4)).flatten()
-
-
-def completion_mask(completion: torch.Tensor, eos_id: int) -> torch.Tensor:
-    """1 up to and including each row's first eos (what the reply is), 0 after it (padding)."""
-    is_eos = completion == eos_id
-    after_eos = (is_eos.cumsum(1) - is_eos.long()) > 0
-    return (~after_eos).float()
-
-
-def token_logps(model, input_ids, attention_mask, n_completion: int, temperature: float = 1.0):
-    """(log-probabilities of the last n_completion tokens at the sampling temperature, the MoE balance loss). The
-    temperature divides the logits as it did when sampling, so the ratio compares the distributions sampled from."""
-    out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=n_completion + 1)
-    logits = out.logits[:, :-1].float() / temperature
-    logps = torch.gather(F.log_softmax(logits, -1), 2, input_ids[:, -n_completion:, None]).squeeze(2)
-    return logps, getattr(out, "aux_loss", None)
-
-
-def unwrap(net):
-    net = getattr(net, "_orig_mod", net)  # torch.compile
-    return getattr(net, "module", net)  # DDP
-
-
-def score_rewards(rewards, weights, prompts, texts, refs) -> torch.Tensor:
-    """(N, len(rewards)) weighted scores. A reward model scores the batch at once; a reward that needs a reference
-    scores 0 where a row has none (prompt-only rows)."""
-    columns = []
-    for fn, w in zip(rewards, weights):
-        if hasattr(fn, "score"):
-            values = fn.score(prompts, texts)
-        else:
-            values = [0.0 if ref is None and getattr(fn, "needs_reference", False) else call_reward(fn, p, t, ref)
-                      for p, t, ref in zip(prompts, texts, refs)]
-        columns.append(torch.tensor(values, dtype=torch.float32) * w)
-    return torch.stack(columns, 1)
-
 
 class GRPO:
     """The engine's count_fn samples a window's rollouts (once per window of micro-batches) and keeps the sampling
@@ -163,12 +73,12 @@ class GRPO:
         self.rewards, self.weights, self.reward_names = rewards, weights, reward_names
         self.tokenizer = trainer.tokenizer
         self.sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
-        self.window, self.rollout_tokens, self.rollout_seconds = [], 0, 0.0
+        self.window = RolloutWindow(trainer, token_level=args.loss_type in ("dapo", "cispo"))
+        self.rollout_tokens, self.rollout_seconds = 0, 0.0
 
     def count(self, batch):
         batch["rollout"] = self.rollout(batch)
-        self.window.append(batch["rollout"])
-        return batch["rollout"]["n"]
+        return self.window.add(batch["rollout"])
 
     @torch.no_grad()
     def rollout(self, batch) -> dict:
@@ -207,29 +117,17 @@ class GRPO:
                               args.temperature)[0].to(completion.device)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "mask": mask, "n_completion": n,
                 "advantages": group_advantages(reward, G), "reward": reward, "scores": scores, "old": old,
-                "ref": ref, "n": len(texts), "scale": None}
-
-    def _token_scale(self):
-        """dapo / cispo normalise by the completion tokens of the whole optimizer step (all micro-batches, all ranks);
-        the engine divides by the sequences, so each sum is scaled by sequences / tokens."""
-        totals = torch.tensor([[r["n"], float(r["mask"].sum())] for r in self.window]).sum(0).to(self.trainer.device)
-        if self.trainer.env.world_size > 1:
-            dist.all_reduce(totals)
-        scale = float(totals[0] / totals[1].clamp(min=1)) if self.args.loss_type in ("dapo", "cispo") else 1.0
-        for r in self.window:
-            r["scale"] = scale
-        self.window = []
+                "ref": ref, "n": len(texts)}
 
     def loss(self, net, batch):
         args, r = self.args, batch["rollout"]
-        if r["scale"] is None:
-            self._token_scale()
+        scale = self.window.scale(r)  # dapo / cispo: per token of the whole step
         logps, aux = token_logps(net, r["input_ids"], r["attention_mask"], r["n_completion"], args.temperature)
         old = r["old"] if r["old"] is not None else logps.detach()  # one iteration: the sampling policy is this one
         per_seq, kl, clipped = policy_loss(logps, old, r["ref"], r["advantages"], r["mask"], args.loss_type,
                                            args.clip_eps, args.clip_eps_high, args.cispo_max, args.beta,
                                            args.max_new_tokens)
-        loss = per_seq.sum() * r["scale"]
+        loss = per_seq.sum() * scale
         if aux is not None and unwrap(net).config.use_moe:  # the routers keep their balance loss in RL too
             loss = loss + aux * r["n"]
         metrics = {"reward": r["reward"].sum(), "kl": kl.sum().detach(), "clip_ratio": clipped.sum(),
@@ -237,22 +135,6 @@ class GRPO:
         for i, name in enumerate(self.reward_names):
             metrics[f"reward_{name}"] = r["scores"][:, i].sum()
         return loss, metrics
-
-
-def check_rewards(trainer, data, rewards, names):
-    """Say which rewards score prompt-only rows (those without a reference); stop if none would."""
-    sample = [data[i] for i in range(min(len(data), 256))]
-    without = sum(x["reference"] is None and x["gt"] is None for x in sample)
-    if not without:
-        return
-    need = [n for fn, n in zip(rewards, names) if getattr(fn, "needs_reference", False)]
-    apply = [n for n in names if n not in need]
-    if not apply and without == len(sample):
-        raise SystemExit(f"{trainer.args.data_path}: the rows have no reference answer (prompt-only, like "
-                         f"rlaif.jsonl) and every reward ({', '.join(names)}) needs one; add one that does not, e.g. "
-                         f"--reward format or --reward_model PATH")
-    trainer.log(f"{without} of the first {len(sample)} rows have no reference: on them only "
-                f"{', '.join(apply) or 'no reward'} score" + (f" ({', '.join(need)} need a reference)" if need else ""))
 
 
 # ----------------------------------------------------------------------------------------------------------- run
@@ -286,25 +168,6 @@ def run(trainer, args):
     trainer.log(f"rollouts: {grpo.rollout_tokens:,} tokens in {grpo.rollout_seconds:.1f} s "
                 f"({summary['rollout_tokens_per_s']:,.0f} tokens/s)")
     return summary
-
-
-def build_rewards(args, trainer):
-    """(reward functions, weights, names): --reward's rule rewards, then --reward_model; --reward_weights."""
-    specs = [spec.strip() for spec in args.reward.split(",") if spec.strip()]
-    rewards = [load_reward(spec) for spec in specs]
-    names = [spec.rsplit(":", 1)[-1] for spec in specs]
-    if args.reward_model:
-        rewards.append(RewardModel(args.reward_model, args.reward_device or trainer.device, args.reward_dtype))
-        names.append("model")
-    weights = [1.0] * len(rewards)
-    if args.reward_weights:
-        weights = [float(w) for w in args.reward_weights.split(",")]
-        if len(weights) != len(rewards):
-            raise SystemExit(f"--reward_weights has {len(weights)} weights for {len(rewards)} rewards "
-                             f"({', '.join(names)})")
-    if not rewards:
-        raise SystemExit("no reward: give --reward and/or --reward_model")
-    return rewards, weights, names
 
 
 def main(argv=None):

@@ -16,6 +16,7 @@ from safetensors.torch import load_model, save_model
 
 STAGE_SCRIPTS = {"pretrain": "1-pretrain.py", "sft": "2-sft.py", "kd": "3-KD.py", "dpo": "4-RLHF.py",
                  "lora": "5-LoRA.py", "reason": "6-reason.py", "grpo": "6-reason.py --method grpo",
+                 "ppo": "4-RLHF.py --method ppo", "agent": "6-reason.py --method agent",
                  # tool-use SFT on top of sft, saved beside it (scripts/run_demo.py's tools stage)
                  "tools": "2-sft.py --from sft --save_as tools --data_path <tool-call chats>"}
 WEIGHTS = "model.safetensors"

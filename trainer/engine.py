@@ -302,7 +302,10 @@ class Trainer:
                             pin_memory=self.device.type == "cuda", persistent_workers=False, generator=loader_rng)
 
         trainable = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.learning_rate,
+        # a model with several parts (PPO's policy + value model) may give its own groups, each with an lr_scale
+        groups = (model.param_groups(args.weight_decay) if hasattr(model, "param_groups")
+                  else param_groups(model, args.weight_decay))
+        optimizer = torch.optim.AdamW(groups, lr=args.learning_rate,
                                       betas=(0.9, 0.95), fused=args.fused_adamw or None)
         scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
 
@@ -395,7 +398,7 @@ class Trainer:
 
                 lr = lr_at(state["step"], total_steps, args.learning_rate, warmup, args.min_lr_ratio)
                 for group in optimizer.param_groups:
-                    group["lr"] = lr
+                    group["lr"] = lr * group.get("lr_scale", 1.0)
                 if scaler:
                     scaler.unscale_(optimizer)
                 grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip or float("inf"))

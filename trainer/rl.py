@@ -1,0 +1,189 @@
+"""Pieces the RL stages share (6-reason.py --method grpo|agent, 4-RLHF.py --method ppo): the policy losses, log-probs
+at the sampling temperature, rewards (rule functions and reward models, weighted), the rollout window that the
+engine's count_fn fills and loss_fn consumes, and GAE for PPO."""
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from dataset.rewards import RewardModel, call_reward, load_reward
+
+LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "cispo")
+
+
+def policy_loss(logps, old_logps, ref_logps, advantages, mask, loss_type: str = "grpo", clip_eps: float = 0.2,
+                clip_eps_high: float | None = None, cispo_max: float = 5.0, beta: float = 0.0,
+                max_new_tokens: int | None = None):
+    """Per-sequence loss terms (to be summed), per-sequence KL and per-sequence share of clipped tokens.
+
+    Per token, with r = p / p_old (the sampling policy's probability) and A the sequence's advantage:
+      grpo, dr_grpo, dapo  -min(r·A, clip(r, 1 - eps, 1 + eps_high)·A)          (PPO's clipped surrogate)
+      cispo                -sg(min(r, cispo_max))·A·log p                     (CISPO: the importance weight clipped
+                                                                                and detached; every token keeps a
+                                                                                gradient)
+    plus beta x the k3 estimate of KL(policy || reference), exp(ref - logp) - (ref - logp) - 1 (>= 0).
+    Reduction over a sequence's tokens: grpo their mean; dr_grpo their sum / max_new_tokens (a constant: no length
+    bias); dapo, cispo their sum (the caller divides by the tokens of the whole batch: token-level).
+    logps, old_logps, ref_logps (or None), mask: (N, T); advantages: (N,)."""
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type {loss_type!r}: choose one of {', '.join(LOSS_TYPES)}")
+    ratio = torch.exp(logps - old_logps)
+    adv = advantages.unsqueeze(1)
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    if loss_type == "cispo":
+        per_token = -ratio.clamp(max=cispo_max).detach() * adv * logps
+        clipped = ratio > cispo_max
+    else:
+        per_token = -torch.min(ratio * adv, ratio.clamp(1 - clip_eps, 1 + high) * adv)
+        clipped = ((ratio < 1 - clip_eps) & (adv < 0)) | ((ratio > 1 + high) & (adv > 0))
+    kl = torch.zeros_like(logps)
+    if ref_logps is not None:
+        delta = ref_logps - logps
+        kl = torch.exp(delta) - delta - 1
+        per_token = per_token + beta * kl
+    n = mask.sum(1)
+    summed = (per_token * mask).sum(1)
+    per_seq = (summed / n.clamp(min=1) if loss_type == "grpo" else
+               summed / max_new_tokens if loss_type == "dr_grpo" else summed)
+    return per_seq, (kl * mask).sum(1) / n.clamp(min=1), (clipped.float() * mask).sum(1) / n.clamp(min=1)
+
+
+def group_advantages(rewards: torch.Tensor, group: int) -> torch.Tensor:
+    """(reward - group mean) / (group std + 1e-4): a group where every reply scores the same teaches nothing."""
+    r = rewards.view(-1, group)
+    return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-4)).flatten()
+
+
+def completion_mask(completion: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """1 up to and including each row's first eos (what the reply is), 0 after it (padding)."""
+    is_eos = completion == eos_id
+    after_eos = (is_eos.cumsum(1) - is_eos.long()) > 0
+    return (~after_eos).float()
+
+
+def token_logps(model, input_ids, attention_mask, n_completion: int, temperature: float = 1.0):
+    """(log-probabilities of the last n_completion tokens at the sampling temperature, the MoE balance loss). The
+    temperature divides the logits as it did when sampling, so the ratio compares the distributions sampled from."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=n_completion + 1)
+    logits = out.logits[:, :-1].float() / temperature
+    logps = torch.gather(F.log_softmax(logits, -1), 2, input_ids[:, -n_completion:, None]).squeeze(2)
+    return logps, getattr(out, "aux_loss", None)
+
+
+def unwrap(net):
+    net = getattr(net, "_orig_mod", net)  # torch.compile
+    return getattr(net, "module", net)  # DDP
+
+
+def score_rewards(rewards, weights, prompts, texts, refs) -> torch.Tensor:
+    """(N, len(rewards)) weighted scores. A reward model scores the batch at once; a reward that needs a reference
+    scores 0 where a row has none (prompt-only rows)."""
+    columns = []
+    for fn, w in zip(rewards, weights):
+        if hasattr(fn, "score"):
+            values = fn.score(prompts, texts)
+        else:
+            values = [0.0 if ref is None and getattr(fn, "needs_reference", False) else call_reward(fn, p, t, ref)
+                      for p, t, ref in zip(prompts, texts, refs)]
+        columns.append(torch.tensor(values, dtype=torch.float32) * w)
+    return torch.stack(columns, 1)
+
+
+class RolloutWindow:
+    """The engine calls count_fn for every micro-batch of an optimizer step before any loss_fn (and, with repeat > 1,
+    reuses them for several steps): an RL stage samples in count_fn and registers each rollout here, so that a
+    token-level loss can be normalised by the completion tokens of the whole step, all micro-batches and ranks."""
+
+    def __init__(self, trainer, token_level: bool):
+        self.trainer, self.token_level, self.pending = trainer, token_level, []
+
+    def add(self, rollout: dict) -> int:
+        rollout["scale"] = None
+        self.pending.append(rollout)
+        return rollout["n"]
+
+    def scale(self, rollout: dict) -> float:
+        """What multiplies a rollout's summed loss: sequences / tokens of the step when token-level (the engine then
+        divides by the step's sequences), else 1."""
+        if rollout["scale"] is None:
+            totals = torch.tensor([[r["n"], float(r["mask"].sum())] for r in self.pending])
+            totals = totals.sum(0).to(self.trainer.device)
+            if self.trainer.env.world_size > 1:
+                dist.all_reduce(totals)
+            scale = float(totals[0] / totals[1].clamp(min=1)) if self.token_level else 1.0
+            for r in self.pending:
+                r["scale"] = scale
+            self.pending = []
+        return rollout["scale"]
+
+
+def add_reward_args(group, default: str):
+    """The reward flags GRPO and PPO share."""
+    a = group.add_argument
+    a("--reward", default=default,
+      help="comma-separated rule rewards: builtin names (format, correctness), module:function or file.py:function")
+    a("--reward_model", default=None,
+      help="a Hugging Face sequence-classification reward model folder, added to the rule rewards")
+    a("--reward_weights", default=None,
+      help="comma-separated weights: one per --reward, then the reward model's (default: all 1)")
+    a("--reward_device", default=None, help="device of the reward model (default: the training one)")
+    a("--reward_dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    a("--ref_device", default=None, help="device of the frozen reference model (default: the training one)")
+
+
+def check_rewards(trainer, data, rewards, names):
+    """Say which rewards score prompt-only rows (those without a reference); stop if none would."""
+    sample = [data[i] for i in range(min(len(data), 256))]
+    without = sum(x["reference"] is None and x["gt"] is None for x in sample)
+    if not without:
+        return
+    need = [n for fn, n in zip(rewards, names) if getattr(fn, "needs_reference", False)]
+    apply = [n for n in names if n not in need]
+    if not apply and without == len(sample):
+        raise SystemExit(f"{trainer.args.data_path}: the rows have no reference answer (prompt-only, like "
+                         f"rlaif.jsonl) and every reward ({', '.join(names)}) needs one; add one that does not, e.g. "
+                         f"--reward format or --reward_model PATH")
+    trainer.log(f"{without} of the first {len(sample)} rows have no reference: on them only "
+                f"{', '.join(apply) or 'no reward'} score" + (f" ({', '.join(need)} need a reference)" if need else ""))
+
+
+def build_rewards(args, trainer):
+    """(reward functions, weights, names): --reward's rule rewards, then --reward_model; --reward_weights."""
+    specs = [spec.strip() for spec in args.reward.split(",") if spec.strip()]
+    rewards = [load_reward(spec) for spec in specs]
+    names = [spec.rsplit(":", 1)[-1] for spec in specs]
+    if args.reward_model:
+        rewards.append(RewardModel(args.reward_model, args.reward_device or trainer.device, args.reward_dtype))
+        names.append("model")
+    weights = [1.0] * len(rewards)
+    if args.reward_weights:
+        weights = [float(w) for w in args.reward_weights.split(",")]
+        if len(weights) != len(rewards):
+            raise SystemExit(f"--reward_weights has {len(weights)} weights for {len(rewards)} rewards "
+                             f"({', '.join(names)})")
+    if not rewards:
+        raise SystemExit("no reward: give --reward and/or --reward_model")
+    return rewards, weights, names
+
+
+def gae(rewards, values, mask, gamma: float, lam: float):
+    """(advantages, returns) by generalised advantage estimation over each row's tokens: delta_t = r_t +
+    gamma V_{t+1} - V_t (V = 0 after the last token), A_t = delta_t + gamma lam A_{t+1}, returns = A + V.
+    rewards, values, mask: (N, T); masked positions are outside the episode."""
+    values = values * mask
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.size(1))):
+        next_value = values[:, t + 1] if t + 1 < rewards.size(1) else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = (delta + gamma * lam * last) * mask[:, t]
+        advantages[:, t] = last
+    return advantages, advantages + values
+
+
+def whiten(x, mask, eps: float = 1e-8):
+    """(x - mean) / std over the unmasked entries."""
+    n = mask.sum().clamp(min=1)
+    mean = (x * mask).sum() / n
+    var = (((x - mean) * mask) ** 2).sum() / n
+    return (x - mean) * torch.rsqrt(var + eps) * mask
