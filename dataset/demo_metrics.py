@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .demo_data import occurs
-from .rewards import correctness_reward, is_well_formatted
+from .rewards import agent_answer_correct, correctness_reward, final_number, first_sentence, is_well_formatted  # noqa: F401
 
 
 def load_jsonl(path) -> list:
@@ -52,12 +52,6 @@ def answer_key(reference: str) -> str:
     return normalize(reference).rstrip(_TRAILING)
 
 
-_SENTENCE_END = re.compile(r"[。！？!?\n]|\.(?=\s|$)")
-
-
-def first_sentence(text: str) -> str:
-    """The text before the first 。！？!? or newline, or a full stop followed by a space or the end."""
-    return _SENTENCE_END.split(text, maxsplit=1)[0]
 
 
 def contains_answer(generated: str, reference: str) -> bool:
@@ -186,14 +180,8 @@ def reasoning_scores(model, tokenizer, items, max_new_tokens=160, batch_size=32,
     return result
 
 
-def final_number(text: str):
-    """The last number of the reply's first sentence ("71减54等于17。" -> "17"), or None."""
-    numbers = re.findall(r"-?\d+(?:\.\d+)?", first_sentence(text))
-    return numbers[-1] if numbers else None
-
-
 def tool_use_scores(model, tokenizer, items, max_new_tokens=64, batch_size=16, max_rounds=2, functions=None,
-                    return_generations=False) -> dict:
+                    return_generations=False, temperature=0.0, samples=1) -> dict:
     """agent_rl-format items (conversations with tools, "gt", optionally "expected_call" and "tool_results") through
     the inference core's tool loop (Engine.run_tools_batch, greedy): the model's calls run and their results go back
     as tool messages for up to `max_rounds` rounds; the last reply must state the answer (a number: the last one of
@@ -202,11 +190,14 @@ def tool_use_scores(model, tokenizer, items, max_new_tokens=64, batch_size=16, m
     changes from chat to chat.
     {"valid_call": share whose first reply holds a parsable call and nothing malformed, "right_tool",
     "right_arguments" (the expected call exactly, spaces aside), "answer_accuracy" (tools executed),
-    "answer_accuracy_without_tools" (the same questions with no tools in the prompt), "n"}."""
+    "answer_accuracy_without_tools" (the same questions with no tools in the prompt), "n"}.
+    temperature > 0: sampled (the caller seeds torch), each item `samples` times: the expected accuracy of the policy
+    an RL stage trains, which the greedy reply shows only coarsely."""
     from inference import BUILTIN_TOOLS, Engine, Sampling
 
     from .chat import normalize_chat
 
+    items = [x for x in items for _ in range(samples)]
     chats = [normalize_chat(x["conversations"], complete=False) for x in items]
     envs = []
     for x in items:
@@ -216,15 +207,13 @@ def tool_use_scores(model, tokenizer, items, max_new_tokens=64, batch_size=16, m
     engine = Engine(model, tokenizer)
     with eval_mode(model):
         runs = engine.run_tools_batch([m for m, _ in chats], envs, tools=[t for _, t in chats],
-                                      max_rounds=max_rounds, sampling=Sampling(max_new_tokens=max_new_tokens),
+                                      max_rounds=max_rounds,
+                                      sampling=Sampling(max_new_tokens=max_new_tokens, temperature=temperature),
                                       batch_size=batch_size)
     finals = [last.content for _, _, last in runs]
 
     def right(i, text):
-        gt = [str(g) for g in items[i]["gt"]]
-        if all(re.fullmatch(r"-?\d+(?:\.\d+)?", g) for g in gt):
-            return final_number(text) in gt
-        return any(g in first_sentence(text) for g in gt)
+        return agent_answer_correct(text, items[i]["gt"])
 
     def same_call(call, expected):
         squash = lambda v: json.dumps(v, sort_keys=True).replace(" ", "")  # noqa: E731

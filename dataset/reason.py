@@ -38,7 +38,8 @@ class PromptDataset(Dataset):
     - the seed's: the last assistant reply is the reference (a reward may read its <answer>); the prompt is every
       message before it;
     - rlaif.jsonl's: the last assistant turn is empty (or the chat ends with the user): a prompt, no reference;
-    - agent_rl*.jsonl's: tools in the system message and "gt", the accepted final answers.
+    - agent_rl*.jsonl's: tools in the system message and "gt", the accepted final answers (and, optionally,
+      "tool_results": {tool name: its result in this chat}, a scripted environment for agentic RL).
     Each item: prompt_ids (rendered with the tools and the generation prompt), reference (str or None), gt (list
     or None), and the messages and tools for multi-turn rollouts."""
 
@@ -71,7 +72,7 @@ class PromptDataset(Dataset):
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"][-self.max_prompt_len:]  # keep the question
         # a prompt that opens the think block (thinking on): the reply starts inside it, and is scored with it
         return {"prompt_ids": torch.tensor(ids), "reference": reference, "gt": gt, "messages": messages,
-                "tools": tools, "opened": text.endswith("<think>\n")}
+                "tools": tools, "opened": text.endswith("<think>\n"), "tool_results": row.get("tool_results")}
 
 
 def prompt_collate(rows, pad_id: int = 0) -> dict:
@@ -84,4 +85,4 @@ def prompt_collate(rows, pad_id: int = 0) -> dict:
         attention_mask[i, n - len(r["prompt_ids"]):] = 1
     return {"prompt_ids": input_ids, "prompt_mask": attention_mask, "references": [r["reference"] for r in rows],
             "gt": [r["gt"] for r in rows], "messages": [r["messages"] for r in rows], "tools": [r["tools"] for r in rows],
-            "opened": [r.get("opened", False) for r in rows]}
+            "opened": [r.get("opened", False) for r in rows], "tool_results": [r.get("tool_results") for r in rows]}

@@ -102,6 +102,32 @@ def correctness_reward(text: str, reference_answer) -> float:
 correctness_reward.needs_reference = True  # prompt-only rows skip it (the RL stages say so at the start)
 
 
+_SENTENCE_END = re.compile(r"[。！？!?\n]|\.(?=\s|$)")
+
+
+def first_sentence(text: str) -> str:
+    """The text before the first 。！？!? or newline, or a full stop followed by a space or the end."""
+    return _SENTENCE_END.split(text, maxsplit=1)[0]
+
+
+def final_number(text: str):
+    """The last number of the reply's first sentence ("71减54等于17。" -> "17"), or None."""
+    numbers = re.findall(r"-?\d+(?:\.\d+)?", first_sentence(text))
+    return numbers[-1] if numbers else None
+
+
+def agent_answer_correct(text: str, gt) -> bool:
+    """An agent's final reply states the answer first: numeric references against the last number of its first
+    sentence, text ones contained in its first sentence (an answer buried after other claims does not count)."""
+    gt = [str(g) for g in (gt if isinstance(gt, list) else [gt]) if g is not None]
+    if not gt:
+        return False
+    if all(re.fullmatch(r"-?\d+(?:\.\d+)?", g) for g in gt):
+        number = final_number(text)
+        return number is not None and any(float(number) == float(g) for g in gt)
+    return any(g in first_sentence(text) for g in gt)
+
+
 def reward_arity(fn) -> int:
     """3 for fn(prompt, completion, reference), 2 for the older fn(completion, reference)."""
     import inspect

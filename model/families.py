@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .config import PRESETS, MicroLMConfig
+from .config import MicroLMConfig
 from .model import MicroLMForCausalLM
 
 STOCK_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",

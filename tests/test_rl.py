@@ -187,3 +187,76 @@ def test_dpo_and_grpo_losses_carry_the_moe_balance_loss_to_the_router(tmp_path, 
     for script, data_path, extra in ((dpo, DEMO / "dpo.jsonl", ("--batch_size", 2, "--max_seq_len", 64)),
                                      (reason, DEMO / "reason_prompts.jsonl", (*GRPO, "--reward", "format"))):
         assert router_move(script, data_path, extra, 0.01) > 3 * router_move(script, data_path, extra, 0.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# agentic RL
+
+CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Lima"}}\n</tool_call>'
+ANSWER = "It is foggy in Lima today."
+
+
+def _agent(tokenizer, script, tmp_path, scripted, **overrides):
+    """An AgentGRPO whose policy is a ScriptedLM (the inference core runs it like a model), and one batch of 2
+    prompts x 2 generations."""
+    import types
+
+    from conftest import ScriptedLM
+
+    from dataset import PromptDataset, prompt_collate
+
+    tools = json.dumps([{"type": "function", "function": {"name": "get_weather", "description": "Weather.",
+                                                          "parameters": {"type": "object", "properties": {
+                                                              "city": {"type": "string"}}}}}])
+    row = {"conversations": [{"role": "system", "content": "", "tools": tools},
+                             {"role": "user", "content": "How is the weather in Lima today?"}],
+           "gt": ["foggy"], "tool_results": {"get_weather": scripted}}
+    data = PromptDataset(write_jsonl(tmp_path / "agent.jsonl", [row, row]), tokenizer)
+    batch = prompt_collate([data[0], data[1]], pad_id=tokenizer.pad_token_id)
+    args = types.SimpleNamespace(num_generations=2, max_new_tokens=48, temperature=1.0, max_tool_rounds=2,
+                                 max_seq_len=512, num_iterations=1, call_reward=0.2, unfinished_penalty=0.5,
+                                 loss_type="cispo", **overrides)
+    trainer = types.SimpleNamespace(tokenizer=tokenizer, autocast=torch.autocast("cpu", enabled=False),
+                                    device=torch.device("cpu"), env=types.SimpleNamespace(world_size=1))
+    agent = reason.AgentGRPO(args, trainer, ScriptedLM(tokenizer, script), None, {})
+    return agent, batch
+
+
+def test_agent_trajectories_train_only_what_the_assistant_wrote(tmp_path, tokenizer):
+    def script(prompt):  # call the tool, then answer with its result
+        return ANSWER if "<tool_response>" in prompt.rsplit("<|im_start|>user", 1)[-1] else CALL
+
+    agent, batch = _agent(tokenizer, script, tmp_path, "foggy")
+    r = agent.rollout(batch)
+    assert r["n"] == 4  # right answer, a good call, finished
+    torch.testing.assert_close(r["scores"], torch.tensor([[1.0, 0.2, 0.0]] * 4))
+    ids = r["input_ids"][0]
+    trained = tokenizer.decode(ids[1:][r["mask"][0].bool()])
+    whole = tokenizer.decode(ids[r["attention_mask"][0].bool()])
+    assert "<tool_response>" in whole and "foggy\n</tool_response>" in whole  # the tool's result is in the context
+    assert trained == f"{CALL}{tokenizer.eos_token}{ANSWER}{tokenizer.eos_token}"  # ... but never trained on
+
+
+def test_agent_rewards_penalise_unfinished_trajectories_and_calls_the_tool_refuses(tmp_path, tokenizer):
+    agent, batch = _agent(tokenizer, lambda prompt: CALL, tmp_path, "foggy")  # never stops calling
+    torch.testing.assert_close(agent.rollout(batch)["scores"], torch.tensor([[0.0, 0.2, -0.5]] * 4))
+    # a scripted tool that answers only the right arguments: a call for another city gets an error, no credit
+    wrong = CALL.replace("Lima", "Lyon")
+
+    def script(prompt):
+        return ANSWER if "<tool_response>" in prompt.rsplit("<|im_start|>user", 1)[-1] else wrong
+
+    agent, batch = _agent(tokenizer, script, tmp_path, {"arguments": {"city": "Lima"}, "result": "foggy"})
+    r = agent.rollout(batch)
+    assert r["scores"][:, 1].tolist() == [0.0] * 4  # the only call failed
+    assert reason.scripted_tool({"arguments": {"city": "Lima"}, "result": "foggy"})(city="Lima") == "foggy"
+    assert reason.scripted_tool({"arguments": {"city": "Lima"}, "result": "foggy"})(city="Lyon").startswith("error")
+    assert reason.scripted_tool("foggy")(city="anything") == "foggy"
+
+
+def test_agent_stage_runs_on_agent_rl_rows(tmp_path, start):
+    summary = reason.main(tiny_args(tmp_path, DEMO / "agent_rl.jsonl", "--method", "agent", "--from", start,
+                                    "--max_steps", 2, "--batch_size", 2, "--num_generations", 2, "--max_new_tokens", 8,
+                                    "--max_tool_rounds", 1, "--max_seq_len", 320, "--log_interval", 1))
+    assert {"reward_answer", "reward_calls", "reward_unfinished"} <= set(summary["metric_history"][0][1])
+    assert (tmp_path / "out" / "agent" / "model.safetensors").exists() and summary["rollout_tokens_per_s"] > 0
