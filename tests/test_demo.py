@@ -110,13 +110,17 @@ def _tool_round_trips_through_the_server(folder, n=12):
     assert answers == [turns[-1]["content"] for turns in expected]
 
 
-def _tool_calls_in_the_terminal_chat(folder, tmp_path, n=6):
+def _tool_calls_in_the_terminal_chat(folder, tmp_path, n=40):
     """eval_model.py --tools file.py:get_weather on held-out questions: each call and its result is shown, and where
     the model called for the right city (or called nothing) the answers are the tool-use evaluation's (whose
     scripted environment answers every call with the chat's weather; the tool here knows the cities)."""
     import io
 
-    items = load_jsonl(ROOT / "dataset" / "demo" / "tools_eval.jsonl")[:n]
+    items, cities = [], set()
+    for item in load_jsonl(ROOT / "dataset" / "demo" / "tools_eval.jsonl"):  # one chat per city: the tool knows it
+        if item["expected_call"]["arguments"]["city"] not in cities and len(items) < n:
+            cities.add(item["expected_call"]["arguments"]["city"])
+            items.append(item)
     weather = {i["expected_call"]["arguments"]["city"]: i["tool_results"]["get_weather"] for i in items}
     (tmp_path / "weather.py").write_text(
         f"WEATHER = {weather!r}\n\n\ndef get_weather(city: str) -> str:\n"

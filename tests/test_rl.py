@@ -150,7 +150,7 @@ def _top1_moe():
     return make_model("tiny-moe", seed=1, num_experts_per_tok=1, n_shared_experts=0).train()
 
 
-def test_dpo_and_grpo_losses_carry_the_moe_balance_loss_to_the_router(tmp_path, start, tokenizer):
+def test_dpo_grpo_and_ppo_losses_carry_the_moe_balance_loss_to_the_router(tmp_path, start, tokenizer):
     from dataset import DPODataset, dpo_collate
 
     model = _top1_moe()
@@ -176,16 +176,19 @@ def test_dpo_and_grpo_losses_carry_the_moe_balance_loss_to_the_router(tmp_path, 
         config = json.loads((moe / "config.json").read_text())
         (moe / "config.json").write_text(json.dumps({**config, "router_aux_loss_coef": coef}))
         tokenizer.save_pretrained(moe)
-        out = tmp_path / f"{script.__name__}{coef}"
+        out = tmp_path / f"{script.__name__}{extra[0]}{coef}"
         script.main(tiny_args(out, data_path, "--from", moe, "--max_steps", 1, "--learning_rate", 1e-2,
                               "--weight_decay", 0, "--warmup_steps", 0, *extra))
-        stage = "dpo" if script is dpo else "grpo"
+        stage = "grpo" if script is reason else "ppo" if "ppo" in extra else "dpo"
         key = "model.layers.0.mlp.gate.weight"
         return (load_file(moe / "model.safetensors")[key] - load_file(out / "out" / stage / "model.safetensors")[key]
                 ).abs().mean()
 
     for script, data_path, extra in ((dpo, DEMO / "dpo.jsonl", ("--batch_size", 2, "--max_seq_len", 64)),
-                                     (reason, DEMO / "reason_prompts.jsonl", (*GRPO, "--reward", "format"))):
+                                     (reason, DEMO / "reason_prompts.jsonl", (*GRPO, "--reward", "format")),
+                                     (dpo, DEMO / "reason_prompts.jsonl", ("--method", "ppo", "--batch_size", 2,
+                                                                          "--max_new_tokens", 8, "--reward", "format",
+                                                                          "--ppo_epochs", 1))):
         assert router_move(script, data_path, extra, 0.01) > 3 * router_move(script, data_path, extra, 0.0)
 
 
