@@ -22,7 +22,9 @@ What it measures, and how:
   baseline = fp32 weights, transformers' generate() (as MiniMind decodes); ours = the inference core's decode loop
   (inference/, what chat, server, evaluation and rollouts use) in the fast dtype (eval_model.py --dtype auto);
   compiled = ours + static KV cache + torch.compile'd decode step (--compile); int8 = ours with int8 weight-only
-  Linear layers (--quantize int8), its greedy tokens compared with ours'; int8+compiled = both; peak memory; and, per mode, the time one
+  Linear layers (--quantize int8), its greedy tokens compared with ours'; int8+compiled = both; rollout = ours
+  sampled at temperature 1, the path RL rollouts take (e.g. --decode_batches 32: 4 prompts x 8 generations); peak
+  memory; and, per mode, the time one
   sweep of batch-1 products over every weight takes (the weight-read time per token: a decode step cannot beat it,
   so 1000 / it is that mode's batch-1 ceiling in tok/s).
 The figures and the setup go to --json (device, torch version, threads, every number).
@@ -209,8 +211,10 @@ def decode_child(spec: dict) -> dict:
             if spec["mode"] == "baseline":  # transformers' generate() in fp32, as MiniMind decodes
                 out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
                                      pad_token_id=0)[:, prompt:]
-            else:  # the inference core's loop; compiled: a fresh static cache per run (as each request gets)
-                out = generate(model, ids, sampling=Sampling(max_new_tokens=new), static_cache=step is not None,
+            else:  # the inference core's loop; compiled: a fresh static cache per run (as each request gets);
+                # rollout: sampled at temperature 1, as GRPO / PPO / agent rollouts are (no eos: every row runs on)
+                sampling = Sampling(max_new_tokens=new, temperature=1.0 if spec["mode"] == "rollout" else 0.0)
+                out = generate(model, ids, sampling=sampling, static_cache=step is not None,
                                cache_len=256 * -(-(prompt + new) // 256), step=step)
             sync(device)
             if i:  # the first run warms up (and compiles)
@@ -243,7 +247,7 @@ def main(argv=None):
     parser.add_argument("--decode_preset", default="26m", help="'' to skip decoding")
     parser.add_argument("--decode_batches", default="1,8")
     parser.add_argument("--decode_modes", default="baseline,ours,int8",
-                        help="baseline, ours, compiled, int8, int8+compiled")
+                        help="baseline, ours, compiled, int8, int8+compiled, rollout (ours, sampled: RL rollouts)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", default="out/bench/bench.json")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
@@ -337,10 +341,10 @@ def print_tables(result):
         print("| --- | --- | --- | --- | --- | --- | --- |")
         base = {r["batch_size"]: r["tokens_per_s"] for r in result["decode"] if r["mode"] == "baseline"}
         for r in result["decode"]:
-            ratio = r["tokens_per_s"] / base[r["batch_size"]] if r["batch_size"] in base else float("nan")
+            ratio = f"{r['tokens_per_s'] / base[r['batch_size']]:.2f}×" if r["batch_size"] in base else "–"
             agree = f" (greedy = ours: {r['agreement_with_ours']:.0%})" if "agreement_with_ours" in r else ""
             print(f"| {r['preset']} | {r['mode']}{agree} | {r['batch_size']} | {r['tokens_per_s']:,.0f} | "
-                  f"{ratio:.2f}× | {r['weight_read_ms']:.1f} ({1000 / r['weight_read_ms']:,.0f}) | "
+                  f"{ratio} | {r['weight_read_ms']:.1f} ({1000 / r['weight_read_ms']:,.0f}) | "
                   f"{r['peak_memory_mib']:,.0f} |")
 
 

@@ -65,3 +65,12 @@ def test_decode_measurements_report_the_weight_read_floor_and_int8_tokens():
             m.register_forward_hook(lambda mod, i, o: calls.append(i[0].shape))
     bench.weight_read_ms(model, torch.device("cpu"), runs=1)
     assert len(calls) == 2 * n and all(s[0] == 1 for s in calls)  # every weight once per sweep, one row
+
+
+def test_rollout_mode_samples_through_the_inference_core():
+    """`--decode_modes rollout` is the RL rollout path: the same decode loop, sampled at temperature 1 (so its tokens
+    are not the greedy ones), every row running the full length."""
+    spec = {"preset": "tiny", "device": "cpu", "batch_size": 2, "prompt_tokens": 8, "new_tokens": 12, "runs": 1}
+    greedy, sampled = (bench.decode_child({**spec, "mode": mode}) for mode in ("ours", "rollout"))
+    assert len(sampled["tokens"]) == 2 and all(len(row) == 12 for row in sampled["tokens"])
+    assert sampled["tokens"] != greedy["tokens"] and sampled["tokens_per_s"] > 0
