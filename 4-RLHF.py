@@ -21,7 +21,6 @@ optimizer steps on the batch minimise the clipped policy loss + vf_coef x the cl
 import argparse
 import copy
 import os
-import time
 from functools import partial
 
 import torch
@@ -32,12 +31,11 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
 from dataset import DPODataset, PromptDataset, dpo_collate, prompt_collate
-from inference import Sampling, generate
 from trainer import add_train_args, stage_main
 from trainer.checkpoint import resolve_checkpoint, save_pretrained_atomic
 from trainer.engine import param_groups
-from trainer.rl import (RolloutWindow, add_reward_args, build_rewards, check_rewards, completion_mask, gae,
-                        score_rewards, token_logps, whiten)
+from trainer.rl import (Rollouts, add_reward_args, build_rewards, check_rewards, gae, refuse_held_out_loss,
+                        token_logps, whiten)
 
 
 def build_parser():
@@ -199,38 +197,19 @@ def ppo_losses(logps, values, rollout, clip_eps: float, vf_clip: float):
     return pg, vf, clipped
 
 
-class PPO:
+class PPO(Rollouts):
     """count_fn samples one reply per prompt and computes the advantages (once per window); loss_fn is the PPO
     loss, taken --ppo_epochs times on it."""
 
     def __init__(self, args, trainer, actor_critic, reference, rewards, weights, names):
-        self.args, self.trainer, self.ac, self.reference = args, trainer, actor_critic, reference
-        self.rewards, self.weights, self.names = rewards, weights, names
-        self.sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
-        self.window = RolloutWindow(trainer, token_level=True)
-        self.rollout_tokens, self.rollout_seconds = 0, 0.0
-
-    def count(self, batch):
-        batch["rollout"] = self.rollout(batch)
-        return self.window.add(batch["rollout"])
+        super().__init__(args, trainer, actor_critic.policy, rewards, weights, names, token_level=True)
+        self.ac, self.reference = actor_critic, reference
 
     @torch.no_grad()
     def rollout(self, batch) -> dict:
-        args, tok, policy = self.args, self.trainer.tokenizer, self.ac.policy
-        eos = tok.eos_token_id
-        training = self.ac.training
-        self.ac.eval()
-        t0 = time.time()
-        completion = generate(policy, batch["prompt_ids"], batch["prompt_mask"], self.sampling, eos_id=eos,
-                              pad_id=tok.pad_token_id)
-        self.ac.train(training)
-        mask = completion_mask(completion, eos)
-        self.rollout_seconds += time.time() - t0
-        self.rollout_tokens += int(mask.sum())
-        texts = tok.batch_decode([c[:int(m.sum())] for c, m in zip(completion, mask)], skip_special_tokens=True)
-        texts = [("<think>\n" if opened else "") + t for t, opened in zip(texts, batch["opened"])]
-        refs = [r if r is not None else gt for r, gt in zip(batch["references"], batch["gt"])]
-        scores = score_rewards(self.rewards, self.weights, batch["messages"], texts, refs).to(completion.device)
+        args = self.args
+        completion, mask = self.sample(batch["prompt_ids"], batch["prompt_mask"])
+        scores = self.score(batch, completion, mask)
         input_ids = torch.cat([batch["prompt_ids"], completion], 1)
         attention_mask = torch.cat([batch["prompt_mask"], mask.long()], 1)
         n = completion.size(1)
@@ -244,12 +223,12 @@ class PPO:
         kl = (old - ref) * mask
         token_rewards = -args.kl_coef * kl
         last = (mask.sum(1).long() - 1).clamp(min=0)
-        token_rewards[torch.arange(len(texts)), last] += scores.sum(1)
+        token_rewards[torch.arange(len(scores)), last] += scores.sum(1)
         advantages, returns = gae(token_rewards, values, mask, args.gamma, args.lam)
         delta = ref - old
         return {"input_ids": input_ids, "attention_mask": attention_mask, "mask": mask, "n_completion": n,
                 "old": old, "values": values, "advantages": whiten(advantages, mask), "returns": returns,
-                "reward": scores.sum(1), "scores": scores, "n": len(texts),
+                "reward": scores.sum(1), "scores": scores, "n": len(scores),
                 "kl": ((torch.exp(delta) - delta - 1) * mask).sum(1) / mask.sum(1).clamp(min=1)}
 
     def loss(self, net, batch):
@@ -262,11 +241,9 @@ class PPO:
         if torch.is_tensor(aux):  # the routers keep their balance loss in RL too
             loss = loss + aux * r["n"]
         per_seq = mask.sum(1).clamp(min=1)
-        metrics = {"reward": r["reward"].sum(), "kl": r["kl"].sum(), "value_loss": ((vf * mask).sum(1) / per_seq).sum(),
+        metrics = {**self.reward_metrics(r), "kl": r["kl"].sum(), "value_loss": ((vf * mask).sum(1) / per_seq).sum(),
                    "policy_loss": ((pg * mask).sum(1) / per_seq).sum().detach(),
                    "clip_ratio": ((clipped.float() * mask).sum(1) / per_seq).sum(), "completion_tokens": mask.sum()}
-        for i, name in enumerate(self.names):
-            metrics[f"reward_{name}"] = r["scores"][:, i].sum()
         return loss, metrics
 
 
@@ -286,9 +263,7 @@ def build_critic(args, trainer, policy):
 
 
 def run_ppo(trainer, args):
-    if args.eval_data or args.eval_split:
-        raise SystemExit("--eval_data / --eval_split: PPO has no held-out loss (its rollouts are sampled); score "
-                         "held-out prompts with scripts/eval_tools.py or the demo metrics instead")
+    refuse_held_out_loss(args, "PPO")
     policy = trainer.build_model()
     rewards, weights, names = build_rewards(args, trainer)
     reference = copy.deepcopy(policy).eval().requires_grad_(False).to(args.ref_device or trainer.device)
@@ -307,10 +282,7 @@ def run_ppo(trainer, args):
     summary = trainer.fit(ac, data, collate_fn=partial(prompt_collate, pad_id=trainer.tokenizer.pad_token_id or 0),
                           loss_fn=ppo.loss, count_fn=ppo.count, save_fn=save_fn, curve="reward",
                           repeat=args.ppo_epochs)
-    summary["rollout_tokens_per_s"] = ppo.rollout_tokens / max(ppo.rollout_seconds, 1e-9)
-    trainer.log(f"rollouts: {ppo.rollout_tokens:,} tokens in {ppo.rollout_seconds:.1f} s "
-                f"({summary['rollout_tokens_per_s']:,.0f} tokens/s)")
-    return summary
+    return ppo.summarize(summary)
 
 
 def main(argv=None):

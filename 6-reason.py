@@ -29,7 +29,6 @@ answer against "gt", for well-formed calls, and penalised when unfinished; only 
 
 import argparse
 import copy
-import json
 import time
 from functools import partial
 
@@ -37,10 +36,11 @@ import torch
 
 from dataset import BadLineError, ChatEncoder, PromptDataset, ReasonDataset, pad_collate, prompt_collate
 from dataset.rewards import RewardModel, agent_answer_correct
-from inference import Engine, Sampling, generate, load_tools
+from inference import Engine, load_tools
+from inference.tools import scripted_tool
 from trainer import add_train_args, stage_main
-from trainer.rl import (LOSS_TYPES, RolloutWindow, add_reward_args, build_rewards, check_rewards,  # noqa: F401
-                        completion_mask, group_advantages, policy_loss, score_rewards, token_logps, unwrap)
+from trainer.rl import (LOSS_TYPES, Rollouts, add_reward_args, build_rewards, check_rewards, group_advantages,
+                        policy_loss, refuse_held_out_loss, token_logps, unwrap)
 
 
 def build_parser():
@@ -81,44 +81,22 @@ def build_parser():
 
 # ----------------------------------------------------------------------------------------------------------- GRPO
 
-class GRPO:
+class GRPO(Rollouts):
     """The engine's count_fn samples a window's rollouts (once per window of micro-batches) and keeps the sampling
     policy's and the reference's log-probs; loss_fn is the policy loss, taken --num_iterations times on them."""
 
-    def __init__(self, args, trainer, policy, reference, rewards, weights, reward_names):
-        self.args, self.trainer, self.policy, self.reference = args, trainer, policy, reference
-        self.rewards, self.weights, self.reward_names = rewards, weights, reward_names
-        self.tokenizer = trainer.tokenizer
-        self.sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
-        self.window = RolloutWindow(trainer, token_level=args.loss_type in ("dapo", "cispo"))
-        self.rollout_tokens, self.rollout_seconds = 0, 0.0
-
-    def count(self, batch):
-        batch["rollout"] = self.rollout(batch)
-        return self.window.add(batch["rollout"])
+    def __init__(self, args, trainer, policy, reference, rewards, weights, names):
+        super().__init__(args, trainer, policy, rewards, weights, names,
+                         token_level=args.loss_type in ("dapo", "cispo"))
+        self.reference = reference
 
     @torch.no_grad()
     def rollout(self, batch) -> dict:
-        G, tok = self.args.num_generations, self.tokenizer
-        eos, pad = tok.eos_token_id, tok.pad_token_id
+        G = self.args.num_generations
         prompt_ids = batch["prompt_ids"].repeat_interleave(G, 0)
         prompt_mask = batch["prompt_mask"].repeat_interleave(G, 0)
-        training = self.policy.training
-        self.policy.eval()
-        t0 = time.time()
-        # rollouts through the inference core's decode loop (the one chat, server and evaluation use)
-        completion = generate(self.policy, prompt_ids, prompt_mask, self.sampling, eos_id=eos, pad_id=pad)
-        self.policy.train(training)
-        mask = completion_mask(completion, eos)
-        self.rollout_seconds += time.time() - t0
-        self.rollout_tokens += int(mask.sum())
-        texts = tok.batch_decode([c[:int(m.sum())] for c, m in zip(completion, mask)], skip_special_tokens=True)
-        # a prompt that opened the think block: the reply is scored with that opening, as the chat shows it
-        texts = [("<think>\n" if opened else "") + t
-                 for t, opened in zip(texts, [o for o in batch["opened"] for _ in range(G)])]
-        refs = [r if r is not None else gt for r, gt in zip(batch["references"], batch["gt"]) for _ in range(G)]
-        prompts = [m for m in batch["messages"] for _ in range(G)]
-        scores = score_rewards(self.rewards, self.weights, prompts, texts, refs).to(completion.device)
+        completion, mask = self.sample(prompt_ids, prompt_mask)
+        scores = self.score(batch, completion, mask, group=G)
         input_ids = torch.cat([prompt_ids, completion], 1)
         attention_mask = torch.cat([prompt_mask, mask.long()], 1)
         return self.finish(input_ids, attention_mask, mask, completion.size(1), scores)
@@ -152,10 +130,8 @@ class GRPO:
         loss = per_seq.sum() * scale
         if aux is not None and unwrap(net).config.use_moe:  # the routers keep their balance loss in RL too
             loss = loss + aux * r["n"]
-        metrics = {"reward": r["reward"].sum(), "kl": kl.sum().detach(), "clip_ratio": clipped.sum(),
+        metrics = {**self.reward_metrics(r), "kl": kl.sum().detach(), "clip_ratio": clipped.sum(),
                    "completion_tokens": r["mask"].sum()}
-        for i, name in enumerate(self.reward_names):
-            metrics[f"reward_{name}"] = r["scores"][:, i].sum()
         return loss, metrics
 
 
@@ -232,20 +208,6 @@ class AgentGRPO(GRPO):
         return self.finish(input_ids, attention_mask, mask, width - 1, scores)  # every position after the first
 
 
-def scripted_tool(spec):
-    """A row's scripted tool: "result" (whatever the arguments), or {"arguments": {...}, "result": ...}: only a call
-    with exactly these arguments gets the result, any other an error (so a wrong argument cannot earn the answer)."""
-    if not (isinstance(spec, dict) and "result" in spec):
-        return lambda **_: str(spec)
-    squash = lambda v: json.dumps(v, sort_keys=True, ensure_ascii=False).replace(" ", "")  # noqa: E731
-
-    def tool(**arguments):
-        if "arguments" in spec and squash(arguments) != squash(spec["arguments"]):
-            return f"error: no result for {json.dumps(arguments, ensure_ascii=False)}"
-        return str(spec["result"])
-    return tool
-
-
 def check_tools(trainer, data, functions):
     """Say which tools the data declares that have no implementation here (their calls get an error result)."""
     declared, scripted = set(), set()
@@ -270,9 +232,7 @@ def run(trainer, args):
                                                               empty_think_ratio=args.empty_think_ratio))
         # the rows carry "weights": the engine's lm_loss / count_label_tokens weight each label by them
         return trainer.fit(model, data, collate_fn=partial(pad_collate, pad_id=pad_id), eval_dataset=held)
-    if args.eval_data or args.eval_split:
-        raise SystemExit("--eval_data / --eval_split: GRPO has no held-out loss (its rollouts are sampled); "
-                         "score held-out prompts with scripts/eval_tools.py or the demo metrics instead")
+    refuse_held_out_loss(args, "GRPO")
     if args.num_generations < 2:
         raise SystemExit(f"--num_generations {args.num_generations}: GRPO's advantage is a reply's reward minus its "
                          f"group's mean, so a group of one has none and no step would teach anything; use 2 or more")
@@ -293,9 +253,7 @@ def run(trainer, args):
         grpo = GRPO(args, trainer, model, reference, rewards, weights, names)
     summary = trainer.fit(model, data, collate_fn=partial(prompt_collate, pad_id=pad_id), loss_fn=grpo.loss,
                           count_fn=grpo.count, curve="reward", repeat=args.num_iterations)
-    summary["rollout_tokens_per_s"] = grpo.rollout_tokens / max(grpo.rollout_seconds, 1e-9)
-    trainer.log(f"rollouts: {grpo.rollout_tokens:,} tokens in {grpo.rollout_seconds:.1f} s "
-                f"({summary['rollout_tokens_per_s']:,.0f} tokens/s)")
+    grpo.summarize(summary)
     if getattr(grpo, "unmapped", 0):
         trainer.log(f"{grpo.unmapped} trajectories could not be mapped to assistant tokens by the chat template: "
                     f"they were scored but trained nothing")

@@ -24,7 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from .demo_data import occurs
-from .rewards import agent_answer_correct, correctness_reward, final_number, first_sentence, is_well_formatted  # noqa: F401
+
+# first_sentence / final_number live with the rewards that use them; imported here too for the metrics' callers
+from .rewards import agent_answer_correct, correctness_reward, final_number, first_sentence, is_well_formatted  # noqa
 
 
 def load_jsonl(path) -> list:
@@ -50,8 +52,6 @@ def answer_key(reference: str) -> str:
     the right frame ("巴黎" alone would also credit "法国的首都不是巴黎").
     """
     return normalize(reference).rstrip(_TRAILING)
-
-
 
 
 def contains_answer(generated: str, reference: str) -> bool:
@@ -181,7 +181,7 @@ def reasoning_scores(model, tokenizer, items, max_new_tokens=160, batch_size=32,
 
 
 def tool_use_scores(model, tokenizer, items, max_new_tokens=64, batch_size=16, max_rounds=2, functions=None,
-                    return_generations=False, temperature=0.0, samples=1) -> dict:
+                    return_generations=False) -> dict:
     """agent_rl-format items (conversations with tools, "gt", optionally "expected_call" and "tool_results") through
     the inference core's tool loop (Engine.run_tools_batch, greedy): the model's calls run and their results go back
     as tool messages for up to `max_rounds` rounds; the last reply must state the answer (a number: the last one of
@@ -190,30 +190,25 @@ def tool_use_scores(model, tokenizer, items, max_new_tokens=64, batch_size=16, m
     changes from chat to chat.
     {"valid_call": share whose first reply holds a parsable call and nothing malformed, "right_tool",
     "right_arguments" (the expected call exactly, spaces aside), "answer_accuracy" (tools executed),
-    "answer_accuracy_without_tools" (the same questions with no tools in the prompt), "n"}.
-    temperature > 0: sampled (the caller seeds torch), each item `samples` times: the expected accuracy of the policy
-    an RL stage trains, which the greedy reply shows only coarsely."""
+    "answer_accuracy_without_tools" (the same questions with no tools in the prompt), "n"}."""
     from inference import BUILTIN_TOOLS, Engine, Sampling
+    from inference.tools import scripted_tool
 
     from .chat import normalize_chat
 
-    items = [x for x in items for _ in range(samples)]
     chats = [normalize_chat(x["conversations"], complete=False) for x in items]
     envs = []
     for x in items:
         scripted = x.get("tool_results")
         envs.append(functions or BUILTIN_TOOLS if scripted is None else
-                    {name: (lambda r: lambda **_: r)(r) for name, r in scripted.items()})
+                    {name: scripted_tool(r) for name, r in scripted.items()})
     engine = Engine(model, tokenizer)
     with eval_mode(model):
         runs = engine.run_tools_batch([m for m, _ in chats], envs, tools=[t for _, t in chats],
-                                      max_rounds=max_rounds,
-                                      sampling=Sampling(max_new_tokens=max_new_tokens, temperature=temperature),
+                                      max_rounds=max_rounds, sampling=Sampling(max_new_tokens=max_new_tokens),
                                       batch_size=batch_size)
     finals = [last.content for _, _, last in runs]
 
-    def right(i, text):
-        return agent_answer_correct(text, items[i]["gt"])
 
     def same_call(call, expected):
         squash = lambda v: json.dumps(v, sort_keys=True).replace(" ", "")  # noqa: E731
@@ -230,8 +225,8 @@ def tool_use_scores(model, tokenizer, items, max_new_tokens=64, batch_size=16, m
                                    for i, (v, e) in enumerate(zip(valid, expected))]),
               "right_arguments": _mean([v and e is not None and same_call(calls[i][0], e)
                                         for i, (v, e) in enumerate(zip(valid, expected))]),
-              "answer_accuracy": _mean([right(i, finals[i]) for i in range(len(items))]),
-              "answer_accuracy_without_tools": _mean([right(i, without[i]) for i in range(len(items))]),
+              "answer_accuracy": _mean([agent_answer_correct(finals[i], items[i]["gt"]) for i in range(len(items))]),
+              "answer_accuracy_without_tools": _mean([agent_answer_correct(without[i], items[i]["gt"]) for i in range(len(items))]),
               "n": len(items)}
     if return_generations:
         result["generations"] = [new for new, _, _ in runs]

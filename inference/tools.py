@@ -6,6 +6,7 @@ import datetime
 import importlib
 import importlib.util
 import inspect
+import json
 import operator
 import threading
 from pathlib import Path
@@ -108,6 +109,21 @@ def load_function(where: str, name: str, missing_file: str, origin: str):
     if not callable(fn):
         raise ValueError(f"{where} has no function {name!r} {origin}")
     return fn
+
+
+def scripted_tool(spec):
+    """A data row's scripted tool (agent_rl's "tool_results", the demo's tool evaluation): "result" (whatever the
+    arguments), or {"arguments": {...}, "result": ...}: only a call with exactly these arguments gets the result, any
+    other an error (so a wrong argument cannot earn the answer)."""
+    if not (isinstance(spec, dict) and "result" in spec):
+        return lambda **_: str(spec)
+    squash = lambda v: json.dumps(v, sort_keys=True, ensure_ascii=False).replace(" ", "")  # noqa: E731
+
+    def tool(**arguments):
+        if "arguments" in spec and squash(arguments) != squash(spec["arguments"]):
+            return f"error: no result for {json.dumps(arguments, ensure_ascii=False)}"
+        return str(spec["result"])
+    return tool
 
 
 def load_tools(spec: str) -> dict:

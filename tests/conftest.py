@@ -142,3 +142,20 @@ def last_turn(prompt: str) -> str:
     turn = prompt.rsplit("<|im_start|>", 2)[-2].split("<|im_end|>")[0]
     body = turn.split("\n", 1)[1] if "\n" in turn else ""
     return body.replace("<tool_response>\n", "").replace("\n</tool_response>", "").strip()
+
+
+def held_out_mean_reward(path, tokenizer, reward, n=16) -> float:
+    """Mean `reward(reply, None)` of 4 replies each to the first n held-out demo word problems, sampled with a fixed
+    seed by transformers' generate() (not the inference core the RL stages sample with) from the checkpoint `path`."""
+    from dataset import demo_metrics as metrics
+
+    held_out = [metrics.split_item(x)[0] for x in metrics.load_jsonl(ROOT / "dataset/demo/reason_eval.jsonl")[:n]]
+    model = MicroLMForCausalLM.from_pretrained(path).eval()
+    texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in held_out]
+    enc = tokenizer(texts, add_special_tokens=False, padding=True, padding_side="left", return_tensors="pt")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = model.generate(**enc, do_sample=True, max_new_tokens=32, num_return_sequences=4, top_k=0,
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    replies = tokenizer.batch_decode(out[:, enc["input_ids"].size(1):], skip_special_tokens=True)
+    return sum(reward(r, None) for r in replies) / len(replies)

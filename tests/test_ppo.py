@@ -5,9 +5,8 @@ import math
 
 import pytest
 import torch
-from conftest import ROOT, load_script, tiny_args, torchrun_2
+from conftest import ROOT, held_out_mean_reward, load_script, tiny_args, torchrun_2
 
-from dataset import demo_metrics as metrics
 from dataset.rewards import load_reward
 from model import MicroLMForCausalLM
 from trainer.rl import gae, whiten
@@ -83,18 +82,8 @@ def test_value_loss_falls_and_kl_stays_non_negative(tmp_path, reasoner):
 
 def test_a_rule_reward_rises_on_held_out_prompts(tmp_path, reasoner, tokenizer):
     reward = load_reward(f"{reasoner / 'digits.py'}:share")
-    held_out = [metrics.split_item(x)[0] for x in metrics.load_jsonl(DEMO / "reason_eval.jsonl")[:16]]
-
     def mean_reward(path):
-        model = MicroLMForCausalLM.from_pretrained(path).eval()
-        texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in held_out]
-        enc = tokenizer(texts, add_special_tokens=False, padding=True, padding_side="left", return_tensors="pt")
-        torch.manual_seed(0)
-        with torch.no_grad():
-            out = model.generate(**enc, do_sample=True, max_new_tokens=32, num_return_sequences=4, top_k=0,
-                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-        replies = tokenizer.batch_decode(out[:, enc["input_ids"].size(1):], skip_special_tokens=True)
-        return sum(reward(r, None) for r in replies) / len(replies)
+        return held_out_mean_reward(path, tokenizer, reward)
 
     before = mean_reward(reasoner / "out/reason")
     summary = ppo.main(tiny_args(tmp_path, DEMO / "reason_prompts.jsonl", "--method", "ppo", "--from",

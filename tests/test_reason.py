@@ -6,15 +6,14 @@ import math
 
 import pytest
 import torch
-from conftest import ROOT, load_script, make_model, max_weight_diff, tiny_args, write_jsonl
+from conftest import ROOT, held_out_mean_reward, load_script, make_model, max_weight_diff, tiny_args, write_jsonl
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from dataset import REASON_TAGS, PromptDataset, ReasonDataset, SFTDataset, pad_collate, prompt_collate
 from dataset import demo_metrics as metrics
 from dataset.rewards import load_reward
-from model import MicroLMForCausalLM
-from trainer import count_label_tokens, lm_loss
+from trainer import count_label_tokens, lm_loss, rl
 
 reason = load_script("6-reason.py")
 pretrain = load_script("1-pretrain.py")
@@ -97,7 +96,7 @@ def k3(lp, rf):
 
 
 def test_clipped_losses_equal_hand_computed_values():
-    loss, kl, clipped = reason.policy_loss(LOGPS, OLD, REF, ADV, MASK, "grpo", clip_eps=0.2, beta=0.1)
+    loss, kl, clipped = rl.policy_loss(LOGPS, OLD, REF, ADV, MASK, "grpo", clip_eps=0.2, beta=0.1)
     # row 0: ratios e^0.2 = 1.2214 (clipped to 1.2 for A > 0), e^0 = 1
     r0 = [-min(math.exp(0.2) * 1, 1.2 * 1) + 0.1 * k3(-1.0, -1.0), -1.0 + 0.1 * k3(-2.0, -1.5)]
     # row 1: ratios 1, e^-1 = 0.3679 (A < 0: min(-0.5 r, -0.5 clip(r)) = -0.5 * 0.8 = -0.4 -> loss 0.4), 1
@@ -106,10 +105,10 @@ def test_clipped_losses_equal_hand_computed_values():
     torch.testing.assert_close(loss, torch.tensor([sum(r0) / 2, sum(r1) / 3]))  # grpo: each sequence's mean
     torch.testing.assert_close(kl, torch.tensor([(k3(-1, -1) + k3(-2, -1.5)) / 2, k3(-0.2, -0.1) / 3]))
     torch.testing.assert_close(clipped, torch.tensor([1 / 2, 1 / 3]))
-    dr, _, _ = reason.policy_loss(LOGPS, OLD, REF, ADV, MASK, "dr_grpo", clip_eps=0.2, beta=0.1, max_new_tokens=8)
+    dr, _, _ = rl.policy_loss(LOGPS, OLD, REF, ADV, MASK, "dr_grpo", clip_eps=0.2, beta=0.1, max_new_tokens=8)
     torch.testing.assert_close(dr, torch.tensor([sum(r0) / 8, sum(r1) / 8]))  # a constant divisor: no length bias
     # dapo: token sums (the caller divides by the batch's tokens) and clip-higher: 1.2214 < 1 + 0.28 is not clipped
-    dapo, _, clipped = reason.policy_loss(LOGPS, OLD, REF, ADV, MASK, "dapo", clip_eps=0.2, clip_eps_high=0.28,
+    dapo, _, clipped = rl.policy_loss(LOGPS, OLD, REF, ADV, MASK, "dapo", clip_eps=0.2, clip_eps_high=0.28,
                                           beta=0.1)
     torch.testing.assert_close(dapo, torch.tensor([sum(r0) + 1.2 - math.exp(0.2), sum(r1)]))
     torch.testing.assert_close(clipped, torch.tensor([0.0, 1 / 3]))
@@ -117,7 +116,7 @@ def test_clipped_losses_equal_hand_computed_values():
 
 def test_cispo_clips_the_detached_weight_and_keeps_every_tokens_gradient():
     logps = LOGPS.clone().requires_grad_()
-    loss, _, clipped = reason.policy_loss(logps, OLD, REF, ADV, MASK, "cispo", cispo_max=1.1, beta=0.1)
+    loss, _, clipped = rl.policy_loss(logps, OLD, REF, ADV, MASK, "cispo", cispo_max=1.1, beta=0.1)
     w = [[min(math.exp(0.2), 1.1), 1.0], [1.0, math.exp(-1), 1.0]]  # row 0 token 0: e^0.2 = 1.22 capped at 1.1
     lp = LOGPS.tolist()
     r0 = [-w[0][0] * 1.0 * lp[0][0] + 0.1 * k3(-1.0, -1.0), -w[0][1] * 1.0 * lp[0][1] + 0.1 * k3(-2.0, -1.5)]
@@ -135,18 +134,18 @@ def test_log_probs_are_taken_at_the_sampling_temperature():
     model = make_model("tiny", seed=3)
     ids = torch.randint(3, 6400, (2, 12))
     mask = torch.ones_like(ids)
-    logps, _ = reason.token_logps(model, ids, mask, 5, temperature=0.7)
+    logps, _ = rl.token_logps(model, ids, mask, 5, temperature=0.7)
     with torch.no_grad():
         logits = model(input_ids=ids).logits[:, -6:-1].float() / 0.7
     torch.testing.assert_close(logps.detach(), torch.log_softmax(logits, -1).gather(2, ids[:, -5:, None]).squeeze(2))
 
 
 def test_group_advantages_and_completion_mask():
-    adv = reason.group_advantages(torch.tensor([1.0, 0.0, 1.0, 0.0, 2.0, 2.0, 2.0, 2.0]), group=4)
+    adv = rl.group_advantages(torch.tensor([1.0, 0.0, 1.0, 0.0, 2.0, 2.0, 2.0, 2.0]), group=4)
     std = torch.tensor([1.0, 0.0, 1.0, 0.0]).std()
     torch.testing.assert_close(adv[:4], torch.tensor([0.5, -0.5, 0.5, -0.5]) / (std + 1e-4))
     assert adv[4:].abs().max() == 0  # every reply scored the same: no signal
-    mask = reason.completion_mask(torch.tensor([[5, 2, 0, 0], [5, 6, 7, 8], [2, 2, 0, 0]]), eos_id=2)
+    mask = rl.completion_mask(torch.tensor([[5, 2, 0, 0], [5, 6, 7, 8], [2, 2, 0, 0]]), eos_id=2)
     assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
 
 
@@ -187,18 +186,8 @@ def test_grpo_raises_the_mean_reward_on_held_out_prompts(tmp_path, tokenizer):
                             "--batch_size", 2))
     reason.main(tiny_args(tmp_path, DEMO / "reason.jsonl", "--from", tmp_path / "out/pretrain", "--max_steps", 20,
                           "--batch_size", 8, "--learning_rate", 1e-2, "--max_seq_len", 160))
-    held_out = [metrics.split_item(x)[0] for x in metrics.load_jsonl(DEMO / "reason_eval.jsonl")[:16]]
-
     def mean_reward(path):
-        model = MicroLMForCausalLM.from_pretrained(path).eval()
-        texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in held_out]
-        enc = tokenizer(texts, add_special_tokens=False, padding=True, padding_side="left", return_tensors="pt")
-        torch.manual_seed(0)
-        with torch.no_grad():
-            out = model.generate(**enc, do_sample=True, max_new_tokens=32, num_return_sequences=4, top_k=0,
-                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-        replies = tokenizer.batch_decode(out[:, enc["input_ids"].size(1):], skip_special_tokens=True)
-        return sum(reward(r, None) for r in replies) / len(replies)
+        return held_out_mean_reward(path, tokenizer, reward)
 
     before = mean_reward(tmp_path / "out/reason")
     summary = reason.main(tiny_args(tmp_path, DEMO / "reason_prompts.jsonl", "--method", "grpo", "--max_steps", 12,

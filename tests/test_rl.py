@@ -8,6 +8,8 @@ import torch
 from conftest import ROOT, load_script, make_model, tiny_args, write_jsonl
 
 from dataset.rewards import RewardModel, call_reward, correctness_reward, load_reward
+from inference.tools import scripted_tool
+from trainer import rl
 
 reason = load_script("6-reason.py")
 dpo = load_script("4-RLHF.py")
@@ -59,7 +61,7 @@ def test_rewards_see_the_prompt_and_the_older_two_argument_form_keeps_working(tm
     prompt = [{"role": "user", "content": "abc"}]
     assert call_reward(load_reward(f"{tmp_path / 'mine.py'}:asks"), prompt, "xy", "r") == 4.0
     assert call_reward(load_reward(f"{tmp_path / 'mine.py'}:old"), prompt, "xy", "r") == 2.0
-    scores = reason.score_rewards([load_reward("correctness"), load_reward(f"{tmp_path / 'mine.py'}:asks")],
+    scores = rl.score_rewards([load_reward("correctness"), load_reward(f"{tmp_path / 'mine.py'}:asks")],
                                   [2.0, 1.0], [prompt, prompt], ["<answer>8</answer>", "8"], ["8", None])
     assert scores.tolist() == [[2.0, 3.0], [0.0, 3.0]]  # weighted; correctness skips the row without a reference
 
@@ -252,9 +254,9 @@ def test_agent_rewards_penalise_unfinished_trajectories_and_calls_the_tool_refus
     agent, batch = _agent(tokenizer, script, tmp_path, {"arguments": {"city": "Lima"}, "result": "foggy"})
     r = agent.rollout(batch)
     assert r["scores"][:, 1].tolist() == [0.0] * 4  # the only call failed
-    assert reason.scripted_tool({"arguments": {"city": "Lima"}, "result": "foggy"})(city="Lima") == "foggy"
-    assert reason.scripted_tool({"arguments": {"city": "Lima"}, "result": "foggy"})(city="Lyon").startswith("error")
-    assert reason.scripted_tool("foggy")(city="anything") == "foggy"
+    assert scripted_tool({"arguments": {"city": "Lima"}, "result": "foggy"})(city="Lima") == "foggy"
+    assert scripted_tool({"arguments": {"city": "Lima"}, "result": "foggy"})(city="Lyon").startswith("error")
+    assert scripted_tool("foggy")(city="anything") == "foggy"
 
 
 def test_agent_stage_runs_on_agent_rl_rows(tmp_path, start):

@@ -2,11 +2,14 @@
 at the sampling temperature, rewards (rule functions and reward models, weighted), the rollout window that the
 engine's count_fn fills and loss_fn consumes, and GAE for PPO."""
 
+import time
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from dataset.rewards import RewardModel, call_reward, load_reward
+from inference import Sampling, generate
 
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "cispo")
 
@@ -115,6 +118,72 @@ class RolloutWindow:
                 r["scale"] = scale
             self.pending = []
         return rollout["scale"]
+
+
+class Rollouts:
+    """What the RL stages share. The engine's count_fn is `count`: it samples a window's rollouts (`rollout`, each
+    stage's own) once per window and registers them with the token normaliser; `sample` generates through the
+    inference core and times it; `score` decodes the replies and scores them; `summarize` reports rollout speed."""
+
+    def __init__(self, args, trainer, policy, rewards, weights, names, token_level: bool):
+        self.args, self.trainer, self.policy, self.tokenizer = args, trainer, policy, trainer.tokenizer
+        self.rewards, self.weights, self.names = rewards, weights, names
+        self.sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+        self.window = RolloutWindow(trainer, token_level)
+        self.rollout_tokens, self.rollout_seconds = 0, 0.0
+
+    def count(self, batch):
+        batch["rollout"] = self.rollout(batch)
+        return self.window.add(batch["rollout"])
+
+    def rollout(self, batch) -> dict:
+        raise NotImplementedError
+
+    def sample(self, prompt_ids, prompt_mask):
+        """(completion, mask): the policy's replies through the inference core's decode loop (the one chat, server
+        and evaluation use), in eval mode; mask 1 up to and including each reply's eos."""
+        eos = self.tokenizer.eos_token_id
+        training = self.policy.training
+        self.policy.eval()
+        t0 = time.time()
+        completion = generate(self.policy, prompt_ids, prompt_mask, self.sampling, eos_id=eos,
+                              pad_id=self.tokenizer.pad_token_id)
+        self.policy.train(training)
+        mask = completion_mask(completion, eos)
+        self.rollout_seconds += time.time() - t0
+        self.rollout_tokens += int(mask.sum())
+        return completion, mask
+
+    def score(self, batch, completion, mask, group: int = 1) -> torch.Tensor:
+        """(N, rewards) weighted scores of the replies; each prompt of the batch answered `group` times in a row. A
+        prompt that opened the think block (thinking on) has its reply scored with that opening, as the chat shows it."""
+        def each(values):
+            return [v for v in values for _ in range(group)]
+
+        texts = self.tokenizer.batch_decode([c[:int(m.sum())] for c, m in zip(completion, mask)],
+                                            skip_special_tokens=True)
+        texts = [("<think>\n" if opened else "") + t for t, opened in zip(texts, each(batch["opened"]))]
+        refs = each([r if r is not None else gt for r, gt in zip(batch["references"], batch["gt"])])
+        return score_rewards(self.rewards, self.weights, each(batch["messages"]), texts, refs).to(completion.device)
+
+    def reward_metrics(self, rollout) -> dict:
+        metrics = {"reward": rollout["reward"].sum()}
+        for i, name in enumerate(self.names):
+            metrics[f"reward_{name}"] = rollout["scores"][:, i].sum()
+        return metrics
+
+    def summarize(self, summary: dict) -> dict:
+        summary["rollout_tokens_per_s"] = self.rollout_tokens / max(self.rollout_seconds, 1e-9)
+        self.trainer.log(f"rollouts: {self.rollout_tokens:,} tokens in {self.rollout_seconds:.1f} s "
+                         f"({summary['rollout_tokens_per_s']:,.0f} tokens/s)")
+        return summary
+
+
+def refuse_held_out_loss(args, method: str):
+    """--eval_data / --eval_split mean a held-out loss; an RL stage has none (its rollouts are sampled)."""
+    if args.eval_data or args.eval_split:
+        raise SystemExit(f"--eval_data / --eval_split: {method} has no held-out loss (its rollouts are sampled); "
+                         f"score held-out prompts with scripts/eval_tools.py or the demo metrics instead")
 
 
 def add_reward_args(group, default: str):
