@@ -1,21 +1,21 @@
 """The shipped tokenizer (model/tokenizer) and the script that trains it (scripts/train_tokenizer.py).
 
 No network: the shipped files are read as they are, and training is checked on a few KB of text written here.
+The corpus the script reads (dataset/corpus) is tested in tests/test_corpus.py.
 """
 
-import gzip
 import importlib.util
-import io
 import json
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
+
+from dataset.corpus import HELD_OUT_EVERY, row_text, sample_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER_DIR = ROOT / "model" / "tokenizer"
@@ -278,22 +278,22 @@ def write_jsonl(path, n=400):
                 f.write("not json\n\n" + json.dumps({"id": i}) + "\n")  # a bad line, a blank, a row without text
 
 
-def test_sample_jsonl_respects_the_cap_holds_rows_out_and_is_deterministic(script, tmp_path):
+def test_sample_jsonl_respects_the_cap_holds_rows_out_and_is_deterministic(tmp_path):
     data = tmp_path / "corpus.jsonl"
     write_jsonl(data)
-    train, held, stats = script.sample_jsonl(data, max_chars=5000, progress=False)
+    train, held, stats = sample_jsonl(data, max_chars=5000, progress=False)
     assert stats["rows"] == 400 and stats["bad_lines"] == 5 and stats["empty_rows"] == 5
     assert 0 < sum(map(len, train)) <= 5000 and stats["train_chars"] == sum(map(len, train))
-    assert 0 < sum(map(len, held)) <= 5000 // script.HELD_OUT_EVERY
+    assert 0 < sum(map(len, held)) <= 5000 // HELD_OUT_EVERY
     assert stats["chars"] > 4 * 5000  # the cap did cut
     assert not set(train) & set(held)
     assert any("答案是" in t and "<think>" in t for t in train)  # conversation contents, joined as plain text
-    again = script.sample_jsonl(data, max_chars=5000, progress=False)
+    again = sample_jsonl(data, max_chars=5000, progress=False)
     assert again == (train, held, stats)
-    everything, held_everything, _ = script.sample_jsonl(data, max_chars=10 ** 9, progress=False)
+    everything, held_everything, _ = sample_jsonl(data, max_chars=10 ** 9, progress=False)
     assert set(train) <= set(everything) and set(held) <= set(held_everything)
     assert len(everything) + len(held_everything) == 400
-    assert script.row_text({"conversations": [{"role": "user", "content": "a"}, {"content": "b"}]}) == "a\nb"
+    assert row_text({"conversations": [{"role": "user", "content": "a"}, {"content": "b"}]}) == "a\nb"
 
 
 def test_data_flag_trains_a_tokenizer_with_the_same_layout(tmp_path):
@@ -319,55 +319,3 @@ def test_data_flag_needs_an_out_dir():
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_tokenizer.py"), "--data", "x.jsonl"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode != 0 and "--out_dir" in done.stderr
-
-
-# ----------------------------------------------------------------------------- reading the Debian packages
-
-def make_deb(path, files):
-    """A minimal .deb (ar archive: debian-binary, control.tar.xz, data.tar.xz) holding `files`."""
-    def tar_xz(members):
-        buf = io.BytesIO()
-        with tarfile.open(fileobj=buf, mode="w:xz") as tar:
-            for name, data in members.items():
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-        return buf.getvalue()
-
-    parts = [("debian-binary", b"2.0\n"), ("control.tar.xz", tar_xz({"./control": b"Package: x\n"})),
-             ("data.tar.xz", tar_xz({f"./{k}": v for k, v in files.items()}))]
-    with open(path, "wb") as f:
-        f.write(b"!<arch>\n")
-        for name, data in parts:
-            f.write(f"{name:<16}{0:<12}{0:<6}{0:<6}{100644:<8}{len(data):<10}`\n".encode())
-            f.write(data + (b"\n" if len(data) % 2 else b""))
-
-
-def test_deb_reader_and_paragraph_extraction(script, tmp_path):
-    html = ("<html><head><title>x</title></head><body><nav>上一页</nav><h1>第一章 安装</h1>"
-            "<p>这是一个\n  段落，被换行\n拆开了。Debian 系统很稳定。</p><pre>$ ls -l</pre>"
-            "<p>This paragraph was left in English by the translator.</p></body></html>").encode()
-    man = gzip.compress(b'.\\" comment\n.TH LS 1\n.SH "\xe5\x90\x8d\xe7\xa7\xb0"\n'
-                        b"ls \\- \xe5\x88\x97\xe5\x87\xba\xe7\x9b\xae\xe5\xbd\x95\xe5\x86\x85\xe5\xae\xb9\n"
-                        b".B \\-l\n\xe4\xbd\xbf\xe7\x94\xa8\xe9\x95\xbf\xe6\xa0\xbc\xe5\xbc\x8f\n")
-    deb = tmp_path / "x_1.0_all.deb"
-    make_deb(deb, {"usr/share/doc/x/a.zh-cn.html": html, "usr/share/man/zh_CN/man1/ls.1.gz": man,
-                   "usr/share/doc/x/skip.txt": b"no"})
-    members = script.deb_members(deb, lambda p: not p.endswith(".txt"))
-    assert sorted(members) == ["usr/share/doc/x/a.zh-cn.html", "usr/share/man/zh_CN/man1/ls.1.gz"]
-    paragraphs = script.html_paragraphs(members["usr/share/doc/x/a.zh-cn.html"])
-    assert "这是一个段落，被换行拆开了。Debian 系统很稳定。" in paragraphs  # wrapping spaces between Han removed
-    assert "$ ls -l" not in paragraphs and "上一页" not in paragraphs  # code blocks and navigation dropped
-    docs = script.documents({"a": paragraphs}, "zh")
-    assert docs == ["第一章 安装\n这是一个段落，被换行拆开了。Debian 系统很稳定。"]  # the English paragraph dropped
-    assert script.man_paragraphs(members["usr/share/man/zh_CN/man1/ls.1.gz"]) == ["名称", "ls - 列出目录内容", "-l",
-                                                                                 "使用长格式"]
-    assert script._deb_version(tmp_path / "libreoffice-help-zh-cn_4%3a7.4.7-1+deb12u14_all.deb") == \
-        "4:7.4.7-1+deb12u14"
-
-
-def test_msgpack_reader_decodes_a_wordfreq_style_list(script):
-    # [{"format": "cB", "version": 1}, [], ["the", "of"], ["猫"]] packed by hand
-    packed = b"\x94\x82\xa6format\xa2cB\xa7version\x01\x90\x92\xa3the\xa2of\x91\xa3" + "猫".encode()
-    assert script.msgpack_unpack(packed) == [{"format": "cB", "version": 1}, [], ["the", "of"], ["猫"]]
-    assert script.msgpack_unpack(b"\xcd\x01\x00") == 256 and script.msgpack_unpack(b"\xff") == -1
