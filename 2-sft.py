@@ -5,7 +5,6 @@
 """
 
 import argparse
-from functools import partial
 
 from dataset import SFTDataset, pad_collate
 from trainer import add_train_args, stage_main
@@ -20,10 +19,8 @@ def build_parser():
 
 def run(trainer, args):
     model = trainer.build_model()
-    data, held = trainer.split(lambda path: SFTDataset(path, trainer.tokenizer, args.max_seq_len, strict=args.strict,
-                                                       empty_think_ratio=args.empty_think_ratio, seed=args.seed))
-    return trainer.fit(model, data, collate_fn=partial(pad_collate, pad_id=trainer.tokenizer.pad_token_id or 0),
-                       eval_dataset=held)
+    data, held = trainer.split_chat(SFTDataset)
+    return trainer.fit(model, data, collate_fn=trainer.collate(pad_collate), eval_dataset=held)
 
 
 def main(argv=None):

@@ -1,4 +1,4 @@
-"""Stage 3 -- knowledge distillation into the SFT model.
+"""Stage 3 -- knowledge distillation into the SFT model (trainer/kd.py).
 
 Black-box (no --teacher): SFT on dialogues a larger teacher wrote, e.g. MiniMind's sft_1024.jsonl.
     python 3-KD.py --data_path dataset/sft_t2t_mini.jsonl
@@ -6,81 +6,29 @@ White-box (--teacher DIR): also match the teacher's next-token distribution on t
     loss = alpha * CE + (1 - alpha) * T^2 * KL(teacher || student)   at temperature T.
     python 3-KD.py --data_path dataset/sft_t2t_mini.jsonl --teacher out/sft_104m
     torchrun --nproc_per_node 4 3-KD.py --data_path dataset/sft_t2t_mini.jsonl --teacher out/sft_104m
-The teacher is any causal LM with the same tokenizer (our model of another preset, a released MiniMind / Qwen /
-Llama checkpoint that model/families.py reads, or any other Hugging Face one); it is
-frozen, in eval mode, runs without gradients in the compute dtype.
 """
 
 import argparse
-from functools import partial
 
-import torch
-import torch.nn.functional as F
 from dataset import SFTDataset, pad_collate
-from trainer import add_train_args, stage_main
-from model.families import load_for_inference
-from trainer.checkpoint import resolve_checkpoint
+from trainer import add_train_args, kd, stage_main
 
 
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_train_args(parser, epochs=2, batch_size=64, learning_rate=5e-5, max_seq_len=1024,
                    data_path="dataset/sft_t2t_mini.jsonl", init_from="sft")
-    parser.add_argument("--teacher", default=None, help="teacher checkpoint folder or stage name (white-box KD)")
-    parser.add_argument("--teacher_preset", default=None, help="the architecture of a bare .pth teacher (MiniMind's)")
-    parser.add_argument("--alpha", type=float, default=0.5, help="weight of the cross-entropy on the labels")
-    parser.add_argument("--temperature", type=float, default=2.0, help="softmax temperature of the KL term")
+    kd.add_args(parser)
     return parser
-
-
-def kd_loss(student_logits, teacher_logits, labels, alpha: float, temperature: float):
-    """Summed alpha * CE + (1 - alpha) * T^2 * KL(teacher || student) over the labelled (assistant) positions."""
-    logits, targets = student_logits[:, :-1].float(), labels[:, 1:]
-    mask = targets != -100
-    ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100, reduction="sum")
-    t = temperature
-    teacher_logp = F.log_softmax(teacher_logits[:, :-1].float()[mask] / t, dim=-1)
-    student_logp = F.log_softmax(logits[mask] / t, dim=-1)
-    kl = (teacher_logp.exp() * (teacher_logp - student_logp)).sum()
-    return alpha * ce + (1 - alpha) * t * t * kl, ce, kl
-
-
-def load_teacher(trainer, name_or_path, student_vocab: int):
-    path = resolve_checkpoint(name_or_path, trainer.args.out_dir)
-    teacher, note = load_for_inference(path, trainer.args.teacher_preset)
-    if note:
-        trainer.log(f"teacher {path}: {note}")
-    teacher = teacher.to(trainer.device).eval().requires_grad_(False)
-    vocab = teacher.config.vocab_size
-    if vocab < student_vocab:
-        raise ValueError(f"teacher {path} has vocab_size {vocab} < the student's {student_vocab}: "
-                         f"they do not share a tokenizer")
-    if vocab > student_vocab:
-        trainer.log(f"teacher vocab {vocab} > student vocab {student_vocab}: using the teacher's first "
-                    f"{student_vocab} logits (the tokenizers must share those ids)")
-    return teacher, vocab
 
 
 def run(trainer, args):
     model = trainer.build_model()
-    data, held = trainer.split(lambda path: SFTDataset(path, trainer.tokenizer, args.max_seq_len, strict=args.strict,
-                                                       empty_think_ratio=args.empty_think_ratio, seed=args.seed))
-    collate = partial(pad_collate, pad_id=trainer.tokenizer.pad_token_id or 0)
-    if not args.teacher:
-        return trainer.fit(model, data, collate_fn=collate, eval_dataset=held)  # black-box: plain SFT on the teacher's text
-    teacher, _ = load_teacher(trainer, args.teacher, model.config.vocab_size)
-    vocab = model.config.vocab_size
-
-    def loss_fn(net, batch):
-        out = net(input_ids=batch["input_ids"])
-        with torch.no_grad():
-            teacher_logits = teacher(input_ids=batch["input_ids"]).logits[..., :vocab]
-        loss, ce, kl = kd_loss(out.logits, teacher_logits, batch["labels"], args.alpha, args.temperature)
-        if out.aux_loss is not None:
-            loss = loss + out.aux_loss * (batch["labels"][:, 1:] != -100).sum()
-        return loss, {"ce": ce.detach(), "kl": kl.detach()}
-
-    return trainer.fit(model, data, collate_fn=collate, loss_fn=loss_fn, eval_dataset=held)
+    data, held = trainer.split_chat(SFTDataset)
+    collate = trainer.collate(pad_collate)
+    if not args.teacher:  # black-box: plain SFT on the teacher's text
+        return trainer.fit(model, data, collate_fn=collate, eval_dataset=held)
+    return kd.train(trainer, args, model, data, held, collate)
 
 
 def main(argv=None):

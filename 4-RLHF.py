@@ -1,295 +1,41 @@
-"""Stage 4 -- preference training: DPO on preference pairs (default), or PPO with a value model on prompts.
+"""Stage 4 -- preference training: DPO on preference pairs (default, trainer/dpo.py), or PPO with a value model on
+prompts (trainer/ppo.py).
 
---method dpo (default), on {"chosen": [...], "rejected": [...]} jsonl:
+--method dpo, on {"chosen": [...], "rejected": [...]} jsonl:
     python 4-RLHF.py --data_path dataset/dpo.jsonl
     torchrun --nproc_per_node 4 4-RLHF.py --data_path dataset/dpo.jsonl --precompute_ref
 Loss (Rafailov et al. 2023): -log sigmoid(beta * [(log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))]),
-where log pi(y) is the SUM of the reply's token log-probs (never a mean over padded length). The reference is the
-starting model, frozen; --precompute_ref scores every pair with it once before training and keeps the scores in
-out/dpo/ref_logps.pt, so the reference model does not stay in memory.
+log pi(y) summed over the reply's tokens; the reference is the frozen starting model.
 
 --method ppo, on prompts (rlaif.jsonl, or rows with a reference / "gt"), writes out/ppo/:
     python 4-RLHF.py --method ppo --data_path dataset/rlaif.jsonl --reward_model path/to/reward-model
     python 4-RLHF.py --method ppo --reward format,correctness --ppo_epochs 4
-Per prompt one reply is sampled through the inference core and scored (rule rewards and/or a reward model). Each
-token's reward is -kl_coef x (log pi - log ref), plus the score on the last token; a value model (a value head on a
-copy of the policy, or on --critic CHECKPOINT) gives V, GAE gives advantages (whitened) and returns, and --ppo_epochs
-optimizer steps on the batch minimise the clipped policy loss + vf_coef x the clipped value loss (Ouyang et al.
-2022; Schulman et al. 2017). The value model is saved beside the policy (critic.safetensors).
+One reply per prompt, a per-token KL penalty, GAE over a value model's V, clipped policy and value losses
+(Ouyang et al. 2022; Schulman et al. 2017); the value model is saved beside the policy (critic.safetensors).
 """
 
 import argparse
-import copy
-import os
-from functools import partial
 
-import torch
-import torch.distributed as dist
-import torch.nn as nn
-import torch.nn.functional as F
-from safetensors.torch import save_file
-from torch.utils.data import DataLoader
+from trainer import add_train_args, dpo, ppo, stage_main
+from trainer.engine import apply_method_defaults
 
-from dataset import DPODataset, PromptDataset, dpo_collate, prompt_collate
-from trainer import add_train_args, stage_main
-from trainer.checkpoint import resolve_checkpoint, save_pretrained_atomic
-from trainer.engine import param_groups
-from trainer.rl import (Rollouts, add_reward_args, build_rewards, check_rewards, gae, refuse_held_out_loss,
-                        token_logps, whiten)
+METHODS = {"dpo": dpo.train, "ppo": ppo.train}
+METHOD_DEFAULTS = {"ppo": {"data_path": "dataset/rlaif.jsonl"}}  # PPO reads prompts
 
 
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_train_args(parser, epochs=1, batch_size=8, learning_rate=1e-6, max_seq_len=1024,
                    data_path="dataset/dpo.jsonl", init_from="sft")
-    parser.add_argument("--method", choices=["dpo", "ppo"], default="dpo")
-    parser.add_argument("--beta", type=float, default=0.1, help="dpo: strength of the pull towards the reference")
-    parser.add_argument("--precompute_ref", action="store_true",
-                        help="dpo: score all pairs with the reference once, then free it (saved in out/dpo/)")
-    g = parser.add_argument_group("ppo (--batch_size counts prompts; --data_path defaults to dataset/rlaif.jsonl)")
-    g.add_argument("--ppo_epochs", type=int, default=4, help="optimizer steps on each batch of rollouts")
-    g.add_argument("--clip_eps", type=float, default=0.2, help="clip of the policy ratio")
-    g.add_argument("--vf_clip", type=float, default=0.2, help="clip of the value change from the rollout's values")
-    g.add_argument("--vf_coef", type=float, default=0.1, help="weight of the value loss")
-    g.add_argument("--kl_coef", type=float, default=0.05, help="per-token KL penalty in the reward")
-    g.add_argument("--gamma", type=float, default=1.0)
-    g.add_argument("--lam", type=float, default=0.95, help="GAE lambda")
-    g.add_argument("--critic", default="copy",
-                   help="value model: copy (a value head on a copy of the policy) or a checkpoint for its body")
-    g.add_argument("--critic_lr_scale", type=float, default=1.0, help="the value model's lr / --learning_rate")
-    g.add_argument("--max_new_tokens", type=int, default=256)
-    g.add_argument("--max_prompt_len", type=int, default=256)
-    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (log-probs use it too)")
-    g.add_argument("--thinking_ratio", type=float, default=None, help="share of prompts with thinking on")
-    add_reward_args(g, default="format,correctness")
+    parser.add_argument("--method", choices=sorted(METHODS), default="dpo")
+    dpo.add_args(parser)
+    ppo.add_args(parser)
     return parser
 
 
-def sequence_logps(model, input_ids, labels, with_aux: bool = False):
-    """Summed log-probability of the labelled tokens of each row (labels shifted inside, -100 ignored): minus the
-    model's per-position cross-entropy, which is chunked for a large vocabulary. with_aux: also the MoE balance loss."""
-    out = model(input_ids=input_ids, labels=labels, reduction="none")
-    logps = -out.loss.sum(-1)
-    return (logps, out.aux_loss) if with_aux else logps
-
-
-def dpo_terms(policy_logps, ref_logps, beta: float):
-    """Per-pair loss and implicit rewards from [chosen; rejected] stacked log-probs."""
-    pc, pr = policy_logps.chunk(2)
-    rc, rr = ref_logps.chunk(2)
-    chosen_reward, rejected_reward = beta * (pc - rc), beta * (pr - rr)
-    margin = chosen_reward - rejected_reward
-    return -F.logsigmoid(margin), chosen_reward, rejected_reward, margin
-
-
-@torch.no_grad()
-def precompute_ref_logps(trainer, ref_model, dataset, collate) -> torch.Tensor:
-    """(N, 2) reference log-probs of every pair's chosen and rejected reply; ranks share the work."""
-    env = trainer.env
-    table = torch.zeros(len(dataset), 2, dtype=torch.float64, device=trainer.device)
-    shard = list(range(env.rank, len(dataset), env.world_size))
-    loader = DataLoader(torch.utils.data.Subset(dataset, shard), batch_size=trainer.args.batch_size,
-                        collate_fn=collate)
-    for batch in loader:
-        with trainer.autocast:
-            logps = sequence_logps(ref_model, batch["input_ids"].to(trainer.device),
-                                   batch["labels"].to(trainer.device))
-        table[batch["index"].to(trainer.device)] = torch.stack(logps.double().chunk(2), dim=1)
-    if env.distributed:
-        dist.all_reduce(table)
-    return table.float()
-
-
-def run(trainer, args):
-    if args.method == "ppo":
-        return run_ppo(trainer, args)
-    model = trainer.build_model()
-    if args.precompute_ref and args.eval_data:
-        raise SystemExit("--precompute_ref keeps reference log-probs of the training file's rows only: use "
-                         "--eval_split, or drop --precompute_ref, to evaluate held-out pairs")
-    data, held = trainer.split(lambda path: DPODataset(path, trainer.tokenizer, args.max_seq_len, strict=args.strict,
-                                                       empty_think_ratio=args.empty_think_ratio, seed=args.seed))
-    collate = partial(dpo_collate, pad_id=trainer.tokenizer.pad_token_id or 0)
-    ref = copy.deepcopy(model).eval().requires_grad_(False)
-    ref_table = None
-    if args.precompute_ref:
-        path = trainer.stage_dir / "ref_logps.pt"
-        if args.resume and path.exists():
-            ref_table = torch.load(path, weights_only=True).to(trainer.device)
-        else:
-            # every row of the file (held-out ones too: a batch's "index" is the row's index in the file)
-            ref_table = precompute_ref_logps(trainer, ref, getattr(data, "dataset", data), collate)
-            if trainer.env.is_main:
-                torch.save(ref_table.cpu(), path)
-        del ref  # the point of precomputing: no second model in memory while training
-
-    def loss_fn(net, batch):
-        policy, aux = sequence_logps(net, batch["input_ids"], batch["labels"], with_aux=True)
-        if ref_table is not None:
-            ref_logps = ref_table[batch["index"]].T.reshape(-1)  # [chosen...; rejected...]
-        else:
-            with torch.no_grad():
-                ref_logps = sequence_logps(ref, batch["input_ids"], batch["labels"])
-        losses, chosen, rejected, margin = dpo_terms(policy, ref_logps.to(policy.dtype), args.beta)
-        loss = losses.sum()
-        if model.config.use_moe:  # the routers keep their balance loss (per pair, as the engine normalises by pairs)
-            loss = loss + aux * losses.numel()
-        return loss, {"reward_chosen": chosen.detach().sum(), "reward_rejected": rejected.detach().sum(),
-                              "reward_margin": margin.detach().sum(), "accuracy": (margin > 0).float().sum()}
-
-    return trainer.fit(model, data, collate_fn=collate, loss_fn=loss_fn, count_fn=lambda b: b["index"].numel(),
-                       eval_dataset=held)
-
-
-# ----------------------------------------------------------------------------------------------------------- PPO
-
-class ValueModel(nn.Module):
-    """V(s) at every position: a decoder body and a linear value head (zero at the start)."""
-
-    def __init__(self, body):
-        super().__init__()
-        self.body = body
-        self.v_head = nn.Linear(body.config.hidden_size, 1)
-        nn.init.zeros_(self.v_head.weight)
-        nn.init.zeros_(self.v_head.bias)
-
-    def forward(self, input_ids, attention_mask=None):
-        hidden, aux = self.body(input_ids, attention_mask)
-        return self.v_head(hidden).squeeze(-1).float(), aux
-
-
-class ActorCritic(nn.Module):
-    """Policy and value model as one module: one forward (so DDP syncs both), one optimizer (the value model's
-    groups scaled by --critic_lr_scale)."""
-
-    def __init__(self, policy, critic, critic_lr_scale: float = 1.0):
-        super().__init__()
-        self.policy, self.critic, self.critic_lr_scale = policy, critic, critic_lr_scale
-
-    def forward(self, input_ids, attention_mask, n_completion: int, temperature: float):
-        """(log-probs of the last n_completion tokens at the temperature, the values of the states they are sampled
-        in, the MoE balance losses)."""
-        logps, aux = token_logps(self.policy, input_ids, attention_mask, n_completion, temperature)
-        values, critic_aux = self.critic(input_ids, attention_mask)
-        aux = sum(a for a, m in ((aux, self.policy), (critic_aux, self.critic.body)) if m.config.use_moe)
-        return logps, values[:, -n_completion - 1:-1], aux
-
-    def activation_checkpointing_enable(self, **kwargs):  # --grad_checkpoint: both bodies recompute their blocks
-        self.policy.activation_checkpointing_enable(**kwargs)
-        self.critic.body.activation_checkpointing_enable(**kwargs)
-
-    def param_groups(self, weight_decay):
-        critic = param_groups(self.critic, weight_decay)
-        for group in critic:
-            group["lr_scale"] = self.critic_lr_scale
-        return param_groups(self.policy, weight_decay) + critic
-
-
-def ppo_losses(logps, values, rollout, clip_eps: float, vf_clip: float):
-    """Per-token clipped policy loss -min(r A, clip(r) A) and clipped value loss 0.5 max((V - R)^2,
-    (V_old + clip(V - V_old) - R)^2), and which tokens the policy clip bound."""
-    adv, returns, old_values = rollout["advantages"], rollout["returns"], rollout["values"]
-    ratio = torch.exp(logps - rollout["old"])
-    pg = -torch.min(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
-    clipped_values = old_values + (values - old_values).clamp(-vf_clip, vf_clip)
-    vf = 0.5 * torch.max((values - returns) ** 2, (clipped_values - returns) ** 2)
-    clipped = ((ratio < 1 - clip_eps) & (adv < 0)) | ((ratio > 1 + clip_eps) & (adv > 0))
-    return pg, vf, clipped
-
-
-class PPO(Rollouts):
-    """count_fn samples one reply per prompt and computes the advantages (once per window); loss_fn is the PPO
-    loss, taken --ppo_epochs times on it."""
-
-    def __init__(self, args, trainer, actor_critic, reference, rewards, weights, names):
-        super().__init__(args, trainer, actor_critic.policy, rewards, weights, names, token_level=True)
-        self.ac, self.reference = actor_critic, reference
-
-    @torch.no_grad()
-    def rollout(self, batch) -> dict:
-        args = self.args
-        completion, mask = self.sample(batch["prompt_ids"], batch["prompt_mask"])
-        scores = self.score(batch, completion, mask)
-        input_ids = torch.cat([batch["prompt_ids"], completion], 1)
-        attention_mask = torch.cat([batch["prompt_mask"], mask.long()], 1)
-        n = completion.size(1)
-        with self.trainer.autocast:
-            old, values, _ = self.ac(input_ids, attention_mask, n, args.temperature)
-            dev = next(self.reference.parameters()).device
-            ref = token_logps(self.reference, input_ids.to(dev), attention_mask.to(dev), n,
-                              args.temperature)[0].to(completion.device)
-        old, values = old.float(), values.float() * mask
-        # per-token reward: the KL penalty everywhere, the reply's score on its last token
-        kl = (old - ref) * mask
-        token_rewards = -args.kl_coef * kl
-        last = (mask.sum(1).long() - 1).clamp(min=0)
-        token_rewards[torch.arange(len(scores)), last] += scores.sum(1)
-        advantages, returns = gae(token_rewards, values, mask, args.gamma, args.lam)
-        delta = ref - old
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "mask": mask, "n_completion": n,
-                "old": old, "values": values, "advantages": whiten(advantages, mask), "returns": returns,
-                "reward": scores.sum(1), "scores": scores, "n": len(scores),
-                "kl": ((torch.exp(delta) - delta - 1) * mask).sum(1) / mask.sum(1).clamp(min=1)}
-
-    def loss(self, net, batch):
-        args, r = self.args, batch["rollout"]
-        scale = self.window.scale(r)  # token-level over the whole step
-        logps, values, aux = net(r["input_ids"], r["attention_mask"], r["n_completion"], args.temperature)
-        pg, vf, clipped = ppo_losses(logps.float(), values.float(), r, args.clip_eps, args.vf_clip)
-        mask = r["mask"]
-        loss = ((pg + args.vf_coef * vf) * mask).sum() * scale
-        if torch.is_tensor(aux):  # the routers keep their balance loss in RL too
-            loss = loss + aux * r["n"]
-        per_seq = mask.sum(1).clamp(min=1)
-        metrics = {**self.reward_metrics(r), "kl": r["kl"].sum(), "value_loss": ((vf * mask).sum(1) / per_seq).sum(),
-                   "policy_loss": ((pg * mask).sum(1) / per_seq).sum().detach(),
-                   "clip_ratio": ((clipped.float() * mask).sum(1) / per_seq).sum(), "completion_tokens": mask.sum()}
-        return loss, metrics
-
-
-def build_critic(args, trainer, policy):
-    """A value head on a copy of the policy's body (--critic copy) or on another checkpoint's (same tokenizer)."""
-    if args.critic == "copy":
-        body = copy.deepcopy(policy.model)
-    else:
-        from model.families import load_pretrained
-
-        path = resolve_checkpoint(args.critic, args.out_dir)
-        body = load_pretrained(path).model
-        if body.config.vocab_size < len(trainer.tokenizer):
-            raise SystemExit(f"--critic {path}: vocab_size {body.config.vocab_size} is smaller than the tokenizer's "
-                             f"{len(trainer.tokenizer)}: it was not trained with this tokenizer")
-    return ValueModel(body)
-
-
-def run_ppo(trainer, args):
-    refuse_held_out_loss(args, "PPO")
-    policy = trainer.build_model()
-    rewards, weights, names = build_rewards(args, trainer)
-    reference = copy.deepcopy(policy).eval().requires_grad_(False).to(args.ref_device or trainer.device)
-    ac = ActorCritic(policy, build_critic(args, trainer, policy).to(trainer.device), args.critic_lr_scale)
-    data = PromptDataset(args.data_path, trainer.tokenizer, args.max_prompt_len, strict=args.strict,
-                         thinking_ratio=args.thinking_ratio, seed=args.seed)
-    check_rewards(trainer, data, rewards, names)
-    ppo = PPO(args, trainer, ac, reference, rewards, weights, names)
-
-    def save_fn(model, folder):  # the policy as a checkpoint every script loads; the value model beside it
-        save_pretrained_atomic(model.policy, trainer.tokenizer, folder)
-        tmp = os.path.join(folder, "critic.safetensors.tmp")
-        save_file({k: v.contiguous() for k, v in model.critic.state_dict().items()}, tmp)
-        os.replace(tmp, os.path.join(folder, "critic.safetensors"))
-
-    summary = trainer.fit(ac, data, collate_fn=partial(prompt_collate, pad_id=trainer.tokenizer.pad_token_id or 0),
-                          loss_fn=ppo.loss, count_fn=ppo.count, save_fn=save_fn, curve="reward",
-                          repeat=args.ppo_epochs)
-    return ppo.summarize(summary)
-
-
 def main(argv=None):
-    args = argv if isinstance(argv, argparse.Namespace) else build_parser().parse_args(argv)
-    if args.method == "ppo" and args.data_path == build_parser().get_default("data_path"):
-        args.data_path = "dataset/rlaif.jsonl"  # PPO reads prompts
-    return stage_main("ppo" if args.method == "ppo" else "dpo", build_parser, run, args)
+    args = apply_method_defaults(build_parser(), argv, METHOD_DEFAULTS)
+    return stage_main(args.method, build_parser, METHODS[args.method], args)
 
 
 if __name__ == "__main__":

@@ -11,13 +11,13 @@ tensors are in the optimizer; under torchrun DDP keeps them in sync across ranks
 
 import argparse
 import copy
-from functools import partial
 from pathlib import Path
 
 from dataset import SFTDataset, pad_collate
 from model.lora import DEFAULT_TARGETS, apply_lora, count_trainable, mark_only_lora_trainable, remove_lora, save_adapter
 from trainer import add_train_args, stage_main
-from trainer.checkpoint import resolve_checkpoint, save_pretrained_atomic
+from common.resolve import resolve_checkpoint
+from trainer.checkpoint import save_pretrained_atomic
 
 
 def build_parser():
@@ -48,10 +48,8 @@ def run(trainer, args):
                      base_preset=args.preset if base_path and base_path.is_file() else None)
         trainer.tokenizer.save_pretrained(folder)
 
-    data, held = trainer.split(lambda path: SFTDataset(path, trainer.tokenizer, args.max_seq_len, strict=args.strict,
-                                                       empty_think_ratio=args.empty_think_ratio, seed=args.seed))
-    summary = trainer.fit(model, data, collate_fn=partial(pad_collate, pad_id=trainer.tokenizer.pad_token_id or 0),
-                          save_fn=save_fn, eval_dataset=held)
+    data, held = trainer.split_chat(SFTDataset)
+    summary = trainer.fit(model, data, collate_fn=trainer.collate(pad_collate), save_fn=save_fn, eval_dataset=held)
     if args.merge and trainer.env.is_main:
         merged = copy.deepcopy(model).cpu()
         remove_lora(merged, merge=True)

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from dataset.chat import check_conversations, check_prompt_row, has_reasoning, normalize_chat
 from dataset.dpo import check_preference
 from dataset.jsonl import BadLineError, check_text
-from dataset.rewards import is_well_formatted
+from trainer.rewards import is_well_formatted
 
 DATASET_ID = "gongjy/minimind_dataset"
 TOKENIZER_MODEL_ID = "gongjy/MiniMind2"

@@ -15,7 +15,6 @@ Sampling: --temperature (0 = greedy) --top_p --top_k --repetition_penalty --max_
 """
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -24,11 +23,8 @@ import torch
 
 from inference import Sampling, TextStream, load_tools, tool_schema
 from inference.engine import drain
-from inference.load import add_model_args, load, load_engine  # noqa: F401  (the scripts' shared loading)
-from trainer.distributed import fast_dtype  # noqa: F401
+from inference.load import TEST_PROMPTS, add_model_args, load, load_engine  # noqa: F401  (the scripts' shared loading)
 
-TEST_PROMPTS = ["你好，请介绍一下你自己。", "中国的首都是哪里？", "3加5等于几？", "What color is the sky?",
-                "小明有3个苹果，又买了4个，现在有几个？", "我最近一直咳嗽，应该挂什么科？"]
 DIM, RESET = "\033[2m", "\033[0m"
 
 

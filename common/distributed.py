@@ -1,10 +1,12 @@
-"""Process-group setup for plain `python` and `torchrun` launches, and rank-0 helpers."""
+"""Devices, dtypes and process groups: plain `python` and `torchrun` launches, and rank-0 helpers."""
 
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 @dataclass
@@ -21,6 +23,11 @@ class DistEnv:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
+
+
+def resolve_dtype(name: str, device) -> torch.dtype:
+    """--dtype NAME, where "auto" means `fast_dtype(device)`."""
+    return fast_dtype(device) if name == "auto" else DTYPES[name]
 
 
 def fast_dtype(device) -> torch.dtype:
@@ -61,6 +68,10 @@ def init_distributed(requested_device: str | None = None) -> DistEnv:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
                                 device_id=device if device.type == "cuda" else None)
     return DistEnv(rank, local_rank, world_size, device)
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def barrier() -> None:

@@ -1,11 +1,10 @@
 """DPODataset: {"chosen": [...], "rejected": [...]} jsonl; both chats share the prompt, the last reply differs."""
 
 import torch
-from torch.utils.data import Dataset
 
-from .chat import ChatEncoder, check_messages, normalize_chat, row_chooses, with_empty_think
-from .jsonl import BadLineError, JsonlFile
-from .sft import EMPTY_THINK_RATIO, pad_collate, unmappable
+from .chat import check_messages, normalize_chat, row_chooses, with_empty_think
+from .jsonl import BadLineError
+from .sft import SFTDataset, pad_collate, unmappable
 
 
 def check_preference(obj) -> None:
@@ -17,23 +16,14 @@ def check_preference(obj) -> None:
         raise BadLineError("chosen and rejected do not share the same prompt messages")
 
 
-class DPODataset(Dataset):
-    """Each row: the chosen and the rejected chat encoded with labels on the final reply (+ its eos) only."""
+class DPODataset(SFTDataset):
+    """Each row: the chosen and the rejected chat encoded with labels on the final reply (+ its eos) only. Reading,
+    lengths and adaptive thinking are SFTDataset's; only the schema and the encoding of a row differ."""
 
-    def __init__(self, path, tokenizer, max_seq_len: int = 1024, strict: bool = False, verbose: bool = True,
-                 empty_think_ratio: float = EMPTY_THINK_RATIO, seed: int = 0):
-        self.tokenizer, self.max_seq_len = tokenizer, max_seq_len
-        self.empty_think_ratio, self.seed = empty_think_ratio, seed
-        self.rows = JsonlFile(path, check_preference, strict=strict, verbose=verbose)
-        self.encoder = ChatEncoder(tokenizer)
+    check_row = staticmethod(check_preference)
 
-    @property
-    def lengths(self):
-        """Line sizes in bytes, for length-grouped batches (the engine's --group_by_length)."""
-        return self.rows.sizes
-
-    def __len__(self):
-        return len(self.rows)
+    def __init__(self, path, tokenizer, max_seq_len: int = 1024, **kwargs):
+        super().__init__(path, tokenizer, max_seq_len, **kwargs)
 
     def __getitem__(self, i):
         row, pair = self.rows[i], []

@@ -15,6 +15,18 @@ log = logging.getLogger(__name__)
 MAX_REPORTED = 10
 
 
+def read_jsonl(path) -> list:
+    """Every row of a small jsonl file (held-out sets, evaluation files), blank lines skipped."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_jsonl(path, rows) -> None:
+    """Write rows as UTF-8 jsonl (ensure_ascii off: Chinese stays readable)."""
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+
+
 class BadLineError(ValueError):
     pass
 

@@ -31,11 +31,13 @@ class SFTDataset(Dataset):
     row index, assistant turns without reasoning get the empty think block `<think>\\n\\n</think>\\n\\n` in front of
     their reply; the other rows get none. The model learns to answer straight away or to think first."""
 
+    check_row = staticmethod(check_conversations)  # the row schema; JsonlFile reports rows that fail it
+
     def __init__(self, path, tokenizer, max_seq_len: int = 512, strict: bool = False, verbose: bool = True,
                  empty_think_ratio: float = EMPTY_THINK_RATIO, seed: int = 0):
         self.tokenizer, self.max_seq_len = tokenizer, max_seq_len
         self.empty_think_ratio, self.seed = empty_think_ratio, seed
-        self.rows = JsonlFile(path, check_conversations, strict=strict, verbose=verbose)
+        self.rows = JsonlFile(path, self.check_row, strict=strict, verbose=verbose)
         self.encoder = ChatEncoder(tokenizer)
 
     @property
@@ -59,6 +61,11 @@ class SFTDataset(Dataset):
             return self.encoder.encode(messages, tools, self.max_seq_len)
         except BadLineError as e:
             return unmappable(self.rows, i, e)
+
+
+def pad_id_of(tokenizer) -> int:
+    """The id padding is written with: the tokenizer's pad token, else 0 (padding is masked out either way)."""
+    return tokenizer.pad_token_id or 0
 
 
 def pad_collate(rows, pad_id: int = 0) -> dict:

@@ -3,10 +3,10 @@
 One small world -- countries, animals, people, colours -- plus sums of small numbers, told as plain text for
 pretraining and asked about as chats in the later stages. Some facts and sums are held out: they appear in
 pretrain.jsonl only, and sft_eval / kd_eval / dpo_eval ask about them, so a stage can only answer them by surfacing
-what pretraining stored. Every answer is templated, so `dataset/demo_metrics.py` can check it.
+what pretraining stored. Every answer is templated, so `demo/metrics.py` can check it.
 
-    python dataset/demo_data.py                          # rewrites dataset/demo/ byte for byte
-    python dataset/demo_data.py --seed 1 --out_dir /tmp/demo
+    python -m demo.curriculum                            # rewrites demo/data/ byte for byte
+    python -m demo.curriculum --seed 1 --out_dir /tmp/demo
 
 Only the standard library is used; every random choice comes from `random.Random(f"{seed}:{file}")`, and no set is
 iterated, so the output depends on the seed alone.
@@ -19,8 +19,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import DATA_DIR
+from .readme import readme
+
 DEFAULT_SEED = 0
-DEFAULT_OUT_DIR = Path(__file__).resolve().parent / "demo"
+DEFAULT_OUT_DIR = DATA_DIR
 LANGS = ("zh", "en")
 
 # ----------------------------------------------------------------------------------------------------- the world
@@ -280,6 +283,13 @@ class Curriculum:
 
     def train_fact(self, rng, world_share=0.5):
         return rng.choice(self.train_world if rng.random() < world_share else self.train_arith)
+
+    def sizes(self) -> dict:
+        """How big the world is, for the README: entities of each sort, facts, sums, and how many are held out."""
+        held_facts = sum(f.kind not in ARITH for f in self.held)
+        return {"countries": len(COUNTRIES), "animals": len(ANIMALS), "people": len(PEOPLE), "things": len(THINGS),
+                "facts": len(self.world), "sums": len(self.arith), "max_sum": MAX_SUM, "held_facts": held_facts,
+                "held_sums": len(self.held) - held_facts}
 
     # ---------------------------------------------------------------------------------------- 1 pretrain
 
@@ -851,89 +861,11 @@ def to_jsonl(rows):
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
 
 
-def readme(files, seed):
-    world, arith = world_facts(), arithmetic_facts()
-    held = Curriculum(seed).held
-    n_held_world = sum(f.kind not in ARITH for f in held)
-    n_held_arith = len(held) - n_held_world
-    counts = {name: len(rows) for name, rows in files.items()}
-    sizes = {name: len(to_jsonl(rows)) for name, rows in files.items()}
-    desc = {
-        "pretrain.jsonl": ("1 pretrain", "短文：国家、动物、人物、颜色的事实，10 以内加减法的句子，小故事，医院科室简介",
-                           "short texts: facts about countries, animals, people, colours; small sums as "
-                           "sentences; little stories; hospital departments (zh)"),
-        "pretrain_eval.jsonl": ("1 pretrain", "同分布的留出文本，用于困惑度", "held-out texts of the same kind, for "
-                                "perplexity"),
-        "sft.jsonl": ("2 SFT", "单轮/多轮问答，部分带 system", "single- and multi-turn Q&A, some with a system turn"),
-        "sft_tools.jsonl": ("2 SFT", "天气工具调用对话（MiniMind 今天的行格式：调用 get_weather → 结果 → 回答，每次对话的天气随机），"
-                            "以及有工具但直接回答的问答",
-                            "weather tool-call chats (MiniMind's row format of today: a get_weather call -> its result "
-                            "-> the answer, the weather random in each chat), and questions answered without a call "
-                            "although the tool is there"),
-        "tools_eval.jsonl": ("2 SFT", "留出的（城市、问法、天气）组合（agent_rl 格式：conversations + gt，另有期望的调用和工具结果）",
-                             "held-out (city, question, weather) cases (agent_rl format: conversations + gt, plus the "
-                             "expected call and the tool's result)"),
-        "agent_rl.jsonl": ("6 agent", "智能体强化学习用的天气问题（agent_rl 格式：conversations + gt + 该对话中工具的结果），不含留出组合",
-                           "weather questions for agentic RL (agent_rl format: conversations + gt + the tool's result "
-                           "in that chat), no held-out case"),
-        "sft_eval.jsonl": ("2 SFT", "只在预训练文本里出现过的事实与算式的问答", "Q&A about facts and sums that only "
-                           "the pretraining text states"),
-        "kd.jsonl": ("3 KD", "较长的多轮对话，回答更丰富（sft_1024 格式）", "longer multi-turn chats with richer "
-                     "answers (sft_1024 format)"),
-        "kd_eval.jsonl": ("3 KD", "关于留出事实的教师式回答", "teacher-style answers about the held-out facts"),
-        "dpo.jsonl": ("4 DPO", "chosen 为正确的模板答案；rejected 为错误事实/算式、拒答、粗鲁或啰嗦的错误回答",
-                      "chosen: the correct templated answer; rejected: a wrong fact or sum, a refusal, a rude or a "
-                      "rambling wrong reply"),
-        "dpo_eval.jsonl": ("4 DPO", "关于留出事实的偏好对", "preference pairs about the held-out facts"),
-        "lora_medical.jsonl": ("5 LoRA", "症状 → 就诊科室 + 简短建议（虚构，非医疗建议）",
-                               "symptom -> department to visit + short advice (synthetic, not medical advice)"),
-        "lora_medical_eval.jsonl": ("5 LoRA", "训练中未出现的问法与症状组合", "phrasings and symptom pairs not in "
-                                    "training"),
-        "reason.jsonl": ("6 reason", "2–3 步加减应用题，<think>…</think><answer>数字</answer>",
-                         "2-3 step add/subtract word problems, <think>…</think><answer>number</answer>"),
-        "reason_prompts.jsonl": ("6 GRPO", "GRPO 用题目（与上两者不重叠），参考答案在 <answer> 中",
-                                 "problems for GRPO (disjoint from the others); reference answer inside <answer>"),
-        "reason_eval.jsonl": ("6 reason", "留出的应用题", "held-out word problems"),
-    }
-    lines = [
-        "# Demo curriculum / 演示课程数据",
-        "",
-        f"由 `python dataset/demo_data.py --seed {seed}` 生成，请勿手改（测试会检查文件与生成结果逐字节一致）。",
-        "所有内容均为合成数据，许可证与本仓库相同。医疗数据是虚构的模板，不是医疗建议。",
-        "",
-        f"Generated by `python dataset/demo_data.py --seed {seed}`; do not edit by hand (a test checks that these "
-        "files equal the generator's output byte for byte). Everything is synthetic; licence: same as this "
-        "repository. The medical set is made-up templates, not medical advice.",
-        "",
-        f"World: {len(COUNTRIES)} countries, {len(ANIMALS)} animals, {len(PEOPLE)} people, {len(THINGS)} things "
-        f"({len(world)} facts) and every sum and difference up to {MAX_SUM} ({len(arith)}), in Chinese and English. "
-        f"{n_held_world} facts and {n_held_arith} sums are held out: only `pretrain.jsonl` states them, "
-        "`sft_eval` / `kd_eval` / `dpo_eval` ask about them, no other file mentions them. Every `*_eval` file is disjoint from "
-        "training. Metrics: `dataset/demo_metrics.py`. GRPO: prompt = `conversations[:-1]`, reference = the number "
-        "in the last reply's `<answer>`.",
-        "",
-        f"小世界：{len(COUNTRIES)} 个国家、{len(ANIMALS)} 种动物、{len(PEOPLE)} 个人、{len(THINGS)} 种东西（共 {len(world)} "
-        f"条事实），以及 {MAX_SUM} 以内的全部加减法（{len(arith)} 条），中英双语。其中 {n_held_world} 条事实和 "
-        f"{n_held_arith} 道算式被留出：只在 `pretrain.jsonl` 中陈述，由 `sft_eval` / `kd_eval` / `dpo_eval` 考查，其他文件都不出现。"
-        "所有 `*_eval` 文件与训练数据不重叠。评测函数见 `dataset/demo_metrics.py`。GRPO：提示为 `conversations[:-1]`，"
-        "参考答案是最后一条回复 `<answer>` 中的数字。",
-        "",
-        "| file | stage | rows | KiB | 内容 | contents |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
-    for name in files:
-        stage, zh, en = desc[name]
-        lines.append(f"| `{name}` | {stage} | {counts[name]} | {sizes[name] / 1024:.0f} | {zh} | {en} |")
-    lines += ["", "Formats / 格式: pretrain `{\"text\": ...}`; chats `{\"conversations\": [{\"role\", \"content\"}, "
-              "...]}`; DPO `{\"chosen\": [...], \"rejected\": [...]}` (same prompt, different last reply).", ""]
-    return "\n".join(lines).encode("utf-8")
-
-
 def render(seed=DEFAULT_SEED):
-    """{file name: bytes} for every file of dataset/demo/, README.md included."""
-    files = Curriculum(seed).files()
-    out = {name: to_jsonl(rows) for name, rows in files.items()}
-    out["README.md"] = readme(files, seed)
+    """{file name: bytes} for every file of demo/data/, README.md included."""
+    curriculum = Curriculum(seed)
+    out = {name: to_jsonl(rows) for name, rows in curriculum.files().items()}
+    out["README.md"] = readme(out, seed, curriculum.sizes())
     return out
 
 

@@ -1,4 +1,4 @@
-"""Held-out metrics for the demo curriculum (dataset/demo/): one number per stage that should visibly move.
+"""Held-out metrics for the demo curriculum (demo/data/): one number per stage that should visibly move.
 
     pretrain_perplexity  pretrain_eval.jsonl          perplexity of held-out plain text
     qa_accuracy          sft_eval.jsonl               does the reply state the reference answer?
@@ -6,8 +6,9 @@
     preference_accuracy  dpo_eval.jsonl               is the chosen reply more likely (or more rewarded under DPO)?
     domain_accuracy      lora_medical_eval.jsonl      does the reply send the patient to the right department?
     reasoning_scores     reason_eval.jsonl            <think>/<answer> format, and the right number
-    tool_use_scores      tools_eval.jsonl             a valid calculator call with the right arguments, and the right
+    tool_use_scores      tools_eval.jsonl             a valid weather call with the right arguments, and the right
                                                       answer once the tool ran -- beside the same model without tools
+                                                      (trainer/tool_eval.py: scripts/eval_tools.py scores with it too)
 
 Judging one generated string against its reference is done by pure functions (`contains_answer`, `department_of`,
 `format_reward`, `correctness_reward`): the tests check them by hand and GRPO uses the last two as rewards.
@@ -15,23 +16,18 @@ Only the ids the tokenizer names (pad, bos, eos) are used, so any ChatML tokeniz
 which `<think>` may be several tokens.
 """
 
-import json
 import math
 import re
-from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 
-from .demo_data import occurs
+# first_sentence / final_number live with the rewards that use them, tool_use_scores with the other scoring of
+# generations; imported here too for the metrics' callers
+from trainer.rewards import correctness_reward, final_number, first_sentence, is_well_formatted  # noqa: F401
+from trainer.tool_eval import eval_mode, greedy_replies, mean, tool_use_scores  # noqa: F401
 
-# first_sentence / final_number live with the rewards that use them; imported here too for the metrics' callers
-from .rewards import agent_answer_correct, correctness_reward, final_number, first_sentence, is_well_formatted  # noqa
-
-
-def load_jsonl(path) -> list:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+from .curriculum import occurs
 
 
 # ----------------------------------------------------------------------------------------------------- pure scoring
@@ -87,19 +83,6 @@ def split_item(item):
     return messages[:last], messages[last]["content"]
 
 
-@contextmanager
-def eval_mode(*models):
-    """Dropout off while measuring; each model goes back to the mode it was in."""
-    modes = [m.training for m in models]
-    for m in models:
-        m.eval()
-    try:
-        yield
-    finally:
-        for m, mode in zip(models, modes):
-            m.train(mode)
-
-
 def _device(model):
     return next(model.parameters()).device
 
@@ -113,37 +96,16 @@ def _batches(lengths, batch_size):
 def generate_replies(model, tokenizer, prompts, max_new_tokens=32, batch_size=32) -> list:
     """Greedy replies to chat prompts (lists of messages): batched with left padding, each cut at its first eos and
     decoded with special tokens kept (a tokenizer may mark <think> as special)."""
-    return [text for text, _ in _generate(model, tokenizer, prompts, max_new_tokens, batch_size)]
-
-
-EMPTY_THINK = "<think>\n\n</think>\n\n"  # adaptive thinking's "no thinking" block: not part of the answer
-
-
-def _generate(model, tokenizer, prompts, max_new_tokens, batch_size, tools=None) -> list:
-    """[(reply, stopped)]: greedy, through the inference core; stopped = the model ended its reply with eos within
-    max_new_tokens. tools: one tools list (or None) per prompt, rendered into its system turn."""
-    from inference import Engine, Sampling
-
-    engine = Engine(model, tokenizer)
-    tools = tools or [None] * len(prompts)
-    rows = [tokenizer(engine.render(p, t), add_special_tokens=False)["input_ids"] for p, t in zip(prompts, tools)]
-    with eval_mode(model):
-        out = engine.generate(rows, Sampling(max_new_tokens=max_new_tokens), batch_size)
-    return [(tokenizer.decode(ids, skip_special_tokens=False).removeprefix(EMPTY_THINK).strip(), stopped)
-            for ids, stopped in out]
-
-
-def _mean(flags):
-    return sum(flags) / len(flags) if flags else 0.0
+    return [text for text, _ in greedy_replies(model, tokenizer, prompts, max_new_tokens, batch_size)]
 
 
 def _judge(model, tokenizer, items, judge, max_new_tokens, batch_size, return_generations):
     prompts, references = zip(*(split_item(x) for x in items))
-    generated = _generate(model, tokenizer, list(prompts), max_new_tokens, batch_size)
+    generated = greedy_replies(model, tokenizer, list(prompts), max_new_tokens, batch_size)
     replies = [text for text, _ in generated]
-    result = {"accuracy": _mean([judge(g, r) for g, r in zip(replies, references)]),
-              "exact_match": _mean([exact_match(g, r) for g, r in zip(replies, references)]),
-              "stop_rate": _mean([stopped for _, stopped in generated]), "n": len(items)}
+    result = {"accuracy": mean([judge(g, r) for g, r in zip(replies, references)]),
+              "exact_match": mean([exact_match(g, r) for g, r in zip(replies, references)]),
+              "stop_rate": mean([stopped for _, stopped in generated]), "n": len(items)}
     if return_generations:
         result["generations"] = replies
     return result
@@ -170,67 +132,13 @@ def reasoning_scores(model, tokenizer, items, max_new_tokens=160, batch_size=32,
     `correctness_reward` 1 against the reference's <answer> number, "stop_rate", "n"}. A reply cut off by
     max_new_tokens has no </answer>, so give room for the whole <think> part."""
     prompts, references = zip(*(split_item(x) for x in items))
-    generated = _generate(model, tokenizer, list(prompts), max_new_tokens, batch_size)
+    generated = greedy_replies(model, tokenizer, list(prompts), max_new_tokens, batch_size)
     replies = [text for text, _ in generated]
-    result = {"format_rate": _mean([is_well_formatted(g) for g in replies]),
-              "answer_accuracy": _mean([correctness_reward(g, r) == 1.0 for g, r in zip(replies, references)]),
-              "stop_rate": _mean([stopped for _, stopped in generated]), "n": len(items)}
+    result = {"format_rate": mean([is_well_formatted(g) for g in replies]),
+              "answer_accuracy": mean([correctness_reward(g, r) == 1.0 for g, r in zip(replies, references)]),
+              "stop_rate": mean([stopped for _, stopped in generated]), "n": len(items)}
     if return_generations:
         result["generations"] = replies
-    return result
-
-
-def tool_use_scores(model, tokenizer, items, max_new_tokens=64, batch_size=16, max_rounds=2, functions=None,
-                    return_generations=False) -> dict:
-    """agent_rl-format items (conversations with tools, "gt", optionally "expected_call" and "tool_results") through
-    the inference core's tool loop (Engine.run_tools_batch, greedy): the model's calls run and their results go back
-    as tool messages for up to `max_rounds` rounds; the last reply must state the answer (a number: the last one of
-    its first sentence; text: contained in its first sentence). Calls run in `functions` (default: the built-in
-    tools), or, for an item with "tool_results" ({name: result}), in that scripted environment: a tool whose answer
-    changes from chat to chat.
-    {"valid_call": share whose first reply holds a parsable call and nothing malformed, "right_tool",
-    "right_arguments" (the expected call exactly, spaces aside), "answer_accuracy" (tools executed),
-    "answer_accuracy_without_tools" (the same questions with no tools in the prompt), "n"}."""
-    from inference import BUILTIN_TOOLS, Engine, Sampling
-    from inference.tools import scripted_tool
-
-    from .chat import normalize_chat
-
-    chats = [normalize_chat(x["conversations"], complete=False) for x in items]
-    envs = []
-    for x in items:
-        scripted = x.get("tool_results")
-        envs.append(functions or BUILTIN_TOOLS if scripted is None else
-                    {name: scripted_tool(r) for name, r in scripted.items()})
-    engine = Engine(model, tokenizer)
-    with eval_mode(model):
-        runs = engine.run_tools_batch([m for m, _ in chats], envs, tools=[t for _, t in chats],
-                                      max_rounds=max_rounds, sampling=Sampling(max_new_tokens=max_new_tokens),
-                                      batch_size=batch_size)
-    finals = [last.content for _, _, last in runs]
-
-
-    def same_call(call, expected):
-        squash = lambda v: json.dumps(v, sort_keys=True).replace(" ", "")  # noqa: E731
-        return call["function"]["name"] == expected["name"] and \
-            squash(json.loads(call["function"]["arguments"])) == squash(expected["arguments"])
-
-    plain = [[m for m in msgs if m["role"] != "system" or m["content"].strip()] for msgs, _ in chats]
-    without = [text for text, _ in _generate(model, tokenizer, plain, max_new_tokens, batch_size)]
-    valid = [bool(first.tool_calls) and not first.errors for _, first, _ in runs]
-    expected = [x.get("expected_call") for x in items]
-    calls = [first.tool_calls for _, first, _ in runs]
-    result = {"valid_call": _mean(valid),
-              "right_tool": _mean([v and e is not None and calls[i][0]["function"]["name"] == e["name"]
-                                   for i, (v, e) in enumerate(zip(valid, expected))]),
-              "right_arguments": _mean([v and e is not None and same_call(calls[i][0], e)
-                                        for i, (v, e) in enumerate(zip(valid, expected))]),
-              "answer_accuracy": _mean([agent_answer_correct(finals[i], items[i]["gt"]) for i in range(len(items))]),
-              "answer_accuracy_without_tools": _mean([agent_answer_correct(without[i], items[i]["gt"]) for i in range(len(items))]),
-              "n": len(items)}
-    if return_generations:
-        result["generations"] = [new for new, _, _ in runs]
-        result["generations_without_tools"] = without
     return result
 
 

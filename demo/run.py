@@ -1,7 +1,7 @@
-"""Run the whole pipeline on the embedded demo curriculum (dataset/demo/) with a small model on CPU.
+"""Run the whole pipeline on the embedded demo curriculum (demo/data/) with a small model on CPU.
 
-    python scripts/run_demo.py                       # every stage, ~minutes on 2 CPU cores
-    python scripts/run_demo.py --stages pretrain,sft
+    python -m demo                                   # every stage, ~minutes on 2 CPU cores
+    python -m demo --stages pretrain,sft             # (python -m demo.run is the same)
 
 Each stage is the real stage script with demo-sized arguments; after it, the stage's held-out metric is measured on
 items the stage never trained on. Prints a table (stage, steps, loss first -> last, metric, seconds) and writes it
@@ -12,23 +12,24 @@ an eval file), the report card to <out_dir>/report.md and images/report.png.
 import argparse
 import importlib.util
 import json
-import sys
 import time
 from pathlib import Path
 from statistics import mean
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from dataset import read_jsonl
+from transformers import AutoTokenizer
 
-from dataset import demo_metrics as metrics  # noqa: E402
-from dataset.rewards import correctness_reward, format_reward  # noqa: E402
-from model import MicroLMForCausalLM  # noqa: E402
-from model.lora import from_adapter, is_adapter_dir  # noqa: E402
-from trainer import report  # noqa: E402
+from model import TOKENIZER_DIR, MicroLMForCausalLM
+from model.lora import from_adapter, is_adapter_dir
+from trainer import report
+from trainer.rewards import correctness_reward, format_reward
 
-DEMO = ROOT / "dataset" / "demo"
+from . import DATA_DIR as DEMO
+from . import metrics
+
+ROOT = Path(__file__).resolve().parents[1]  # where the stage scripts are
 # the demo model: ~1.6M parameters, trains a few hundred steps a minute on 2 CPU cores
 DEMO_MODEL = ["--preset", "demo"]
 
@@ -81,7 +82,7 @@ def load_script(filename):
 
 def chat_metrics(model, tokenizer) -> dict:
     """Held-out questions about facts that only the pretraining text states."""
-    items = metrics.load_jsonl(DEMO / "sft_eval.jsonl")
+    items = read_jsonl(DEMO / "sft_eval.jsonl")
     qa = metrics.qa_accuracy(model, tokenizer, items)
     return {"held-out QA accuracy": qa["accuracy"], "held-out reply stop rate": qa["stop_rate"],
             "held-out QA reply loss": metrics.reply_loss(model, tokenizer, items)["loss"]}
@@ -89,13 +90,13 @@ def chat_metrics(model, tokenizer) -> dict:
 
 def teacher_answer_loss(model, tokenizer) -> float:
     """Next-token loss on teacher-style answers about held-out facts (kd_eval.jsonl)."""
-    return metrics.reply_loss(model, tokenizer, metrics.load_jsonl(DEMO / "kd_eval.jsonl"))["loss"]
+    return metrics.reply_loss(model, tokenizer, read_jsonl(DEMO / "kd_eval.jsonl"))["loss"]
 
 
 def reason_metrics(model, tokenizer) -> dict:
     """Held-out word problems: share of greedy replies in the think/answer format, share with the right number,
     and the mean GRPO reward (format + correctness) of those replies."""
-    items = metrics.load_jsonl(DEMO / "reason_eval.jsonl")
+    items = read_jsonl(DEMO / "reason_eval.jsonl")
     scores = metrics.reasoning_scores(model, tokenizer, items, return_generations=True)
     references = [metrics.split_item(x)[1] for x in items]
     reward = sum(format_reward(g) + correctness_reward(g, r) for g, r in zip(scores["generations"], references))
@@ -117,33 +118,33 @@ def held_out_metric(stage, out_dir, tokenizer) -> dict:
     model = load(stage)
     torch.manual_seed(0)
     if stage == "pretrain":
-        ppl = metrics.pretrain_perplexity(model, tokenizer, [r["text"] for r in metrics.load_jsonl(
+        ppl = metrics.pretrain_perplexity(model, tokenizer, [r["text"] for r in read_jsonl(
             DEMO / "pretrain_eval.jsonl")])
         return {"held-out perplexity": ppl["perplexity"], **chat_metrics(model, tokenizer)}
     if stage == "sft":
         return chat_metrics(model, tokenizer)
     if stage == "tools":  # held-out cases: the call run in the chat's scripted environment vs no tools at all
-        scores = metrics.tool_use_scores(model, tokenizer, metrics.load_jsonl(DEMO / "tools_eval.jsonl"))
+        scores = metrics.tool_use_scores(model, tokenizer, read_jsonl(DEMO / "tools_eval.jsonl"))
         return {"valid call": scores["valid_call"], "right arguments": scores["right_arguments"],
                 "answer accuracy with tools": scores["answer_accuracy"],
                 "answer accuracy without tools": scores["answer_accuracy_without_tools"]}
     if stage == "agent":  # the same held-out cases through the tool loop, before (tools) and after agentic RL
         def tool_use(m, tok):
-            scores = metrics.tool_use_scores(m, tok, metrics.load_jsonl(DEMO / "tools_eval.jsonl"))
+            scores = metrics.tool_use_scores(m, tok, read_jsonl(DEMO / "tools_eval.jsonl"))
             return {"valid call": scores["valid_call"], "right arguments": scores["right_arguments"],
                     "answer accuracy with tools": scores["answer_accuracy"]}
         return with_before(tool_use, "tools")
     if stage == "kd":  # black-box KD: the student takes on the teacher's answers, also for unseen questions
         return with_before(lambda m, tok: {"teacher-answer loss": teacher_answer_loss(m, tok)}, "sft")
     if stage == "dpo":
-        pairs, start = metrics.load_jsonl(DEMO / "dpo_eval.jsonl"), load("kd")
+        pairs, start = read_jsonl(DEMO / "dpo_eval.jsonl"), load("kd")
         return {"preference accuracy": metrics.preference_accuracy(model, tokenizer, pairs)["accuracy"],
                 "preference accuracy before": metrics.preference_accuracy(start, tokenizer, pairs)["accuracy"],
                 # TRL's rewards/accuracies on held-out pairs: did training move chosen above rejected vs the start?
                 "reward accuracy": metrics.preference_accuracy(model, tokenizer, pairs, ref_model=start)["accuracy"]}
     if stage == "lora":  # the medical domain: which department the reply sends a patient to, on unseen phrasings
         def medical(m, tok):
-            items = metrics.load_jsonl(DEMO / "lora_medical_eval.jsonl")
+            items = read_jsonl(DEMO / "lora_medical_eval.jsonl")
             return {"department accuracy": metrics.domain_accuracy(m, tok, items)["accuracy"],
                     "reply loss": metrics.reply_loss(m, tok, items)["loss"]}
         return with_before(medical, "dpo")
@@ -153,10 +154,6 @@ def held_out_metric(stage, out_dir, tokenizer) -> dict:
 
 
 def run(stages, out_dir: Path, image_dir: Path, extra: list) -> list:
-    from transformers import AutoTokenizer
-
-    from model import TOKENIZER_DIR
-
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
     results = []
     for stage in stages:
@@ -197,7 +194,8 @@ def format_table(results) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {list(STAGES)}")
     parser.add_argument("--out_dir", default="out/demo")
     parser.add_argument("--image_dir", default="images")

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dataset.sft import pad_id_of
+
 from .toolcalls import parse_tool_calls
 from .tools import run_tool, tool_schema
 
@@ -300,7 +302,7 @@ class Engine:
     def __init__(self, model, tokenizer, context=None, compile=False):
         self.model, self.tokenizer = model, tokenizer
         self.context = context or getattr(model.config, "max_position_embeddings", 2048)
-        self.eos_id, self.pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id or 0
+        self.eos_id, self.pad_id = tokenizer.eos_token_id, pad_id_of(tokenizer)
         # compile: a static cache whose length is rounded up, so one compiled step serves many prompt lengths
         self.step = torch.compile(model, dynamic=False) if compile else None
 

@@ -4,14 +4,24 @@ the same rules and errors for the chat script, the server, the evaluation and th
 from pathlib import Path
 
 import torch
+from transformers import AutoTokenizer
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from common.distributed import DTYPES, resolve_dtype
+from common.resolve import STAGE_SCRIPTS, checkpoint_tokenizer, resolve_checkpoint
+from model import TOKENIZER_DIR
+from model.families import load_for_inference
+from model.lora import from_adapter, is_adapter_dir, load_adapter
+
+from .engine import Engine
+from .quant import quantize_int8
+
+# fixed prompts for a quick look at any checkpoint (eval_model.py --auto, the GGUF comparison)
+TEST_PROMPTS = ["你好，请介绍一下你自己。", "中国的首都是哪里？", "3加5等于几？", "What color is the sky?",
+                "小明有3个苹果，又买了4个，现在有几个？", "我最近一直咳嗽，应该挂什么科？"]
 
 
 def add_model_args(parser):
     """Which checkpoint to load, and where: shared by eval_model.py and every script that runs a model."""
-    from trainer.checkpoint import STAGE_SCRIPTS
-
     parser.add_argument("--stage", default="sft", choices=sorted(STAGE_SCRIPTS), help="out/<stage> to load")
     parser.add_argument("--model_path", default=None,
                         help="instead of --stage: a checkpoint folder (ours, Hugging Face, MiniMind's) or a .pth")
@@ -34,15 +44,7 @@ def add_model_args(parser):
 def load(args):
     """(model, tokenizer, folder) for --stage / --model_path, with --adapter on top; SystemExit naming the missing
     checkpoint and the script that makes it."""
-    from transformers import AutoTokenizer
-
-    from model import TOKENIZER_DIR
-    from model.families import load_for_inference
-    from model.lora import from_adapter, is_adapter_dir, load_adapter
-    from trainer.checkpoint import checkpoint_tokenizer, resolve_checkpoint
-    from trainer.distributed import fast_dtype
-
-    dtype = fast_dtype(args.device) if args.dtype == "auto" else DTYPES[args.dtype]
+    dtype = resolve_dtype(args.dtype, args.device)
     path = Path(args.model_path or Path(args.out_dir) / args.stage)
     adapter = args.adapter
     if is_adapter_dir(path):  # out/lora holds only an adapter: its config names the base
@@ -62,7 +64,6 @@ def load(args):
                                                                    TOKENIZER_DIR))
     model = model.to(args.device).eval()
     if getattr(args, "quantize", "none") == "int8":
-        from .quant import quantize_int8
         try:
             quantize_int8(model)
         except ValueError as e:
@@ -72,7 +73,5 @@ def load(args):
 
 def load_engine(args):
     """(Engine, folder): `load` plus the inference core around the model (--compile: a compiled decode step)."""
-    from .engine import Engine
-
     model, tokenizer, path = load(args)
     return Engine(model, tokenizer, compile=getattr(args, "compile", False)), path

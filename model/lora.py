@@ -16,6 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from .families import load_for_inference
+
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -188,8 +190,6 @@ def is_adapter_dir(path) -> bool:
 def from_adapter(adapter_dir, base=None, dtype=torch.float32) -> nn.Module:
     """Base model + adapter, ready for inference: `base` (a checkpoint) or the adapter's `base_model_name_or_path`
     (any checkpoint model/families.py reads; a bare .pth with the `base_preset` the adapter recorded)."""
-    from .families import load_for_inference
-
     cfg = json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text())
     base = base or cfg.get("base_model_name_or_path")
     if not base or not Path(base).exists():

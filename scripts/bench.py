@@ -43,8 +43,6 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 DOC_TOKENS = (250, 400)  # pretrain_hq.jsonl: texts merged up to ~512 characters, 6400-vocab tokenizer
 
@@ -120,8 +118,9 @@ def make_batches(mode: str, n_batches: int, batch_size: int, seq_len: int, vocab
 
 def train_child(spec: dict) -> dict:
     from model import MicroLMConfig, MicroLMForCausalLM
-    from trainer.distributed import fast_dtype
-    from trainer.engine import lm_loss, param_groups, to_device
+    from common.distributed import fast_dtype
+    from common.distributed import to_device
+    from trainer.engine import lm_loss, param_groups
 
     device = torch.device(spec["device"])
     mode = spec["mode"]
@@ -188,7 +187,7 @@ def decode_child(spec: dict) -> dict:
     from inference import Sampling, generate
     from inference.quant import quantize_int8
     from model import MicroLMConfig, MicroLMForCausalLM
-    from trainer.distributed import fast_dtype
+    from common.distributed import fast_dtype
 
     device = torch.device(spec["device"])
     torch.manual_seed(0)
@@ -257,7 +256,7 @@ def main(argv=None):
         print(json.dumps((train_child if kind == "train" else decode_child)(json.loads(spec))))
         return None
 
-    from trainer.distributed import fast_dtype
+    from common.distributed import fast_dtype
 
     device = torch.device(args.device)
     n = 8192 if device.type == "cuda" else 2048
@@ -291,35 +290,40 @@ def main(argv=None):
             result["train"].append({"preset": preset, "mode": mode, **med, "runs": runs[mode]})
 
     if args.decode_preset:
-        for batch in map(int, args.decode_batches.split(",")):
-            for mode in filter(None, args.decode_modes.split(",")):
-                spec = {"preset": args.decode_preset, "mode": mode, "device": args.device, "batch_size": batch,
-                        "prompt_tokens": 64, "new_tokens": 200, "runs": 3}
-                try:
-                    row = {"preset": args.decode_preset, "mode": mode, "batch_size": batch,
-                           **run_child("decode", spec)}
-                except RuntimeError as e:  # one failing mode costs its row, not the rows measured after it
-                    print(f"  decode {mode} batch {batch} FAILED: {str(e)[-600:]}", flush=True)
-                    row = {"preset": args.decode_preset, "mode": mode, "batch_size": batch, "skipped": str(e)[-600:]}
-                if "skipped" in row:
-                    print(f"  decode {mode} batch {batch} skipped: {row['skipped']}", flush=True)
-                    result.setdefault("skipped", []).append(row)
-                    continue
-                ours = next((r for r in result["decode"] if r["mode"] == "ours" and r["batch_size"] == batch), None)
-                if "int8" in mode and ours:  # same prompt, greedy: the share of tokens equal to ours, position-wise
-                    pairs = [(a, b) for x, y in zip(row["tokens"], ours["tokens"]) for a, b in zip(x, y)]
-                    row["agreement_with_ours"] = sum(a == b for a, b in pairs) / len(pairs)
-                result["decode"].append(row)
-                print(f"  decode {args.decode_preset} {mode} batch {batch}: {row['tokens_per_s']:,.0f} tok/s",
-                      flush=True)
-        for row in result["decode"]:
-            row.pop("tokens")
+        run_decode(args, result)
 
     print_tables(result)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
     print(f"-> {args.json}")
     return result
+
+
+def run_decode(args, result):
+    """Each decode mode at each batch size, in child processes; rows (or skipped rows) go into result."""
+    for batch in map(int, args.decode_batches.split(",")):
+        for mode in filter(None, args.decode_modes.split(",")):
+            spec = {"preset": args.decode_preset, "mode": mode, "device": args.device, "batch_size": batch,
+                    "prompt_tokens": 64, "new_tokens": 200, "runs": 3}
+            try:
+                row = {"preset": args.decode_preset, "mode": mode, "batch_size": batch,
+                       **run_child("decode", spec)}
+            except RuntimeError as e:  # one failing mode costs its row, not the rows measured after it
+                print(f"  decode {mode} batch {batch} FAILED: {str(e)[-600:]}", flush=True)
+                row = {"preset": args.decode_preset, "mode": mode, "batch_size": batch, "skipped": str(e)[-600:]}
+            if "skipped" in row:
+                print(f"  decode {mode} batch {batch} skipped: {row['skipped']}", flush=True)
+                result.setdefault("skipped", []).append(row)
+                continue
+            ours = next((r for r in result["decode"] if r["mode"] == "ours" and r["batch_size"] == batch), None)
+            if "int8" in mode and ours:  # same prompt, greedy: the share of tokens equal to ours, position-wise
+                pairs = [(a, b) for x, y in zip(row["tokens"], ours["tokens"]) for a, b in zip(x, y)]
+                row["agreement_with_ours"] = sum(a == b for a, b in pairs) / len(pairs)
+            result["decode"].append(row)
+            print(f"  decode {args.decode_preset} {mode} batch {batch}: {row['tokens_per_s']:,.0f} tok/s",
+                  flush=True)
+    for row in result["decode"]:
+        row.pop("tokens")
 
 
 def print_tables(result):

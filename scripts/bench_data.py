@@ -23,7 +23,6 @@ ROOT = Path(__file__).resolve().parents[1]
 CHILD = """
 import resource, sys, json
 sys.argv = ["data_process.py", *json.loads(sys.argv[1])]
-sys.path.insert(0, {root!r})
 import runpy
 try:
     runpy.run_path({script!r}, run_name="__main__")
@@ -61,7 +60,6 @@ def peak_rss(args) -> tuple:
 
 def loader_figures(path: Path, n_rows: int = 2000, max_seq_len: int = 512) -> dict:
     """Index build vs cached index (seconds), then SFTDataset rows/s and tokens/s in this one process."""
-    sys.path.insert(0, str(ROOT))
     from transformers import AutoTokenizer
 
     from dataset import SFTDataset

@@ -15,19 +15,17 @@ import argparse
 import json
 import platform
 import shlex
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
+from demo.run import load_script
+from model import MicroLMConfig, MicroLMForCausalLM
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from model import MicroLMConfig, MicroLMForCausalLM  # noqa: E402
-from run_demo import load_script  # noqa: E402  (scripts/ is on sys.path when this file runs)
-
-DEMO = ROOT / "dataset" / "demo"
+DEMO = ROOT / "demo" / "data"
 STAGES = {  # stage -> (script, demo data, the stage it starts from)
     "pretrain": ("1-pretrain.py", "pretrain.jsonl", None),
     "sft": ("2-sft.py", "sft.jsonl", "pretrain"),

@@ -10,7 +10,6 @@ from source (`pip install llama-cpp-python`, a few minutes).
 import argparse
 import json
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -18,14 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
 
-import convert_model  # noqa: E402
-import eval_model  # noqa: E402
-from inference import Sampling, generate  # noqa: E402
-from inference.load import add_model_args, load  # noqa: E402
+from scripts import convert_model
+from inference import Sampling, generate
+from inference.load import TEST_PROMPTS, add_model_args, load
 
 
 def llama_greedy(llm, ids, max_new_tokens, eos):
@@ -106,7 +101,7 @@ def main(argv=None):
             llm = Llama(model_path=str(gguf_file), n_ctx=model.config.max_position_embeddings, n_threads=2,
                         logits_all=True, verbose=False, seed=0)
             rows = []
-            for prompt in eval_model.TEST_PROMPTS:
+            for prompt in TEST_PROMPTS:
                 chat = [{"role": "user", "content": prompt}]
                 text = tokenizer.bos_token + prompt if raw else tokenizer.apply_chat_template(
                     chat, tokenize=False, add_generation_prompt=True)

@@ -25,19 +25,18 @@ import argparse
 import json
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import torch
+from transformers import AutoTokenizer
+
+from common.resolve import checkpoint_tokenizer, resolve_checkpoint
+from model import TOKENIZER_DIR, MicroLMForCausalLM, to_llama_config, to_mixtral_config
+from model.config import stock_family, to_qwen2_config, to_qwen3_config, to_qwen3_moe_config
+from model.families import load_pretrained
+from model.lora import from_adapter, is_adapter_dir, load_adapter, remove_lora
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from model import MicroLMForCausalLM, to_llama_config, to_mixtral_config  # noqa: E402
-from model.config import stock_family, to_qwen2_config, to_qwen3_config, to_qwen3_moe_config  # noqa: E402
-from model.families import load_pretrained  # noqa: E402
-from model.lora import from_adapter, is_adapter_dir, load_adapter, remove_lora  # noqa: E402
-from trainer.checkpoint import checkpoint_tokenizer, resolve_checkpoint  # noqa: E402
 
 
 def load_merged(path, adapter=None, preset=None) -> MicroLMForCausalLM:
@@ -265,10 +264,6 @@ def export_gguf(model, tokenizer, out, dtype="f16") -> Path:
 
 
 def main(argv=None):
-    from transformers import AutoTokenizer
-
-    from model import TOKENIZER_DIR
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stage", default="sft", help="out/<stage> to export")
     parser.add_argument("--model_path", default=None, help="a checkpoint or adapter folder instead of --stage")

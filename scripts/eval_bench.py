@@ -23,8 +23,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from dataset.jsonl import read_jsonl
+
 
 # MiniMind's README reports these (lm-evaluation-harness, zero-shot)
 MINIMIND_TASKS = "ceval-valid,cmmlu,arc_easy,piqa,openbookqa,hellaswag,social_iqa"
@@ -60,10 +60,34 @@ def build_parser():
 
 # ---------------------------------------------------------------------------------------------------------- lm-eval
 
-def make_lm(engine, batch_size: int, max_length: int):
-    """An lm-eval `TemplateLM` around the inference core's Engine (built lazily: lm-eval is imported on demand)."""
+def continuation_logps(model, device, rows, batch_size: int) -> list:
+    """(sum of log p(continuation | context), whether greedy decoding would have written it) for each (whole token
+    list, continuation length); batches of similar length, right-padded."""
     import torch
     import torch.nn.functional as F
+
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
+    out = [None] * len(rows)
+    with torch.no_grad():
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            width = max(len(rows[i][0]) for i in batch) - 1
+            ids = torch.zeros(len(batch), width, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for j, i in enumerate(batch):
+                ids[j, :len(rows[i][0]) - 1] = torch.tensor(rows[i][0][:-1])
+                mask[j, :len(rows[i][0]) - 1] = 1
+            logp = F.log_softmax(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float(), -1)
+            for j, i in enumerate(batch):
+                whole, n = rows[i]
+                targets = torch.tensor(whole[-n:], device=device)
+                here = logp[j, len(whole) - 1 - n:len(whole) - 1]
+                out[i] = (float(here.gather(1, targets[:, None]).sum()), bool((here.argmax(-1) == targets).all()))
+    return out
+
+
+def make_lm(engine, batch_size: int, max_length: int):
+    """An lm-eval `TemplateLM` around the inference core's Engine (built lazily: lm-eval is imported on demand)."""
     from lm_eval import utils
     from lm_eval.api.model import TemplateLM
 
@@ -89,32 +113,11 @@ def make_lm(engine, batch_size: int, max_length: int):
         def tok_decode(self, tokens, **kwargs):
             return self.tokenizer.decode(tokens)
 
-        @torch.no_grad()
         def _loglikelihood_tokens(self, requests, disable_tqdm=False, **kwargs):
-            """(sum of log p(continuation | context), whether greedy decoding would have written it) per request.
-            The context is cut from the left to fit max_length; batches of similar length, right-padded."""
-            model, device = self.engine.model, self.engine.device
-            rows = []
-            for _, context, continuation in requests:  # the continuation's logits sit at the end of whole[:-1]
-                rows.append(((context + continuation)[-(self.max_length + 1):], len(continuation)))
-            order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
-            out = [None] * len(rows)
-            for start in range(0, len(order), self.batch_size):
-                batch = order[start:start + self.batch_size]
-                width = max(len(rows[i][0]) for i in batch) - 1
-                ids = torch.zeros(len(batch), width, dtype=torch.long)
-                mask = torch.zeros_like(ids)
-                for j, i in enumerate(batch):
-                    ids[j, :len(rows[i][0]) - 1] = torch.tensor(rows[i][0][:-1])
-                    mask[j, :len(rows[i][0]) - 1] = 1
-                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-                logp = F.log_softmax(logits, -1)
-                for j, i in enumerate(batch):
-                    whole, n = rows[i]
-                    targets = torch.tensor(whole[-n:], device=device)
-                    here = logp[j, len(whole) - 1 - n:len(whole) - 1]
-                    out[i] = (float(here.gather(1, targets[:, None]).sum()), bool((here.argmax(-1) == targets).all()))
-            return out
+            # the continuation's logits sit at the end of whole[:-1]; the context is cut from the left to fit
+            rows = [((context + continuation)[-(self.max_length + 1):], len(continuation))
+                    for _, context, continuation in requests]
+            return continuation_logps(self.engine.model, self.engine.device, rows, self.batch_size)
 
         def loglikelihood_rolling(self, requests, disable_tqdm=False):
             """Whole-document log-likelihood in disjoint windows of max_length (perplexity tasks)."""
@@ -222,8 +225,7 @@ def run_tasks(args, engine, path) -> dict:
 def read_text(path) -> str:
     path = Path(path)
     if path.suffix == ".jsonl":
-        return "\n".join(json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines()
-                         if line.strip())
+        return "\n".join(row["text"] for row in read_jsonl(path))
     return path.read_text(encoding="utf-8")
 
 

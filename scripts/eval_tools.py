@@ -20,21 +20,19 @@ file:line and counted (--strict stops at the first).
 import argparse
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
+from dataset.chat import normalize_chat
+from dataset.jsonl import BadLineError, JsonlFile
+from inference import load_tools
+from inference.load import add_model_args, load
+from trainer import report
+from trainer.tool_eval import tool_use_scores
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from dataset.chat import normalize_chat  # noqa: E402
-from dataset.demo_metrics import tool_use_scores  # noqa: E402
-from dataset.jsonl import BadLineError, JsonlFile  # noqa: E402
-from inference import load_tools  # noqa: E402
-from inference.load import add_model_args, load  # noqa: E402
-from trainer import report  # noqa: E402
-
-DEMO_SET = ROOT / "dataset" / "demo" / "tools_eval.jsonl"
+DEMO_SET = ROOT / "demo" / "data" / "tools_eval.jsonl"
 
 
 def check_row(row):

@@ -24,19 +24,15 @@ import json
 import queue
 import re
 import socket
-import sys
 import threading
 import time
 import uuid
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from dataset.jsonl import BadLineError  # noqa: E402
-from dataset.chat import normalize_chat  # noqa: E402
-from inference import Engine, Sampling, split_reasoning  # noqa: E402,F401  (split_reasoning: tests and users)
-from inference.load import add_model_args, load  # noqa: E402
+from dataset.jsonl import BadLineError
+from dataset.chat import normalize_chat
+from inference import Engine, Sampling, split_reasoning  # noqa: F401  (split_reasoning: tests and users)
+from inference.load import add_model_args, load
 
 ROLES = {"system", "user", "assistant", "tool"}
 PAGE = Path(__file__).with_name("web_chat.html")

@@ -9,13 +9,11 @@ The browser test (tests/test_web_chat.py) uses the same functions.
 
 import argparse
 import shutil
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
 
-import serve_openai_api as server  # noqa: E402
+from scripts import serve_openai_api as server
 
 # headless, and nothing that reaches beyond this machine
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",

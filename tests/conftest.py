@@ -1,3 +1,4 @@
+import os
 import sys
 import threading
 import time
@@ -7,10 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from model import MicroLMConfig, MicroLMForCausalLM
 
-from model import MicroLMConfig, MicroLMForCausalLM  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+# processes the tests start import this tree, not another checkout installed with `pip install -e .` (the mutation
+# check runs the suite in a copy)
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 
 
 def make_model(preset="tiny", seed=0, **overrides) -> MicroLMForCausalLM:
@@ -147,9 +150,10 @@ def last_turn(prompt: str) -> str:
 def held_out_mean_reward(path, tokenizer, reward, n=16) -> float:
     """Mean `reward(reply, None)` of 4 replies each to the first n held-out demo word problems, sampled with a fixed
     seed by transformers' generate() (not the inference core the RL stages sample with) from the checkpoint `path`."""
-    from dataset import demo_metrics as metrics
+    from dataset import read_jsonl
+    from demo import metrics
 
-    held_out = [metrics.split_item(x)[0] for x in metrics.load_jsonl(ROOT / "dataset/demo/reason_eval.jsonl")[:n]]
+    held_out = [metrics.split_item(x)[0] for x in read_jsonl(ROOT / "demo/data/reason_eval.jsonl")[:n]]
     model = MicroLMForCausalLM.from_pretrained(path).eval()
     texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in held_out]
     enc = tokenizer(texts, add_special_tokens=False, padding=True, padding_side="left", return_tensors="pt")

@@ -274,7 +274,7 @@ def test_a_pretrain_hq_line_with_several_documents_keeps_each_separator_once(tok
 
 
 def test_checkpoint_keeps_its_tokenizer_and_a_mismatching_one_is_refused(tmp_path):
-    from trainer.checkpoint import resolve_tokenizer
+    from common.resolve import resolve_tokenizer
 
     ckpt = tmp_path / "out" / "sft"
     ckpt.mkdir(parents=True)
@@ -314,7 +314,7 @@ def test_stages_run_on_files_in_todays_formats(tmp_path):
 
 
 def test_correctness_reward_takes_gt_lists_and_never_raises_on_other_references():
-    from dataset.rewards import correctness_reward
+    from trainer.rewards import correctness_reward
 
     reply = "<think>3*4</think><answer>12</answer>"
     assert correctness_reward(reply, ["11", "12"]) == 1.0 and correctness_reward(reply, ["13"]) == 0.0

@@ -7,15 +7,16 @@ import pytest
 from conftest import ROOT, load_script
 
 from dataset.chat import normalize_chat
-from dataset.demo_metrics import load_jsonl, tool_use_scores
+from dataset import read_jsonl
+from demo.metrics import tool_use_scores
+from demo.run import main as run_demo
 from inference import run_tool
 
 
 @pytest.mark.slow
 def test_demo_pipeline_runs_every_stage_and_each_moves_its_held_out_metric(tmp_path):
-    demo = load_script("scripts/run_demo.py")
     stages = ["pretrain", "sft", "tools", "kd", "dpo", "lora", "reason", "grpo", "agent"]
-    results = demo.main(["--stages", ",".join(stages), "--out_dir", str(tmp_path / "out"),
+    results = run_demo(["--stages", ",".join(stages), "--out_dir", str(tmp_path / "out"),
                          "--image_dir", str(tmp_path / "images")])
     by_stage = {r["stage"]: r for r in results}
     for stage in stages:
@@ -84,7 +85,7 @@ def _tool_round_trips_through_the_server(folder, n=12):
 
     server = load_script("scripts/serve_openai_api.py")
     model, tokenizer = AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
-    items = load_jsonl(ROOT / "dataset" / "demo" / "tools_eval.jsonl")[:n]
+    items = read_jsonl(ROOT / "demo" / "data" / "tools_eval.jsonl")[:n]
     expected = tool_use_scores(model, tokenizer, items, max_rounds=1, return_generations=True)["generations"]
     answers, called = [], 0
     with server.serve_in_background(server.create_app(model, tokenizer, "demo-tools", max_tokens_cap=64)) as url:
@@ -117,7 +118,7 @@ def _tool_calls_in_the_terminal_chat(folder, tmp_path, n=40):
     import io
 
     items, cities = [], set()
-    for item in load_jsonl(ROOT / "dataset" / "demo" / "tools_eval.jsonl"):  # one chat per city: the tool knows it
+    for item in read_jsonl(ROOT / "demo" / "data" / "tools_eval.jsonl"):  # one chat per city: the tool knows it
         if item["expected_call"]["arguments"]["city"] not in cities and len(items) < n:
             cities.add(item["expected_call"]["arguments"]["city"])
             items.append(item)

@@ -1,4 +1,4 @@
-"""The demo curriculum (dataset/demo/): generator determinism, exact schemas, no held-out leaks, and the metrics."""
+"""The demo curriculum (demo/data/): generator determinism, exact schemas, no held-out leaks, and the metrics."""
 
 import json
 import os
@@ -11,16 +11,17 @@ import torch
 from conftest import ROOT, ScriptedLM, last_turn, make_model
 from transformers import AutoTokenizer
 
-from dataset import demo_data
 from dataset.chat import check_conversations
-from dataset.demo_data import occurs
-from dataset.demo_metrics import (answer_key, contains_answer, department_of, exact_match, first_sentence, load_jsonl,
-                                  normalize, preference_accuracy, pretrain_perplexity, qa_accuracy, reasoning_scores,
-                                  reply_ids, reply_logps, reply_loss, split_item)
-from dataset.rewards import correctness_reward, format_reward, is_well_formatted
+from dataset import read_jsonl
+from demo import curriculum
+from demo.curriculum import occurs
+from demo.metrics import (answer_key, contains_answer, department_of, exact_match, first_sentence, normalize,
+                          preference_accuracy, pretrain_perplexity, qa_accuracy, reasoning_scores, reply_ids,
+                          reply_logps, reply_loss, split_item)
+from trainer.rewards import correctness_reward, format_reward, is_well_formatted
 from model import TOKENIZER_DIR
 
-DEMO = ROOT / "dataset" / "demo"
+DEMO = ROOT / "demo" / "data"
 CHAT_FILES = ["sft.jsonl", "sft_eval.jsonl", "kd.jsonl", "kd_eval.jsonl", "lora_medical.jsonl", "lora_medical_eval.jsonl",
               "reason.jsonl", "reason_eval.jsonl", "reason_prompts.jsonl"]
 DPO_FILES = ["dpo.jsonl", "dpo_eval.jsonl"]
@@ -37,12 +38,12 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def demo():
-    return {name: load_jsonl(DEMO / name) for name in CHAT_FILES + DPO_FILES + TEXT_FILES + ["tools_eval.jsonl", "sft_tools.jsonl"]}
+    return {name: read_jsonl(DEMO / name) for name in CHAT_FILES + DPO_FILES + TEXT_FILES + ["tools_eval.jsonl", "sft_tools.jsonl"]}
 
 
 def texts_of(rows):
     """Every string a training file shows the model: texts, and all message contents (both sides of DPO pairs)."""
-    return "\n".join(r["text"] if "text" in r else "\n".join(m["content"] for m in demo_data.messages_of(r))
+    return "\n".join(r["text"] if "text" in r else "\n".join(m["content"] for m in curriculum.messages_of(r))
                      for r in rows)
 
 
@@ -50,7 +51,7 @@ def texts_of(rows):
 
 def test_generator_is_deterministic_and_the_seed_matters(tmp_path):
     def run(out, *args, hash_seed="0"):  # different string hashing per run: iterating a set would show
-        subprocess.run([sys.executable, str(ROOT / "dataset" / "demo_data.py"), "--out_dir", str(out), *args],
+        subprocess.run([sys.executable, "-m", "demo.curriculum", "--out_dir", str(out), *args],
                        check=True, capture_output=True, env={**os.environ, "PYTHONHASHSEED": hash_seed})
         return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
 
@@ -62,11 +63,11 @@ def test_generator_is_deterministic_and_the_seed_matters(tmp_path):
 
 
 def test_shipped_files_equal_the_generator_output():
-    rendered = demo_data.render(demo_data.DEFAULT_SEED)
+    rendered = curriculum.render(curriculum.DEFAULT_SEED)
     stale = [p.name for p in DEMO.iterdir() if p.suffix in (".jsonl", ".md") and p.name not in rendered]
     assert not stale  # (token caches that the datasets write beside the data are not ours to judge)
     for name, data in rendered.items():
-        assert (DEMO / name).read_bytes() == data, f"{name} was edited by hand; rerun python dataset/demo_data.py"
+        assert (DEMO / name).read_bytes() == data, f"{name} was edited by hand; rerun python -m demo.curriculum"
 
 
 def test_sizes_and_row_counts():
@@ -126,11 +127,11 @@ def test_reasoning_replies_think_then_answer_a_number_that_the_steps_reach(demo,
 
 
 def test_tool_chats_call_the_weather_tool_and_answer_with_its_result(demo):
-    capitals = {name for c in demo_data.COUNTRIES for name in (c[2], c[3])}
-    words = {w for pair in demo_data.WEATHER for w in pair}
+    capitals = {name for c in curriculum.COUNTRIES for name in (c[2], c[3])}
+    words = {w for pair in curriculum.WEATHER for w in pair}
     calls, seen = 0, set()
     for chat in (r["conversations"] for r in demo["sft_tools.jsonl"]):
-        assert json.loads(chat[0]["tools"]) == [demo_data.WEATHER_SCHEMA]
+        assert json.loads(chat[0]["tools"]) == [curriculum.WEATHER_SCHEMA]
         for i, m in enumerate(chat):
             if m.get("tool_calls"):
                 (call,) = json.loads(m["tool_calls"])

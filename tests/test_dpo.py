@@ -4,15 +4,17 @@ accuracy rises on held-out demo pairs, every trainable parameter moves."""
 import pytest
 import torch
 from conftest import ROOT, load_script, make_model, max_weight_diff, tiny_args, torchrun_2, write_jsonl
+
+from trainer import dpo as dpo_method
 from safetensors.torch import load_file
 
-from dataset import DPODataset, dpo_collate
-from dataset import demo_metrics as metrics
+from dataset import DPODataset, dpo_collate, read_jsonl
+from demo import metrics
 from model import MicroLMForCausalLM
 
 dpo = load_script("4-RLHF.py")
 pretrain = load_script("1-pretrain.py")
-DEMO = ROOT / "dataset" / "demo"
+DEMO = ROOT / "demo" / "data"
 
 
 def _pair(prompt, chosen, rejected):
@@ -33,9 +35,9 @@ def test_reply_logps_are_sums_that_do_not_depend_on_padding(tmp_path, tokenizer)
     data = DPODataset(write_jsonl(tmp_path / "dpo.jsonl", rows), tokenizer)
     model = make_model("tiny")
     with torch.no_grad():
-        together = dpo.sequence_logps(model, **{k: v for k, v in dpo_collate([data[0], data[1]]).items()
+        together = dpo_method.sequence_logps(model, **{k: v for k, v in dpo_collate([data[0], data[1]]).items()
                                                 if k in ("input_ids", "labels")})
-        alone = dpo.sequence_logps(model, **{k: v for k, v in dpo_collate([data[0]]).items()
+        alone = dpo_method.sequence_logps(model, **{k: v for k, v in dpo_collate([data[0]]).items()
                                              if k in ("input_ids", "labels")})
     # row order in a batch: chosen_0, chosen_1, rejected_0, rejected_1; pair 0 alone was padded differently
     torch.testing.assert_close(together[[0, 2]], alone, atol=1e-5, rtol=1e-5)
@@ -49,7 +51,7 @@ def test_reply_logps_are_sums_that_do_not_depend_on_padding(tmp_path, tokenizer)
 def test_dpo_loss_matches_the_formula():
     policy = torch.tensor([-5.0, -9.0, -7.0, -6.0])  # chosen 0, chosen 1, rejected 0, rejected 1
     ref = torch.tensor([-6.0, -8.0, -7.5, -6.5])
-    losses, chosen, rejected, margin = dpo.dpo_terms(policy, ref, beta=0.1)
+    losses, chosen, rejected, margin = dpo_method.dpo_terms(policy, ref, beta=0.1)
     expected_margin = 0.1 * torch.tensor([(-5 + 6) - (-7 + 7.5), (-9 + 8) - (-6 + 6.5)])
     torch.testing.assert_close(margin, expected_margin)
     torch.testing.assert_close(losses, -torch.nn.functional.logsigmoid(expected_margin))
@@ -68,7 +70,7 @@ def test_precomputed_reference_gives_the_same_losses_as_the_live_one(tmp_path, b
 
 @pytest.mark.slow
 def test_dpo_raises_held_out_preference_accuracy_and_moves_every_parameter(tmp_path, base, tokenizer):
-    pairs = metrics.load_jsonl(DEMO / "dpo_eval.jsonl")
+    pairs = read_jsonl(DEMO / "dpo_eval.jsonl")
     start = MicroLMForCausalLM.from_pretrained(base)
     before = metrics.preference_accuracy(start, tokenizer, pairs)["accuracy"]
     dpo.main(tiny_args(tmp_path, DEMO / "dpo.jsonl", "--from", base, "--epochs", 1, "--batch_size", 8,

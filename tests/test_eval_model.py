@@ -8,7 +8,8 @@ import pytest
 import torch
 from conftest import ScriptedLM, load_script, make_model, save_random_adapter
 
-from dataset import demo_metrics as metrics
+from demo import metrics
+from common.distributed import fast_dtype
 from inference import Engine, Sampling, generate, left_pad, load_tools
 from model.lora import from_adapter
 
@@ -147,8 +148,8 @@ def test_auto_dtype_is_the_devices_fast_one_and_the_static_cache_decodes_alike(t
     args = ev.build_parser().parse_args(["--out_dir", str(tmp_path), "--device", "cpu"])
     assert args.dtype == "auto"
     loaded, _, _ = ev.load(args)
-    assert loaded.dtype == ev.fast_dtype("cpu") in (torch.bfloat16, torch.float32)
-    assert ev.fast_dtype("meta") == torch.float32
+    assert loaded.dtype == fast_dtype("cpu") in (torch.bfloat16, torch.float32)
+    assert fast_dtype("meta") == torch.float32
     # --compile's path: a pre-allocated cache (fixed shapes for the compiled step) decodes exactly as the plain one
     model = make_model("tiny", seed=3, tie_word_embeddings=False)
     ids, mask = left_pad([[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]], 0)

@@ -99,7 +99,7 @@ def test_held_out_loss_and_bits_per_byte_equal_an_independent_computation(tmp_pa
     assert (entry["kind"], entry["stage"], entry["rows"], entry["steps"]) == ("stage", "sft", 48, 3)
     assert entry["eval_bpb"] == reported["bpb"] and entry["train_loss"] == result["last_loss"]
     assert entry["tokens"] == result["tokens"] and entry["data"] == str(train)
-    assert f"| sft | train.jsonl | 48 | 3 |" in (tmp_path / "out" / "report.md").read_text()
+    assert "| sft | train.jsonl | 48 | 3 |" in (tmp_path / "out" / "report.md").read_text()
     assert (tmp_path / "images" / "report.png").stat().st_size > 5000
 
 
@@ -153,7 +153,7 @@ def test_eval_split_holds_out_rows_that_are_never_trained_on(tmp_path, monkeypat
 def test_dpo_reports_its_held_out_loss_and_reward_accuracy(tmp_path):
     from conftest import ROOT
 
-    demo = ROOT / "dataset" / "demo" / "dpo.jsonl"
+    demo = ROOT / "demo" / "data" / "dpo.jsonl"
     result = dpo.main(tiny_args(tmp_path, demo, "--from", "none", "--max_seq_len", 64, "--batch_size", 4,
                                 "--max_steps", 2, "--eval_split", 0.1, "--eval_batches", 2))
     last = result["eval"]

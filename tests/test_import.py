@@ -16,7 +16,7 @@ from model.families import NotExact, load_for_inference, load_pretrained
 
 sft = load_script("2-sft.py")
 convert = load_script("scripts/convert_model.py")
-DEMO = ROOT / "dataset" / "demo"
+DEMO = ROOT / "demo" / "data"
 TINY = dict(vocab_size=6400, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False, bos_token_id=1,
             eos_token_id=2, pad_token_id=0)
@@ -258,8 +258,8 @@ def test_chunked_cross_entropy_equals_the_whole_batchs(monkeypatch):
     direct = torch.nn.functional.cross_entropy(model(input_ids=ids).logits[:, :-1].flatten(0, 1),
                                                labels[:, 1:].flatten(), ignore_index=-100, reduction="sum")
     assert torch.allclose(chunked, whole, rtol=1e-5) and torch.allclose(whole, direct.detach(), rtol=1e-5)
-    for a, b in zip(chunked_grads, whole_grads):
-        assert torch.allclose(a, b, atol=1e-6)
+    for a, b in zip(chunked_grads, whole_grads):  # fp32 sums in another order: ~4e-6 of the largest entry, not 0
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max()
 
 
 def test_lora_and_dpo_start_from_released_checkpoints(tmp_path, tokenizer):

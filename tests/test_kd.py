@@ -11,12 +11,13 @@ from torch.utils.data import DataLoader
 
 from dataset import SFTDataset, pad_collate
 from model import MicroLMForCausalLM
+from trainer import kd as kd_method
 from trainer import lm_loss
 
 kd = load_script("3-KD.py")
 pretrain = load_script("1-pretrain.py")
 sft = load_script("2-sft.py")
-DEMO = ROOT / "dataset" / "demo"
+DEMO = ROOT / "demo" / "data"
 
 
 @pytest.fixture
@@ -36,7 +37,7 @@ def _held_out_kl(student_dir, teacher_dir, tokenizer):
     total_kl, tokens = 0.0, 0
     with torch.no_grad():
         for batch in DataLoader(data, batch_size=25, collate_fn=partial(pad_collate, pad_id=0)):
-            _, _, kl = kd.kd_loss(student(batch["input_ids"]).logits, teacher(batch["input_ids"]).logits,
+            _, _, kl = kd_method.kd_loss(student(batch["input_ids"]).logits, teacher(batch["input_ids"]).logits,
                                   batch["labels"], alpha=0.5, temperature=1.0)
             total_kl += kl.item()
             tokens += (batch["labels"][:, 1:] != -100).sum().item()
@@ -49,7 +50,7 @@ def test_alpha_1_is_exactly_the_sft_loss(tmp_path, tokenizer):
     batch = pad_collate([data[0], data[1]])
     student, teacher = make_model("tiny", seed=0), make_model("tiny", seed=1)
     with torch.no_grad():
-        loss, ce, kl = kd.kd_loss(student(batch["input_ids"]).logits, teacher(batch["input_ids"]).logits,
+        loss, ce, kl = kd_method.kd_loss(student(batch["input_ids"]).logits, teacher(batch["input_ids"]).logits,
                                   batch["labels"], alpha=1.0, temperature=2.0)
         sft_loss, _ = lm_loss(student, batch)
     torch.testing.assert_close(loss, sft_loss)
@@ -96,7 +97,7 @@ def test_teacher_with_a_smaller_vocabulary_is_an_error(tmp_path, tokenizer):
             pass
 
     with pytest.raises(ValueError, match="vocab_size 1000 < the student's 6400"):
-        kd.load_teacher(FakeTrainer(), str(tmp_path / "teacher"), 6400)
+        kd_method.load_teacher(FakeTrainer(), str(tmp_path / "teacher"), 6400)
 
 
 @pytest.mark.slow
@@ -118,7 +119,7 @@ def test_kd_loss_equals_an_independent_reference_and_is_not_the_reverse_kl():
     labels[0, :3] = -100
     labels[1, 5:] = -100
     alpha, t = 0.3, 2.0
-    loss, ce, kl = kd.kd_loss(student, teacher, labels, alpha, t)
+    loss, ce, kl = kd_method.kd_loss(student, teacher, labels, alpha, t)
 
     s, te, y = student[:, :-1], teacher[:, :-1], labels[:, 1:]
     mask = y != -100

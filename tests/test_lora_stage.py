@@ -8,13 +8,14 @@ import torch
 from conftest import ROOT, load_script, random_ids, tiny_args, torchrun_2
 from safetensors.torch import load_file
 
-from dataset import demo_metrics as metrics
+from dataset import read_jsonl
+from demo import metrics
 from model import MicroLMForCausalLM
 from model.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, from_adapter
 
 lora = load_script("5-LoRA.py")
 pretrain = load_script("1-pretrain.py")
-DEMO = ROOT / "dataset" / "demo"
+DEMO = ROOT / "demo" / "data"
 
 
 @pytest.fixture
@@ -25,7 +26,7 @@ def base(tmp_path):
 
 
 def test_lora_trains_only_the_adapter_and_leaves_the_base_bit_identical(tmp_path, base, tokenizer):
-    held_out = metrics.load_jsonl(DEMO / "lora_medical_eval.jsonl")
+    held_out = read_jsonl(DEMO / "lora_medical_eval.jsonl")
     before = metrics.reply_loss(MicroLMForCausalLM.from_pretrained(base), tokenizer, held_out)["loss"]
     summary = lora.main(tiny_args(tmp_path, DEMO / "lora_medical.jsonl", "--from", base, "--max_steps", 30,
                                   "--batch_size", 16, "--learning_rate", 1e-2, "--lora_rank", 8, "--merge"))

@@ -7,14 +7,15 @@ import pytest
 import torch
 from conftest import ROOT, held_out_mean_reward, load_script, tiny_args, torchrun_2
 
-from dataset.rewards import load_reward
+from trainer import ppo as ppo_method
+from trainer.rewards import load_reward
 from model import MicroLMForCausalLM
 from trainer.rl import gae, whiten
 
 ppo = load_script("4-RLHF.py")
 reason = load_script("6-reason.py")
 pretrain = load_script("1-pretrain.py")
-DEMO = ROOT / "dataset" / "demo"
+DEMO = ROOT / "demo" / "data"
 DIGITS = "def share(completion, reference):\n    return 10 * sum(c.isdigit() for c in completion) / max(len(completion), 1)\n"
 
 
@@ -43,7 +44,7 @@ def test_clipped_policy_and_value_losses_equal_hand_computations():
                "returns": torch.tensor([[1.0, 1.0]]), "values": torch.tensor([[0.0, 0.9]])}
     logps = torch.tensor([[math.log(1.5), math.log(0.5)]])  # ratios 1.5 and 0.5: both outside [0.8, 1.2]
     values = torch.tensor([[0.5, 1.5]])
-    pg, vf, clipped = ppo.ppo_losses(logps, values, rollout, clip_eps=0.2, vf_clip=0.2)
+    pg, vf, clipped = ppo_method.ppo_losses(logps, values, rollout, clip_eps=0.2, vf_clip=0.2)
     torch.testing.assert_close(pg, torch.tensor([[-1.2, 0.8]]))  # -min(rA, clip(r)A)
     # value 0.5 from 0.0 is clipped to 0.2: max((0.5-1)^2, (0.2-1)^2) / 2; 1.5 from 0.9 -> 1.1: max(0.25, 0.01) / 2
     torch.testing.assert_close(vf, torch.tensor([[0.32, 0.125]]))

@@ -10,14 +10,13 @@ from conftest import ROOT, held_out_mean_reward, load_script, make_model, max_we
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from dataset import REASON_TAGS, PromptDataset, ReasonDataset, SFTDataset, pad_collate, prompt_collate
-from dataset import demo_metrics as metrics
-from dataset.rewards import load_reward
+from dataset import REASON_TAGS, PromptDataset, ReasonDataset, SFTDataset, pad_collate, prompt_collate, read_jsonl
+from trainer.rewards import load_reward
 from trainer import count_label_tokens, lm_loss, rl
 
 reason = load_script("6-reason.py")
 pretrain = load_script("1-pretrain.py")
-DEMO = ROOT / "dataset" / "demo"
+DEMO = ROOT / "demo" / "data"
 
 REPLY = "<think>\n3加4等于7。\n</think>\n<answer>\n7\n</answer>"
 ROWS = [{"conversations": [
@@ -154,7 +153,7 @@ def test_rewards_load_by_name_module_or_file(tmp_path):
     assert load_reward("format")(good, "<answer>3</answer>") == 1.0
     assert load_reward("correctness")(good, "<answer>3</answer>") == 1.0
     assert load_reward("correctness")(good, "<answer>4</answer>") == 0.0
-    assert load_reward("dataset.rewards:correctness_reward")(good, "3") == 1.0
+    assert load_reward("trainer.rewards:correctness_reward")(good, "3") == 1.0
     (tmp_path / "mine.py").write_text("def short(completion, reference):\n    return -len(completion) / 100\n")
     assert load_reward(f"{tmp_path / 'mine.py'}:short")("abcd", None) == pytest.approx(-0.04)
     with pytest.raises(ValueError, match="unknown reward 'fromat'"):
@@ -164,7 +163,7 @@ def test_rewards_load_by_name_module_or_file(tmp_path):
 
 
 def test_prompts_are_left_padded_and_end_with_the_generation_prompt(tmp_path, tokenizer):
-    rows = metrics.load_jsonl(DEMO / "reason_prompts.jsonl")[:2]
+    rows = read_jsonl(DEMO / "reason_prompts.jsonl")[:2]
     data = PromptDataset(write_jsonl(tmp_path / "p.jsonl", rows), tokenizer)
     batch = prompt_collate([data[0], data[1]], pad_id=tokenizer.pad_token_id)
     assert batch["references"] == [r["conversations"][-1]["content"] for r in rows]

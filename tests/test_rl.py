@@ -7,14 +7,16 @@ import pytest
 import torch
 from conftest import ROOT, load_script, make_model, tiny_args, write_jsonl
 
-from dataset.rewards import RewardModel, call_reward, correctness_reward, load_reward
+from trainer import agent as agent_method
+from trainer import dpo as dpo_method
+from trainer.rewards import RewardModel, call_reward, correctness_reward, load_reward
 from inference.tools import scripted_tool
 from trainer import rl
 
 reason = load_script("6-reason.py")
 dpo = load_script("4-RLHF.py")
 pretrain = load_script("1-pretrain.py")
-DEMO = ROOT / "dataset" / "demo"
+DEMO = ROOT / "demo" / "data"
 GRPO = ("--method", "grpo", "--batch_size", 2, "--num_generations", 4, "--max_new_tokens", 8)
 
 
@@ -158,12 +160,12 @@ def test_dpo_grpo_and_ppo_losses_carry_the_moe_balance_loss_to_the_router(tmp_pa
     model = _top1_moe()
     data = DPODataset(DEMO / "dpo.jsonl", tokenizer, 64)
     batch = dpo_collate([data[0], data[1]], pad_id=0)
-    policy, aux = dpo.sequence_logps(model, batch["input_ids"], batch["labels"], with_aux=True)
+    policy, aux = dpo_method.sequence_logps(model, batch["input_ids"], batch["labels"], with_aux=True)
     assert aux > 0
     (policy.sum() + aux).backward()
     with_aux = model.model.layers[0].mlp.gate.weight.grad.abs().sum()
     model.zero_grad()
-    policy = dpo.sequence_logps(model, batch["input_ids"], batch["labels"])
+    policy = dpo_method.sequence_logps(model, batch["input_ids"], batch["labels"])
     policy.sum().backward()
     # without it only rounding reaches the router (each token's one expert weighs w / w = 1)
     assert model.model.layers[0].mlp.gate.weight.grad.abs().sum() < 1e-3 * with_aux
@@ -223,7 +225,7 @@ def _agent(tokenizer, script, tmp_path, scripted, **overrides):
                                  loss_type="cispo", **overrides)
     trainer = types.SimpleNamespace(tokenizer=tokenizer, autocast=torch.autocast("cpu", enabled=False),
                                     device=torch.device("cpu"), env=types.SimpleNamespace(world_size=1))
-    agent = reason.AgentGRPO(args, trainer, ScriptedLM(tokenizer, script), None, {})
+    agent = agent_method.AgentGRPO(args, trainer, ScriptedLM(tokenizer, script), None, {})
     return agent, batch
 
 

@@ -4,7 +4,6 @@ not) and raw HTTP for bad input; max_tokens honoured, stop strings cut, concurre
 import gc
 import json
 import os
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -13,7 +12,7 @@ import torch
 from conftest import ScriptedLM, load_script, make_model
 from openai import OpenAI
 
-from dataset import demo_metrics as metrics
+from demo import metrics
 from inference import Engine, StreamSplitter, cut_at_stop
 
 server = load_script("scripts/serve_openai_api.py")

@@ -5,8 +5,8 @@ import json
 import pytest
 from conftest import ScriptedLM, last_turn
 
-from dataset import demo_metrics as metrics
-from dataset.demo_data import WEATHER, WEATHER_SCHEMA
+from demo import metrics
+from demo.curriculum import WEATHER, WEATHER_SCHEMA
 from inference import calculator, parse_tool_calls, run_tool, tool_schema
 
 
@@ -157,7 +157,7 @@ def test_eval_tools_reports_the_scores_of_tool_use_scores_and_counts_bad_rows(tm
 def test_the_demo_weather_tool_has_the_schema_the_demo_model_learnt():
     from conftest import load_script
 
-    demo_tools = load_script("scripts/demo_tools.py")
+    demo_tools = load_script("demo/tools.py")
     assert tool_schema(demo_tools.get_weather) == WEATHER_SCHEMA
     assert demo_tools.get_weather("北京") in {zh for zh, _ in WEATHER}
     assert demo_tools.get_weather("Paris") in {en for _, en in WEATHER}

@@ -447,3 +447,56 @@ def test_weight_decay_goes_to_matrices_only_and_every_parameter_is_in_one_group(
     assert not decayed & kept and decayed | kept == set(names.values())
     assert all(n.endswith("proj.weight") for n in decayed), decayed  # attention and MLP matrices
     assert any("embed_tokens" in n for n in kept) and all("norm" in n or "embed" in n for n in kept), kept
+
+
+def test_prepare_window_runs_once_per_window_before_counting_and_its_batches_are_trained(tmp_path, pretrain_file):
+    """The RL hook: with accumulation 2 and repeat 2, prepare_window sees each window's 2 micro-batches once, before
+    count_fn, and the loss then sees what it put into them on every repeated step."""
+    from trainer import count_label_tokens, lm_loss
+
+    windows, order = [], []
+
+    def prepare(micro):
+        order.append("prepare")
+        windows.append(len(micro))
+        for b in micro:
+            b["tag"] = len(windows)
+
+    def count(batch):
+        order.append("count")
+        return count_label_tokens(batch)
+
+    def loss_fn(model, batch):
+        loss, _ = lm_loss(model, batch)
+        return loss, {"tag": count_label_tokens(batch).float() * batch["tag"]}
+
+    trainer, model, data = _nan_trainer(tmp_path, pretrain_file, "--max_steps", 6, "--accumulation_steps", 2)
+    result = trainer.fit(model, data, loss_fn=loss_fn, count_fn=count, prepare_window=prepare, repeat=2)
+    assert result["steps"] == 6 and windows == [2, 2, 2]
+    assert order == ["prepare", "count", "count"] * 3
+    # steps 1-2 train on window 1, 3-4 on window 2, 5-6 on window 3 (the metric is the window's tag per unit)
+    assert [m["tag"] for _, m in result["metric_history"]] == pytest.approx([1, 1, 2, 2, 3, 3])
+
+
+def test_rollout_loss_scale_is_sequences_over_tokens_of_the_whole_window():
+    """A token-level RL loss is normalised by the completion tokens of every micro-batch of the step (the engine
+    divides by sequences): generate_and_score gives each rollout scale = sequences / tokens of the whole window."""
+    from types import SimpleNamespace
+
+    from trainer.rl import Rollouts
+
+    masks = [torch.ones(2, 3), torch.tensor([[1.0, 0, 0], [1, 1, 0], [1, 1, 1]])]  # 6 + 6 tokens, 2 + 3 sequences
+
+    class Fixed(Rollouts):
+        def __init__(self, token_level):
+            self.token_level = token_level
+            self.trainer = SimpleNamespace(device=torch.device("cpu"), env=SimpleNamespace(world_size=1))
+
+        def rollout(self, batch):
+            return {"n": len(batch["mask"]), "mask": batch["mask"]}
+
+    for token_level, expected in ((True, 5 / 12), (False, 1.0)):
+        micro = [{"mask": m} for m in masks]
+        Fixed(token_level).generate_and_score(micro)
+        assert [b["rollout"]["scale"] for b in micro] == pytest.approx([expected, expected])
+        assert [Rollouts.count(b) for b in micro] == [2, 3]

@@ -156,7 +156,7 @@ def test_a_rejected_request_is_shown_as_an_error(page):
 
 
 def test_the_pages_tool_schemas_are_the_servers_and_the_demos(scripted_page):
-    from dataset.demo_data import WEATHER_SCHEMA
+    from demo.curriculum import WEATHER_SCHEMA
     from inference import calculator, current_time, tool_schema
 
     tools = scripted_page.execute_script("return TOOLS")

@@ -1,10 +1,14 @@
-"""The one training engine: every stage script builds a dataset and (optionally) a loss, then calls Trainer.fit.
+"""The one training engine: every stage script builds a dataset and (optionally) a method's loss, then calls fit.
+
+`Trainer.fit` reads as its phases: `_setup` (loader, optimizer), `_restore` (--resume), `_start` (wrapping, tracker),
+then per window of micro-batches `_count` (with the RL methods' `prepare_window` hook, where rollouts are sampled),
+`_train_step` (forward/backward, `_update`) and `_tick` (log / evaluate / save), and `_finish` (curve, report card,
+summary). What a fit carries is one `Run`; what a resume restores is its `state`.
 
 What lives here, once: process group and device, precision (autocast + GradScaler for fp16), fused AdamW with decay
 groups, warmup + cosine LR per optimizer step, gradient accumulation with no_sync, clipping, NaN/Inf step skipping
-(on the device: no host sync per step),
-exact resume (weights, optimizer, scaler, RNG, data position), checkpoints, tqdm / wandb / SwanLab logging and the
-loss-curve PNG.
+(on the device: no host sync per step), exact resume (weights, optimizer, scaler, RNG, data position), checkpoints,
+tqdm / wandb / SwanLab logging and the loss-curve PNG.
 """
 
 import argparse
@@ -12,6 +16,8 @@ import logging
 import math
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field
+from functools import partial
 from itertools import islice
 from pathlib import Path
 
@@ -23,18 +29,18 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from dataset.sft import EMPTY_THINK_RATIO
+from dataset.sft import EMPTY_THINK_RATIO, pad_id_of
 from model import TOKENIZER_DIR, MicroLMConfig, MicroLMForCausalLM
 from model.families import load_pretrained, model_type
 
 from . import checkpoint as ckpt
 from . import report
-from .distributed import barrier, cleanup, fast_dtype, init_distributed
+from common.distributed import DTYPES, barrier, cleanup, fast_dtype, init_distributed, to_device
+from common.resolve import resolve_checkpoint, resolve_tokenizer
 from .evaluation import HeldOut, Rows, split_rows
 from .tracking import Tracker, plot_loss
 
 log = logging.getLogger("trainer")
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def add_train_args(parser: argparse.ArgumentParser, *, epochs: int, batch_size: int, learning_rate: float,
@@ -187,11 +193,48 @@ class ShardedBatchSampler:
         return torch.cat(grouped)
 
 
-def to_device(batch, device):
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
 # ---------------------------------------------------------------------------------------------------------------------
+
+def new_state() -> dict:
+    """What a resume restores besides tensors (saved as JSON): position, histories, the tracker's run id."""
+    return {"step": 0, "epoch": 0, "row": 0, "history": [], "metric_history": [], "eval_history": [], "run_id": None,
+            "bad_steps": 0}
+
+
+@dataclass
+class Run:
+    """One fit(): what it trains with, and what moves while it does (`state` is the resumable part)."""
+    model: torch.nn.Module
+    net: torch.nn.Module  # the model as wrapped for training: compiled and/or DDP
+    optimizer: torch.optim.Optimizer
+    scaler: object
+    trainable: list
+    sampler: "ShardedBatchSampler"
+    loader: DataLoader
+    loader_rng: torch.Generator
+    total_steps: int
+    warmup: int
+    loss_fn: object
+    count_fn: object
+    save_fn: object
+    prepare_window: object
+    state: dict
+    empty_rows: torch.Tensor  # rows with no trainable token, counted on the device
+    bad_run: torch.Tensor = None  # non-finite steps in a row, on the device
+    held: object = None
+    tracker: object = None
+    bar: object = None
+    stopped: bool = False
+    lr: float = 0.0
+    grad_norm: torch.Tensor = None
+    tokens: int = 0  # input_ids fed on this rank
+    t0: float = 0.0
+    t_step: float = 0.0
+    warm: tuple = None  # (time, tokens) after the first step
+    last_metrics: dict = field(default_factory=dict)
+    pending: list = field(default_factory=list)  # (loss, metrics) per step since the last log, on the device
+    unchecked: list = field(default_factory=list)  # (step, bad_run) since the last finite check
+
 
 class Trainer:
     def __init__(self, args, stage: str):
@@ -213,7 +256,7 @@ class Trainer:
                          else torch.autocast(self.device.type, dtype=self.dtype))
         self.stage_dir = Path(args.out_dir) / stage
         self._check_writable()
-        args.tokenizer = str(ckpt.resolve_tokenizer(args.tokenizer, args.init_from, args.out_dir, TOKENIZER_DIR))
+        args.tokenizer = str(resolve_tokenizer(args.tokenizer, args.init_from, args.out_dir, TOKENIZER_DIR))
         self.tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
         torch.manual_seed(args.seed)
 
@@ -236,7 +279,7 @@ class Trainer:
         """From `--from` (a stage name or folder; strict: any mismatch is an error) or a fresh `--preset`."""
         args = self.args
         if args.init_from and str(args.init_from).lower() != "none":
-            path = ckpt.resolve_checkpoint(args.init_from, args.out_dir)
+            path = resolve_checkpoint(args.init_from, args.out_dir)
             try:
                 model = load_pretrained(path, args.preset)
             except ValueError as e:  # not an exact mapping, a .pth without --preset, mismatched tensors
@@ -270,20 +313,57 @@ class Trainer:
             return Rows(data, train), Rows(data, held)
         return data, None
 
+    def split_chat(self, dataset_cls, **extra):
+        """`split` for the chat formats (SFTDataset, DPODataset, ReasonDataset): the stage's tokenizer, length,
+        --strict, --seed and adaptive-thinking ratio."""
+        args = self.args
+        return self.split(lambda path: dataset_cls(path, self.tokenizer, args.max_seq_len, strict=args.strict,
+                                                   empty_think_ratio=args.empty_think_ratio, seed=args.seed, **extra))
+
+    @property
+    def pad_id(self) -> int:
+        return pad_id_of(self.tokenizer)
+
+    def collate(self, collate_fn):
+        """A dataset's collate function padding with this tokenizer's pad id."""
+        return partial(collate_fn, pad_id=self.pad_id)
+
     # -- training -----------------------------------------------------------------------------------------------------
     def fit(self, model, dataset, collate_fn=None, loss_fn=lm_loss, count_fn=count_label_tokens, save_fn=None,
-            shuffle: bool = True, curve: str = "loss", eval_dataset=None, repeat: int = 1) -> dict:
+            shuffle: bool = True, curve: str = "loss", eval_dataset=None, repeat: int = 1,
+            prepare_window=None) -> dict:
         """Train `model` on `dataset`; returns a summary (steps, losses, seconds) for the demo runner.
 
-        loss_fn(model, batch) -> (summed loss, {name: summed metric}); count_fn(batch) -> how many units those
-        sums cover (label tokens by default, pairs for DPO); metrics are logged as per-unit means. The engine divides by the count over the whole optimizer step
-        and all ranks, so batch 2 x accumulation 2 == batch 4 x accumulation 1 == 2 ranks x batch 2, whatever the
-        padding. save_fn(model, folder) replaces the default save_pretrained (LoRA saves only its adapter). curve: what
-        the PNG shows, "loss" or one of loss_fn's metrics (GRPO: "reward"; its loss hovers near 0 by construction).
+        loss_fn(model, batch) -> (summed loss, {name: summed metric}); count_fn(batch) -> how many units those sums
+        cover (label tokens by default, pairs for DPO); metrics are logged as per-unit means. The engine divides by
+        the count over the whole optimizer step and all ranks, so batch 2 x accumulation 2 == batch 4 x accumulation
+        1 == 2 ranks x batch 2, whatever the padding. save_fn(model, folder) replaces the default save_pretrained
+        (LoRA saves only its adapter). curve: what the PNG shows, "loss" or one of loss_fn's metrics (GRPO: "reward").
         eval_dataset (see `split`): scored every --eval_interval steps, at the start and at the end (evaluation.py).
-        repeat: optimizer steps taken on each window of micro-batches (GRPO's and PPO's epochs over one rollout batch:
-        count_fn runs once per window, where they sample, and loss_fn once per micro-batch and step).
+        prepare_window(micro_batches): called once per window of micro-batches before anything is counted -- where
+        the RL methods sample and score their rollouts into the batches (trainer/rl.py). repeat: optimizer steps
+        taken on each window (GRPO's and PPO's epochs over one rollout batch).
         """
+        run = self._setup(model, dataset, collate_fn, shuffle, loss_fn, count_fn, save_fn, prepare_window, repeat)
+        self._restore(run)
+        self._start(run, eval_dataset, collate_fn)
+        state = run.state
+        while state["epoch"] < self.args.epochs and state["step"] < run.total_steps and not run.stopped:
+            for micro in self._windows(run):
+                total = self._count(run, micro)
+                for i in range(repeat):
+                    if state["step"] >= run.total_steps or run.stopped:
+                        break
+                    self._train_step(run, micro, total, window_done=i == repeat - 1)
+                    run.stopped = self._tick(run)
+                if state["step"] >= run.total_steps or run.stopped:
+                    break
+            else:  # the epoch is done (a short last window is dropped)
+                state["epoch"], state["row"] = state["epoch"] + 1, 0
+        return self._finish(run, dataset, curve)
+
+    def _setup(self, model, dataset, collate_fn, shuffle, loss_fn, count_fn, save_fn, prepare_window, repeat):
+        """The loader (global seeded order, sharded per rank), the optimizer and, for fp16, the GradScaler."""
         args, env = self.args, self.env
         A, B, W = args.accumulation_steps, args.batch_size, env.world_size
         lengths = getattr(dataset, "lengths", None) if args.group_by_length else None
@@ -293,31 +373,34 @@ class Trainer:
             raise ValueError(f"{len(dataset)} rows are fewer than one optimizer step needs "
                              f"({W} ranks x batch {B} x accumulation {A})")
         total_steps = min(args.max_steps or 10 ** 12, args.epochs * steps_per_epoch * repeat)
-        warmup = args.warmup_steps if args.warmup_steps >= 0 else max(1, total_steps // 100)
         # the loader's own generator: iter(loader) draws the workers' base seed from it, not from the global RNG that
         # --resume restores (that draw shifted every later dropout mask and sampled token after a resume)
         loader_rng = torch.Generator()
         loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=args.num_workers,
                             pin_memory=self.device.type == "cuda", persistent_workers=False, generator=loader_rng)
-
-        trainable = [p for p in model.parameters() if p.requires_grad]
         # a model with several parts (PPO's policy + value model) may give its own groups, each with an lr_scale
         groups = (model.param_groups(args.weight_decay) if hasattr(model, "param_groups")
                   else param_groups(model, args.weight_decay))
-        optimizer = torch.optim.AdamW(groups, lr=args.learning_rate,
-                                      betas=(0.9, 0.95), fused=args.fused_adamw or None)
-        scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
+        optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.95), fused=args.fused_adamw or None)
+        return Run(model=model, net=model, optimizer=optimizer,
+                   scaler=torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None,
+                   trainable=[p for p in model.parameters() if p.requires_grad], sampler=sampler, loader=loader,
+                   loader_rng=loader_rng, total_steps=total_steps,
+                   warmup=args.warmup_steps if args.warmup_steps >= 0 else max(1, total_steps // 100),
+                   loss_fn=loss_fn, count_fn=count_fn, save_fn=save_fn, prepare_window=prepare_window,
+                   state=new_state(), empty_rows=torch.zeros((), device=self.device))
 
-        state = {"step": 0, "epoch": 0, "row": 0, "history": [], "metric_history": [], "eval_history": [],
-                 "run_id": None, "bad_steps": 0}
+    def _restore(self, run):
+        """--resume: weights, optimizer, scaler, RNG and data position from the last complete checkpoint."""
+        args, env, B, W = self.args, self.env, self.args.batch_size, self.env.world_size
         resume_path = ckpt.find_resume(self.stage_dir) if args.resume else None
         if resume_path is not None:
-            state = ckpt.load_resume(resume_path, model, optimizer, scaler, env.rank)
-            if state["row"] % (W * B):
+            run.state = ckpt.load_resume(resume_path, run.model, run.optimizer, run.scaler, env.rank)
+            if run.state["row"] % (W * B):
                 log.warning("resume position %d is not a multiple of %d rows per micro-step: rounding down",
-                            state["row"], W * B)
-            self.log(f"resumed from {resume_path} at step {state['step']} (epoch {state['epoch']}, "
-                     f"row {state['row']})")
+                            run.state["row"], W * B)
+            self.log(f"resumed from {resume_path} at step {run.state['step']} (epoch {run.state['epoch']}, "
+                     f"row {run.state['row']})")
         elif args.resume:
             self.log(f"no resume state in {self.stage_dir / 'resume'}; starting from the beginning")
         if resume_path is None and env.rank > 0:
@@ -325,157 +408,165 @@ class Trainer:
             # the same. Rank 0 (and so a single process) keeps the stream it always had; a resumed run restores each
             # rank's saved state instead
             torch.manual_seed(args.seed + 1_000_003 * env.rank)
-        held = None
-        if eval_dataset is not None:
-            held = HeldOut(eval_dataset, collate_fn, loss_fn, count_fn, self.tokenizer, env, B, args.eval_batches,
-                           self.autocast, model.config.vocab_size, token_level=count_fn is count_label_tokens)
+        run.bad_run = torch.tensor(run.state["bad_steps"], device=self.device)
 
-        net = model
+    def _start(self, run, eval_dataset, collate_fn):
+        """Held-out set, activation checkpointing, compile, DDP, tracker and progress bar; the step-0 evaluation."""
+        args, env, model = self.args, self.env, run.model
+        if eval_dataset is not None:
+            run.held = HeldOut(eval_dataset, collate_fn, run.loss_fn, run.count_fn, self.tokenizer, env,
+                               args.batch_size, args.eval_batches, self.autocast, model.config.vocab_size,
+                               token_level=run.count_fn is count_label_tokens)
         if args.grad_checkpoint:  # non-reentrant: works with frozen inputs (LoRA) and keeps dropout's RNG per block
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             n = sum(getattr(m, "gradient_checkpointing", False) for m in model.modules())
             self.log(f"activation checkpointing: {n} blocks recompute in the backward pass")
         if args.compile:
-            net = torch.compile(net)
-        if W > 1:
+            run.net = torch.compile(run.net)
+        if env.world_size > 1:
             # the only buffers are the RoPE tables, computed identically on every rank: broadcasting them (~16 MiB
             # for 26m) before every synced forward is pure traffic
-            net = DistributedDataParallel(net, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                                          broadcast_buffers=False)
-
-        tracker = None
+            run.net = DistributedDataParallel(run.net, broadcast_buffers=False,
+                                              device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if env.is_main:
-            tracker = Tracker(args.logger, args.wandb_project, f"{self.stage}-{time.strftime('%m%d-%H%M')}",
-                              vars(args), self.stage_dir, state.get("run_id"))
-            state["run_id"] = tracker.run_id
-        bar = tqdm(total=total_steps, initial=state["step"], desc=self.stage, disable=not env.is_main,
-                   dynamic_ncols=True)
-
-        t0, tokens_seen, last_metrics = time.time(), 0, {}
-        warm = None  # (time, tokens) after the first step: throughput without start-up and compilation
-        pending, empty_rows = [], torch.zeros((), device=self.device)
-        # non-finite steps: counted on the device, looked at (one sync) when logging or saving
-        bad_run, unchecked = torch.tensor(state["bad_steps"], device=self.device), []
-        done = state["step"] >= total_steps
-        if held is not None and state["step"] == 0:
-            self._evaluate(held, model, state, tracker)
+            run.tracker = Tracker(args.logger, args.wandb_project, f"{self.stage}-{time.strftime('%m%d-%H%M')}",
+                                  vars(args), self.stage_dir, run.state.get("run_id"))
+            run.state["run_id"] = run.tracker.run_id
+        run.bar = tqdm(total=run.total_steps, initial=run.state["step"], desc=self.stage, disable=not env.is_main,
+                       dynamic_ncols=True)
+        run.t0 = time.time()
+        if run.held is not None and run.state["step"] == 0:
+            self._evaluate(run)
         model.train()
-        for epoch in range(state["epoch"], args.epochs):
-            if done:
-                break
-            sampler.set_epoch(epoch, state["row"] if epoch == state["epoch"] else 0)
-            state["epoch"], state["row"] = epoch, state["row"] if epoch == state["epoch"] else 0
-            loader_rng.manual_seed(args.seed + epoch)  # same worker seeds per epoch, resumed or not, any world size
-            batches = iter(loader)
-            reuse = 0  # how many more steps the current window serves (repeat > 1)
-            while state["step"] < total_steps:
-                if reuse == 0:
-                    micro = [to_device(b, self.device) for b in islice(batches, A)]
-                    if len(micro) < A:
-                        break  # an incomplete accumulation window at the end of the epoch is dropped
-                    counts = torch.stack([torch.as_tensor(count_fn(b), device=self.device) for b in micro]).float()
-                    total = counts.sum()
-                    if W > 1:
-                        dist.all_reduce(total)
-                    reuse = repeat
-                reuse -= 1
-                step_loss, step_metrics = torch.zeros((), device=self.device), {}
-                for i, b in enumerate(micro):
-                    sync = nullcontext() if W == 1 or i == A - 1 else net.no_sync()
-                    with sync:
-                        with self.autocast:
-                            loss_sum, metrics = loss_fn(net, b)
-                        loss = loss_sum / total.clamp(min=1)
-                        step_loss += loss.detach()
-                        for k, v in metrics.items():  # summed like the loss, so normalised the same way
-                            step_metrics[k] = step_metrics.get(k, 0) + v.detach().float() / total.clamp(min=1)
-                        loss = loss * W  # DDP averages gradients over ranks; the normaliser is already global
-                        (scaler.scale(loss) if scaler else loss).backward()
-                    if "labels" in b:
-                        empty_rows += ((b["labels"] != -100).sum(1) == 0).sum()
-                    tokens_seen += b["input_ids"].numel() if "input_ids" in b else 0
 
-                lr = lr_at(state["step"], total_steps, args.learning_rate, warmup, args.min_lr_ratio)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr * group.get("lr_scale", 1.0)
-                if scaler:
-                    scaler.unscale_(optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip or float("inf"))
-                finite = torch.isfinite(grad_norm)  # the same on every rank: gradients are already all-reduced
-                self._optimizer_step(optimizer, scaler, finite)
-                optimizer.zero_grad(set_to_none=True)
-                bad_run = torch.where(finite, torch.zeros_like(bad_run), bad_run + 1)
-                state["step"] += 1
-                if reuse == 0:  # the window is done: a resume starts at the next one
-                    state["row"] += A * W * B
-                unchecked.append((state["step"], bad_run))
-                pending.append((step_loss, step_metrics))
-                bar.update(1)
-                t_step = time.time()
-                if warm is None:
-                    warm = (t_step, tokens_seen)
+    def _windows(self, run):
+        """The current epoch's windows of --accumulation_steps micro-batches on the device, from the resume row."""
+        state, A = run.state, self.args.accumulation_steps
+        run.sampler.set_epoch(state["epoch"], state["row"])
+        run.loader_rng.manual_seed(self.args.seed + state["epoch"])  # same worker seeds, resumed or not, any world
+        batches = iter(run.loader)
+        while len(micro := [to_device(b, self.device) for b in islice(batches, A)]) == A:
+            yield micro
 
-                last = state["step"] >= total_steps
-                log_now = state["step"] % args.log_interval == 0 or last or state["step"] == args.stop_at_step
-                save_now = state["step"] % args.save_interval == 0 or last or state["step"] == args.stop_at_step
-                if log_now or save_now:
-                    self._check_finite(unchecked, state, scaler)
-                if log_now:
-                    last_metrics = self._flush(pending, state, lr, grad_norm, tracker, bar, t0, tokens_seen)
-                if held is not None and (state["step"] % args.eval_interval == 0 or last):
-                    self._evaluate(held, model, state, tracker)
-                if save_now:
-                    self._save(model, optimizer, scaler, state, save_fn)
-                if state["step"] == args.stop_at_step:
-                    self.log(f"stopping at step {state['step']} (--stop_at_step)")
-                    done = True
-                    break
-            else:
-                done = True
-            if not done:
-                state["epoch"], state["row"] = epoch + 1, 0
-        bar.close()
+    def _count(self, run, micro) -> torch.Tensor:
+        """What the window's summed losses are divided by: count_fn over all its micro-batches and ranks (after
+        prepare_window, which fills RL batches with their rollouts)."""
+        if run.prepare_window is not None:
+            run.prepare_window(micro)
+        total = torch.stack([torch.as_tensor(run.count_fn(b), device=self.device) for b in micro]).float().sum()
+        if self.env.world_size > 1:
+            dist.all_reduce(total)
+        return total
 
-        empty = int(empty_rows.item())
+    def _train_step(self, run, micro, total, window_done: bool):
+        """Forward and backward over the window's micro-batches (gradients synced on the last), then one update."""
+        W, A = self.env.world_size, len(micro)
+        step_loss, step_metrics = torch.zeros((), device=self.device), {}
+        for i, b in enumerate(micro):
+            with nullcontext() if W == 1 or i == A - 1 else run.net.no_sync():
+                with self.autocast:
+                    loss_sum, metrics = run.loss_fn(run.net, b)
+                loss = loss_sum / total.clamp(min=1)
+                step_loss += loss.detach()
+                for k, v in metrics.items():  # summed like the loss, so normalised the same way
+                    step_metrics[k] = step_metrics.get(k, 0) + v.detach().float() / total.clamp(min=1)
+                loss = loss * W  # DDP averages gradients over ranks; the normaliser is already global
+                (run.scaler.scale(loss) if run.scaler else loss).backward()
+            if "labels" in b:
+                run.empty_rows += ((b["labels"] != -100).sum(1) == 0).sum()
+            run.tokens += b["input_ids"].numel() if "input_ids" in b else 0
+        self._update(run)
+        state = run.state
+        state["step"] += 1
+        if window_done:  # a resume starts at the next window
+            state["row"] += A * W * self.args.batch_size
+        run.unchecked.append((state["step"], run.bad_run))
+        run.pending.append((step_loss, step_metrics))
+        run.bar.update(1)
+        run.t_step = time.time()
+        if run.warm is None:  # throughput is measured from here: without start-up and compilation
+            run.warm = (run.t_step, run.tokens)
+
+    def _update(self, run):
+        """LR for this step, unscale, clip, and the optimizer step unless the gradient is non-finite."""
+        args = self.args
+        run.lr = lr_at(run.state["step"], run.total_steps, args.learning_rate, run.warmup, args.min_lr_ratio)
+        for group in run.optimizer.param_groups:
+            group["lr"] = run.lr * group.get("lr_scale", 1.0)
+        if run.scaler:
+            run.scaler.unscale_(run.optimizer)
+        run.grad_norm = torch.nn.utils.clip_grad_norm_(run.trainable, args.grad_clip or float("inf"))
+        finite = torch.isfinite(run.grad_norm)  # the same on every rank: gradients are already all-reduced
+        self._optimizer_step(run.optimizer, run.scaler, finite)
+        run.optimizer.zero_grad(set_to_none=True)
+        # non-finite steps: counted on the device, looked at (one sync) when logging or saving
+        run.bad_run = torch.where(finite, torch.zeros_like(run.bad_run), run.bad_run + 1)
+
+    def _tick(self, run) -> bool:
+        """Log, evaluate and save when their intervals say so; True when --stop_at_step is reached."""
+        args, step = self.args, run.state["step"]
+        last, stop = step >= run.total_steps, step == args.stop_at_step
+        log_now = step % args.log_interval == 0 or last or stop
+        save_now = step % args.save_interval == 0 or last or stop
+        if log_now or save_now:
+            self._check_finite(run)
+        if log_now:
+            run.last_metrics = self._flush(run)
+        if run.held is not None and (step % args.eval_interval == 0 or last):
+            self._evaluate(run)
+        if save_now:
+            self._save(run)
+        if stop:
+            self.log(f"stopping at step {step} (--stop_at_step)")
+        return stop
+
+    def _finish(self, run, dataset, curve: str) -> dict:
+        """Close the bar, say what was skipped, draw the curve, append to the report card; the run's summary."""
+        run.bar.close()
+        args, W, state = self.args, self.env.world_size, run.state
+        empty = run.empty_rows.clone()
         if W > 1:
-            t = torch.tensor(empty, device=self.device)
-            dist.all_reduce(t)
-            empty = int(t)
+            dist.all_reduce(empty)
         bad_lines = len(getattr(getattr(dataset, "rows", getattr(dataset, "docs", None)), "bad_lines", []))
         if bad_lines:
             self.log(f"{args.data_path}: {bad_lines} malformed line(s) were skipped (see the warnings above)")
-        if empty:
-            self.log(f"{empty} row(s) had no trainable token (e.g. the reply was truncated away) and taught nothing")
-        history = state["history"]
-        seconds = time.time() - t0
-        if env.is_main and history:
-            png = Path(args.image_dir) / f"{self.stage}_{curve}.png"
-            if curve == "loss":
-                plot_loss(history, png, f"{self.stage} loss",
-                          held_out=[(st, e["loss"]) for st, e in state.get("eval_history", [])])
-            else:  # logged as means over each --log_interval
-                plot_loss([(s, m[curve]) for s, m in state.get("metric_history", []) if curve in m], png,
-                          f"{self.stage} {curve}", ylabel=curve)
-            self.log(f"loss {history[0][1]:.3f} -> {history[-1][1]:.3f} over {state['step']} steps; curve: {png}")
-        if tracker:
-            tracker.finish()
+        if int(empty):
+            self.log(f"{int(empty)} row(s) had no trainable token (e.g. the reply was truncated away) and taught "
+                     f"nothing")
+        history, seconds = state["history"], time.time() - run.t0
         evaluated = state["eval_history"][-1][1] if state.get("eval_history") else {}
-        if env.is_main and history:
+        if self.env.is_main and history:
+            self._plot(run, curve)
+        if run.tracker:
+            run.tracker.finish()
+        if self.env.is_main and history:
             report.append(args.out_dir, {
                 "kind": "stage", "stage": self.stage, "data": str(args.data_path), "rows": len(dataset),
                 # tokens fed as input_ids; None where the loss makes its own (GRPO's rollouts)
-                "model": str(args.init_from or args.preset or args.default_preset), "steps": state["step"], "tokens": tokens_seen * W or None,
-                "seconds": seconds, "tokens_per_s": tokens_seen * W / max(seconds, 1e-9) if tokens_seen else None,
+                "model": str(args.init_from or args.preset or args.default_preset), "steps": state["step"],
+                "tokens": run.tokens * W or None, "seconds": seconds,
+                "tokens_per_s": run.tokens * W / max(seconds, 1e-9) if run.tokens else None,
                 "train_loss": history[-1][1], "eval_loss": evaluated.get("loss"), "eval_bpb": evaluated.get("bpb"),
                 "eval_data": args.eval_data or (f"{args.eval_split:.0%} of the data" if args.eval_split else None)},
                 image_dir=args.image_dir)
         barrier()
-        steady = (tokens_seen - warm[1]) * W / (t_step - warm[0]) if warm and t_step > warm[0] else None
-        return {"steps": state["step"], "history": history, "seconds": seconds, "metrics": last_metrics,
+        warm = run.warm
+        steady = (run.tokens - warm[1]) * W / (run.t_step - warm[0]) if warm and run.t_step > warm[0] else None
+        return {"steps": state["step"], "history": history, "seconds": seconds, "metrics": run.last_metrics,
                 "metric_history": state.get("metric_history", []), "eval_history": state.get("eval_history", []),
-                "eval": evaluated or None,
-                "tokens": tokens_seen * W, "tokens_per_s_after_first_step": steady,
+                "eval": evaluated or None, "tokens": run.tokens * W, "tokens_per_s_after_first_step": steady,
                 "first_loss": history[0][1] if history else None, "last_loss": history[-1][1] if history else None}
+
+    def _plot(self, run, curve: str):
+        state, history = run.state, run.state["history"]
+        png = Path(self.args.image_dir) / f"{self.stage}_{curve}.png"
+        if curve == "loss":
+            plot_loss(history, png, f"{self.stage} loss",
+                      held_out=[(st, e["loss"]) for st, e in state.get("eval_history", [])])
+        else:  # logged as means over each --log_interval
+            plot_loss([(s, m[curve]) for s, m in state.get("metric_history", []) if curve in m], png,
+                      f"{self.stage} {curve}", ylabel=curve)
+        self.log(f"loss {history[0][1]:.3f} -> {history[-1][1]:.3f} over {state['step']} steps; curve: {png}")
 
     @staticmethod
     def _optimizer_step(optimizer, scaler, finite: torch.Tensor):
@@ -491,23 +582,24 @@ class Trainer:
         elif finite:
             optimizer.step()
 
-    def _check_finite(self, unchecked, state, scaler):
+    def _check_finite(self, run):
         """Report the skipped (non-finite) steps since the last look; stop after --max_bad_steps in a row."""
-        runs = torch.stack([run for _, run in unchecked]).tolist()
-        steps = [step for step, _ in unchecked]
-        unchecked.clear()
-        limit = self.args.max_bad_steps if not scaler else max(self.args.max_bad_steps, 30)
-        for step, run in zip(steps, runs):
-            if run:
-                self.log(f"step {step}: non-finite loss or gradient, update skipped ({run} in a row)")
-            if run >= limit:
-                raise RuntimeError(f"{run} non-finite steps in a row at step {step}: stopping; the last good "
+        runs = torch.stack([bad for _, bad in run.unchecked]).tolist()
+        steps = [step for step, _ in run.unchecked]
+        run.unchecked.clear()
+        limit = self.args.max_bad_steps if not run.scaler else max(self.args.max_bad_steps, 30)
+        for step, bad in zip(steps, runs):
+            if bad:
+                self.log(f"step {step}: non-finite loss or gradient, update skipped ({bad} in a row)")
+            if bad >= limit:
+                raise RuntimeError(f"{bad} non-finite steps in a row at step {step}: stopping; the last good "
                                    f"checkpoint in {self.stage_dir} is kept. Lower --learning_rate or check the data.")
-        state["bad_steps"] = runs[-1]
+        run.state["bad_steps"] = runs[-1]
 
-    def _flush(self, pending, state, lr, grad_norm, tracker, bar, t0, tokens_seen) -> dict:
+    def _flush(self, run) -> dict:
         """Move the per-step losses and the loss_fn's metrics to the host (the only regular sync besides the finite
         check), log them, and return the metrics' means over the interval."""
+        state, pending = run.state, run.pending
         losses = torch.stack([loss for loss, _ in pending])
         names = sorted({k for _, m in pending for k in m})
         means = torch.stack([torch.stack([m.get(k, torch.zeros((), device=self.device)) for _, m in pending]).mean()
@@ -523,40 +615,50 @@ class Trainer:
         if metrics:
             state.setdefault("metric_history", []).append([state["step"], metrics])
         pending.clear()
-        elapsed = time.time() - t0
-        tok_s = tokens_seen * self.env.world_size / max(elapsed, 1e-9)
-        bar.set_postfix(loss=f"{values[-1]:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
-        if tracker:
-            tracker.log({"loss": values[-1], "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tok_s,
-                         "epoch": state["epoch"], **metrics}, step=state["step"])
+        tok_s = run.tokens * self.env.world_size / max(time.time() - run.t0, 1e-9)
+        run.bar.set_postfix(loss=f"{values[-1]:.3f}", lr=f"{run.lr:.2e}", tok_s=f"{tok_s:,.0f}")
+        if run.tracker:
+            run.tracker.log({"loss": values[-1], "lr": run.lr, "grad_norm": float(run.grad_norm),
+                             "tokens_per_s": tok_s, "epoch": state["epoch"], **metrics}, step=state["step"])
         return metrics
 
-    def _evaluate(self, held, model, state, tracker):
-        result = held.run(model)
+    def _evaluate(self, run):
+        result = run.held.run(run.model)
+        state = run.state
         state.setdefault("eval_history", []).append([state["step"], result])
         bpb = f", {result['bpb']:.4f} bits per byte" if "bpb" in result else ""
         self.log(f"step {state['step']}: held-out loss {result['loss']:.4f}{bpb} ({result['tokens']:,} "
-                 f"{'tokens' if 'bpb' in result else 'units'} of {held.rows} rows)")
-        if tracker:
-            tracker.log({f"eval/{k}": v for k, v in result.items()}, step=state["step"])
+                 f"{'tokens' if 'bpb' in result else 'units'} of {run.held.rows} rows)")
+        if run.tracker:
+            run.tracker.log({f"eval/{k}": v for k, v in result.items()}, step=state["step"])
 
-    def _save(self, model, optimizer, scaler, state, save_fn):
+    def _save(self, run):
         try:
             ckpt.write_rank_rng(self.stage_dir, self.env.rank)
             barrier()
             if self.env.is_main:
-                if save_fn is not None:
-                    save_fn(model, self.stage_dir)
+                if run.save_fn is not None:
+                    run.save_fn(run.model, self.stage_dir)
                 else:
-                    ckpt.save_pretrained_atomic(model, self.tokenizer, self.stage_dir)
-                ckpt.commit_resume(self.stage_dir, model, optimizer, scaler, state)
+                    ckpt.save_pretrained_atomic(run.model, self.tokenizer, self.stage_dir)
+                ckpt.commit_resume(self.stage_dir, run.model, run.optimizer, run.scaler, run.state)
         except OSError as e:  # a full disk, a vanished mount: say so; the swap never happened
-            raise SystemExit(f"could not write the step-{state['step']} checkpoint to {self.stage_dir}: {e}. The "
-                             f"last complete checkpoint there is kept; free space and rerun with --resume.") from e
+            raise SystemExit(f"could not write the step-{run.state['step']} checkpoint to {self.stage_dir}: {e}. "
+                             f"The last complete checkpoint there is kept; free space and rerun with --resume.") from e
         barrier()
 
     def close(self):
         cleanup()
+
+
+def apply_method_defaults(parser, argv, method_defaults: dict) -> argparse.Namespace:
+    """Parse argv (or take a parsed Namespace) and give the chosen --method its own defaults where the user kept the
+    stage's (GRPO starts from `reason` and reads prompts, not the SFT chats the reasoning SFT reads)."""
+    args = argv if isinstance(argv, argparse.Namespace) else parser.parse_args(argv)
+    for name, value in method_defaults.get(args.method, {}).items():
+        if getattr(args, name) == parser.get_default(name):
+            setattr(args, name, value)
+    return args
 
 
 def stage_main(stage: str, build_parser, run, argv=None) -> dict:
@@ -570,5 +672,5 @@ def stage_main(stage: str, build_parser, run, argv=None) -> dict:
         trainer.close()
 
 
-__all__ = ["Trainer", "add_train_args", "lm_loss", "count_label_tokens", "lr_at", "param_groups",
+__all__ = ["Trainer", "add_train_args", "apply_method_defaults", "lm_loss", "count_label_tokens", "lr_at", "param_groups",
            "ShardedBatchSampler", "stage_main"]

@@ -21,6 +21,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
+from common.distributed import to_device
+
 
 def _byte_decoder() -> dict:
     """GPT-2's byte-level alphabet: the printable character that stands for each of the 256 bytes, inverted."""
@@ -95,8 +97,6 @@ class HeldOut:
 
     @torch.no_grad()
     def run(self, model) -> dict:
-        from .engine import to_device  # the engine imports this module: no import cycle at load time
-
         was_training = model.training
         model.eval()
         device = self.env.device

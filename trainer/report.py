@@ -5,7 +5,7 @@ and <out_dir>/report.md and <image_dir>/report.png are redrawn from it (the late
                                held-out loss and bits per byte (trainer/engine.py writes it at the end of fit)
                   "benchmark"  task -> score (scripts/eval_bench.py)
                   "metric"     a named score, e.g. tool-use accuracy (scripts/eval_tools.py) or the demo's held-out
-                               metrics (scripts/run_demo.py)
+                               metrics (demo/run.py)
 """
 
 import json

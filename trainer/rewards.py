@@ -15,6 +15,11 @@ reference answer, its `gt` list, or None for prompt-only rows. A function with `
 
 import re
 
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from inference.tools import load_function
+
 TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 _FORMAT = re.compile(r"<think>(.*?)</think>\s*<answer>(.*?)</answer>", re.S)
 _INT = re.compile(r"-?\d+")
@@ -159,8 +164,6 @@ def load_reward(spec: str):
     if not sep or not where or not name:
         raise ValueError(f"unknown reward {spec!r}: use one of {sorted(REWARDS)}, 'module:function' or "
                          f"'file.py:function'")
-    from inference.tools import load_function
-
     return load_function(where, name, f"reward file {where} (from --reward {spec})", f"(from --reward {spec})")
 
 
@@ -172,9 +175,6 @@ class RewardModel:
     needs_reference = False
 
     def __init__(self, path, device="cpu", dtype="float32", batch_size: int = 16, max_length: int = 2048):
-        import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=getattr(torch, dtype))
         if self.model.config.num_labels != 1:
@@ -193,8 +193,6 @@ class RewardModel:
         return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
 
     def score(self, prompts, completions) -> list[float]:
-        import torch
-
         texts = [self.text(p, c) for p, c in zip(prompts, completions)]
         scores = []
         with torch.no_grad():

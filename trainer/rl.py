@@ -1,6 +1,6 @@
-"""Pieces the RL stages share (6-reason.py --method grpo|agent, 4-RLHF.py --method ppo): the policy losses, log-probs
-at the sampling temperature, rewards (rule functions and reward models, weighted), the rollout window that the
-engine's count_fn fills and loss_fn consumes, and GAE for PPO."""
+"""What the RL methods share (grpo.py, agent.py, ppo.py): the policy losses, log-probs at the sampling temperature,
+rewards (rule functions and reward models, weighted), the Rollouts base whose `generate_and_score` is the engine's
+prepare_window hook, and GAE for PPO."""
 
 import time
 
@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from dataset.rewards import RewardModel, call_reward, load_reward
+from trainer.rewards import RewardModel, call_reward, load_reward
 from inference import Sampling, generate
 
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "cispo")
@@ -92,49 +92,36 @@ def score_rewards(rewards, weights, prompts, texts, refs) -> torch.Tensor:
     return torch.stack(columns, 1)
 
 
-class RolloutWindow:
-    """The engine calls count_fn for every micro-batch of an optimizer step before any loss_fn (and, with repeat > 1,
-    reuses them for several steps): an RL stage samples in count_fn and registers each rollout here, so that a
-    token-level loss can be normalised by the completion tokens of the whole step, all micro-batches and ranks."""
-
-    def __init__(self, trainer, token_level: bool):
-        self.trainer, self.token_level, self.pending = trainer, token_level, []
-
-    def add(self, rollout: dict) -> int:
-        rollout["scale"] = None
-        self.pending.append(rollout)
-        return rollout["n"]
-
-    def scale(self, rollout: dict) -> float:
-        """What multiplies a rollout's summed loss: sequences / tokens of the step when token-level (the engine then
-        divides by the step's sequences), else 1."""
-        if rollout["scale"] is None:
-            totals = torch.tensor([[r["n"], float(r["mask"].sum())] for r in self.pending])
-            totals = totals.sum(0).to(self.trainer.device)
-            if self.trainer.env.world_size > 1:
-                dist.all_reduce(totals)
-            scale = float(totals[0] / totals[1].clamp(min=1)) if self.token_level else 1.0
-            for r in self.pending:
-                r["scale"] = scale
-            self.pending = []
-        return rollout["scale"]
-
-
 class Rollouts:
-    """What the RL stages share. The engine's count_fn is `count`: it samples a window's rollouts (`rollout`, each
-    stage's own) once per window and registers them with the token normaliser; `sample` generates through the
+    """What the RL methods share. `generate_and_score` is the engine's prepare_window hook: once per window of
+    micro-batches it puts each batch's rollout (`rollout`, each method's own) into the batch and fixes the step's
+    token normaliser; `count` (the engine's count_fn) reads the rollout's size. `sample` generates through the
     inference core and times it; `score` decodes the replies and scores them; `summarize` reports rollout speed."""
 
     def __init__(self, args, trainer, policy, rewards, weights, names, token_level: bool):
         self.args, self.trainer, self.policy, self.tokenizer = args, trainer, policy, trainer.tokenizer
         self.rewards, self.weights, self.names = rewards, weights, names
         self.sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
-        self.window = RolloutWindow(trainer, token_level)
+        self.token_level = token_level
         self.rollout_tokens, self.rollout_seconds = 0, 0.0
 
-    def count(self, batch):
-        batch["rollout"] = self.rollout(batch)
-        return self.window.add(batch["rollout"])
+    def generate_and_score(self, micro: list):
+        """Sample and score the window's rollouts, then set each one's loss scale: a token-level loss is normalised
+        by the completion tokens of the whole step (all micro-batches and ranks); the engine divides by sequences,
+        so the scale is sequences / tokens (1 for a per-sequence loss)."""
+        for batch in micro:
+            batch["rollout"] = self.rollout(batch)
+        rollouts = [b["rollout"] for b in micro]
+        totals = torch.tensor([[r["n"], float(r["mask"].sum())] for r in rollouts]).sum(0).to(self.trainer.device)
+        if self.trainer.env.world_size > 1:
+            dist.all_reduce(totals)
+        scale = float(totals[0] / totals[1].clamp(min=1)) if self.token_level else 1.0
+        for r in rollouts:
+            r["scale"] = scale
+
+    @staticmethod
+    def count(batch):
+        return batch["rollout"]["n"]
 
     def rollout(self, batch) -> dict:
         raise NotImplementedError

@@ -6,14 +6,12 @@
 
 import importlib.util
 import os
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+from dataset import PretrainDataset
+from trainer import lm_loss, stage_main
 
-from dataset import PretrainDataset  # noqa: E402
-from trainer import lm_loss, stage_main  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 spec = importlib.util.spec_from_file_location("pretrain_stage", ROOT / "1-pretrain.py")
 pretrain = importlib.util.module_from_spec(spec)

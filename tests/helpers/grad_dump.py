@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
 
 out_prefix, script, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
 _step = torch.optim.AdamW.step

@@ -9,9 +9,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from dataset.jsonl import JsonlFile, check_text  # noqa: E402
+from dataset.jsonl import JsonlFile, check_text
 
 dist.init_process_group("gloo")
 rows = JsonlFile(sys.argv[1], check_text, verbose=False)

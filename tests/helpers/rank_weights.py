@@ -10,10 +10,9 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+from trainer.engine import Trainer
 
-from trainer.engine import Trainer  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 out_dir, script, argv = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
 fit = Trainer.fit

@@ -1,0 +1,1 @@
+"""The small base every layer above `model` shares: checkpoint and tokenizer resolution, devices and dtypes."""
