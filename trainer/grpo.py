@@ -39,8 +39,8 @@ def add_args(parser):
 
 
 class GRPO(Rollouts):
-    """The engine's count_fn samples a window's rollouts (once per window of micro-batches) and keeps the sampling
-    policy's and the reference's log-probs; loss_fn is the policy loss, taken --num_iterations times on them."""
+    """The engine's prepare_window hook samples a window's rollouts (once per window of micro-batches) and keeps the
+    sampling policy's and the reference's log-probs; loss_fn is the policy loss, taken --num_iterations times on them."""
 
     def __init__(self, args, trainer, policy, reference, rewards, weights, names):
         super().__init__(args, trainer, policy, rewards, weights, names,

@@ -98,7 +98,7 @@ def ppo_losses(logps, values, rollout, clip_eps: float, vf_clip: float):
 
 
 class PPO(Rollouts):
-    """count_fn samples one reply per prompt and computes the advantages (once per window); loss_fn is the PPO
+    """prepare_window samples one reply per prompt and computes the advantages (once per window); loss_fn is the PPO
     loss, taken --ppo_epochs times on it."""
 
     def __init__(self, args, trainer, actor_critic, reference, rewards, weights, names):
@@ -178,6 +178,7 @@ def train(trainer, args):
         os.replace(tmp, os.path.join(folder, "critic.safetensors"))
 
     summary = trainer.fit(ac, data, collate_fn=trainer.collate(prompt_collate),
-                          loss_fn=ppo.loss, count_fn=ppo.count, prepare_window=ppo.generate_and_score, save_fn=save_fn, curve="reward",
+                          loss_fn=ppo.loss, count_fn=ppo.count, prepare_window=ppo.generate_and_score,
+                          save_fn=save_fn, curve="reward",
                           repeat=args.ppo_epochs)
     return ppo.summarize(summary)
