@@ -6,12 +6,13 @@
 
 import argparse
 
+from common.cli import HelpFormatter
 from dataset import PretrainDataset
 from trainer import add_train_args, stage_main
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_train_args(parser, epochs=2, batch_size=32, learning_rate=5e-4, max_seq_len=512,
                    data_path="dataset/pretrain_t2t_mini.jsonl")
     parser.add_argument("--padded", action="store_true",

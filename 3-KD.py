@@ -10,12 +10,13 @@ White-box (--teacher DIR): also match the teacher's next-token distribution on t
 
 import argparse
 
+from common.cli import HelpFormatter
 from dataset import SFTDataset, pad_collate
 from trainer import add_train_args, kd, stage_main
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_train_args(parser, epochs=2, batch_size=64, learning_rate=5e-5, max_seq_len=1024,
                    data_path="dataset/sft_t2t_mini.jsonl", init_from="sft")
     kd.add_args(parser)

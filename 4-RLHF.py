@@ -16,21 +16,22 @@ One reply per prompt, a per-token KL penalty, GAE over a value model's V, clippe
 
 import argparse
 
+from common.cli import HelpFormatter
 from trainer import add_train_args, dpo, ppo, stage_main
-from trainer.engine import apply_method_defaults
+from trainer.engine import apply_method_defaults, describe_method_defaults
 
 METHODS = {"dpo": dpo.train, "ppo": ppo.train}
 METHOD_DEFAULTS = {"ppo": {"data_path": "dataset/rlaif.jsonl"}}  # PPO reads prompts
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_train_args(parser, epochs=1, batch_size=8, learning_rate=1e-6, max_seq_len=1024,
                    data_path="dataset/dpo.jsonl", init_from="sft")
     parser.add_argument("--method", choices=sorted(METHODS), default="dpo")
     dpo.add_args(parser)
     ppo.add_args(parser)
-    return parser
+    return describe_method_defaults(parser, METHOD_DEFAULTS)
 
 
 def main(argv=None):

@@ -13,6 +13,7 @@ import argparse
 import copy
 from pathlib import Path
 
+from common.cli import HelpFormatter
 from dataset import SFTDataset, pad_collate
 from model.lora import DEFAULT_TARGETS, apply_lora, count_trainable, mark_only_lora_trainable, remove_lora, save_adapter
 from trainer import add_train_args, stage_main
@@ -21,7 +22,7 @@ from trainer.checkpoint import save_pretrained_atomic
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_train_args(parser, epochs=10, batch_size=32, learning_rate=1e-4, max_seq_len=512,
                    data_path="dataset/lora_medical.jsonl", init_from="dpo")
     parser.add_argument("--lora_rank", type=int, default=16)

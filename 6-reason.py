@@ -25,9 +25,10 @@ penalised when unfinished; only what the assistant wrote is trained.
 
 import argparse
 
+from common.cli import HelpFormatter
 from dataset import ReasonDataset, pad_collate
 from trainer import add_train_args, agent, grpo, stage_main
-from trainer.engine import apply_method_defaults
+from trainer.engine import apply_method_defaults, describe_method_defaults
 
 
 def train_sft(trainer, args):
@@ -44,14 +45,14 @@ METHOD_DEFAULTS = {"grpo": {"init_from": "reason", "data_path": "dataset/rlaif.j
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_train_args(parser, epochs=1, batch_size=8, learning_rate=1e-6, max_seq_len=1024,
                    data_path="dataset/sft_t2t_mini.jsonl", init_from="dpo")
     parser.add_argument("--method", choices=list(METHODS), default="sft")
     parser.add_argument("--tag_weight", type=float, default=10.0, help="sft: loss weight of the tag tokens")
     grpo.add_args(parser)
     agent.add_args(parser)
-    return parser
+    return describe_method_defaults(parser, METHOD_DEFAULTS)
 
 
 def main(argv=None):

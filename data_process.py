@@ -29,6 +29,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from common.cli import HelpFormatter
 from dataset.chat import check_conversations, check_prompt_row, has_reasoning, normalize_chat
 from dataset.dpo import check_preference
 from dataset.jsonl import BadLineError, check_text
@@ -501,6 +502,8 @@ def stats(path, tokenizer, sample=20_000, seed=0, image=None) -> dict:
     q = {p: float(np.percentile(lengths, p)) for p in (50, 90, 95, 99)}
     result = {"lines": n_lines, "sampled": len(rows), "unusable": unusable, "rows_with": dict(sorted(kinds.items())),
               "texts": len(lengths), "mean": float(lengths.mean()),
+              # the whole file's tokens, estimated from the sample: lines x texts per usable row x mean length
+              "tokens_estimate": round(n_lines * len(lengths) / max(1, len(rows) - unusable) * float(lengths.mean())),
               "max": int(lengths.max()), **{f"p{p}": v for p, v in q.items()},
               "max_seq_len_95": int(np.ceil(q[95])), "max_seq_len_99": int(np.ceil(q[99]))}
     if image:
@@ -528,22 +531,26 @@ def stats(path, tokenizer, sample=20_000, seed=0, image=None) -> dict:
 # ---------------------------------------------------------------------------------------------------- CLI
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("download", help=f"files of {DATASET_ID} from ModelScope (--list: what it holds)",
-                       description=DOWNLOAD_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def add(name, **kwargs):
+        return sub.add_parser(name, formatter_class=HelpFormatter, **kwargs)
+
+    p = add("download", help=f"files of {DATASET_ID} from ModelScope (--list: what it holds)",
+            description=DOWNLOAD_HELP)
     p.add_argument("names", nargs="*", help=f"stage names {list(STAGE_FILES)}; all (every stage but "
                                             f"pretrain_full, sft_full); or any *.jsonl file of the dataset")
     p.add_argument("--list", action="store_true", help="list the remote's files and sizes, marking the ones our "
                                                        "stages use, and download nothing")
     p.add_argument("--out_dir", default="dataset")
-    p = sub.add_parser("tokenizer", help="MiniMind's tokenizer from ModelScope, checked")
+    p = add("tokenizer", help="MiniMind's tokenizer from ModelScope, checked")
     p.add_argument("--out_dir", default="minimind_tokenizer")
-    p = sub.add_parser("magpie", help="MagpieLM-DPO parquet -> DPO jsonl")
+    p = add("magpie", help="MagpieLM-DPO parquet -> DPO jsonl")
     p.add_argument("inputs", nargs="+")
     p.add_argument("--out", default="dataset/dpo_magpie.jsonl")
     p.add_argument("--batch_size", type=int, default=1024)
-    p = sub.add_parser("medical", help="medical dialogue CSVs -> SFT jsonl")
+    p = add("medical", help="medical dialogue CSVs -> SFT jsonl")
     p.add_argument("root", help="folder holding the department folders of CSV files")
     p.add_argument("--out", default="dataset/lora_medical.jsonl")
     p.add_argument("--val_out", default=None, help="also write a validation split here")
@@ -551,12 +558,12 @@ def build_parser():
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--min_len", type=int, default=2, help="minimum characters of question + answer")
     p.add_argument("--max_len", type=int, default=1024, help="maximum characters of question + answer")
-    p = sub.add_parser("validate", help="check a file against a stage's schema")
+    p = add("validate", help="check a file against a stage's schema")
     p.add_argument("path")
     p.add_argument("--stage", choices=sorted(CHECKS), required=True)
     p.add_argument("--max_bad", type=int, default=0, help="exit with status 1 above this many bad lines")
     p.add_argument("--show", type=int, default=10, help="how many bad lines to print")
-    p = sub.add_parser("stats", help="token lengths of a file")
+    p = add("stats", help="token lengths of a file")
     p.add_argument("path")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: ours)")
     p.add_argument("--sample", type=int, default=20_000, help="rows sampled (reservoir) from huge files")

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from common.cli import HelpFormatter
 from inference import Sampling, TextStream, load_tools, tool_schema
 from inference.engine import drain
 from inference.load import TEST_PROMPTS, add_model_args, load, load_engine  # noqa: F401  (the scripts' shared loading)
@@ -137,7 +138,7 @@ class Chat:
 
 def build_parser():
     parser = add_model_args(argparse.ArgumentParser(description=__doc__,
-                                                    formatter_class=argparse.RawDescriptionHelpFormatter))
+                                                    formatter_class=HelpFormatter))
     parser.add_argument("--temperature", type=float, default=0.85, help="0 = greedy")
     parser.add_argument("--top_p", type=float, default=0.85)
     parser.add_argument("--top_k", type=int, default=0, help="0 = off")

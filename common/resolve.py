@@ -18,11 +18,12 @@ WEIGHTS = "model.safetensors"
 
 
 def resolve_checkpoint(name_or_path, out_root="out") -> Path:
-    """A stage name (`sft` -> out/sft), a checkpoint folder (ours, Hugging Face Llama / Qwen / Mixtral, MiniMind's)
+    """A stage name (`sft` -> out/sft) or a --save_as name under out_root, a checkpoint folder (ours, Hugging Face Llama / Qwen / Mixtral, MiniMind's)
     or a MiniMind `.pth` state dict (model/families.py); a clear error otherwise."""
     path = Path(name_or_path)
-    if not path.exists() and str(name_or_path) in STAGE_SCRIPTS:
-        path = Path(out_root) / str(name_or_path)
+    # a bare name is a stage's output, or any run's --save_as NAME, under out_root
+    if not path.exists() and len(path.parts) == 1 and (str(path) in STAGE_SCRIPTS or (Path(out_root) / path).exists()):
+        path = Path(out_root) / path
     if is_checkpoint(path):
         return path
     stage = str(name_or_path) if str(name_or_path) in STAGE_SCRIPTS else None

@@ -19,6 +19,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.cli import HelpFormatter
+
 from . import DATA_DIR
 from .readme import readme
 
@@ -881,7 +883,7 @@ def write(out_dir=DEFAULT_OUT_DIR, seed=DEFAULT_SEED):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
     parser.add_argument("--out_dir", default=str(DEFAULT_OUT_DIR))
     args = parser.parse_args()

@@ -18,6 +18,7 @@ from statistics import mean
 
 import torch
 
+from common.cli import HelpFormatter
 from dataset import read_jsonl
 from transformers import AutoTokenizer
 
@@ -50,7 +51,7 @@ STAGES = {
     # the demo pretrains 256-token rows, so KD keeps to 256 positions (the real stage uses 1024 after a 512 pretrain)
     "kd": ("3-KD.py", ["--data_path", DEMO / "kd.jsonl", "--from", "sft", "--epochs", 3, "--batch_size", 8,
                        "--max_seq_len", 256, "--learning_rate", 5e-4, *HELD_OUT, DEMO / "kd_eval.jsonl"]),
-    # DPO keeps the stage's default learning rate (1e-6): the README's sweep on this demo shows why
+    # DPO keeps the stage's default learning rate (1e-6): the sweep on this demo (docs/stages/dpo.md) shows why
     "dpo": ("4-RLHF.py", ["--data_path", DEMO / "dpo.jsonl", "--from", "kd", "--epochs", 1, "--batch_size", 8,
                           "--max_seq_len", 256, "--precompute_ref"]),
     # fp32 on every machine: with bf16 autocast (CPUs with AMX/AVX512-BF16) the adapter's held-out department
@@ -195,7 +196,7 @@ def format_table(results) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {list(STAGES)}")
     parser.add_argument("--out_dir", default="out/demo")
     parser.add_argument("--image_dir", default="images")

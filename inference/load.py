@@ -3,10 +3,9 @@ the same rules and errors for the chat script, the server, the evaluation and th
 
 from pathlib import Path
 
-import torch
 from transformers import AutoTokenizer
 
-from common.distributed import DTYPES, resolve_dtype
+from common.distributed import DTYPES, pick_device, resolve_dtype
 from common.resolve import STAGE_SCRIPTS, checkpoint_tokenizer, resolve_checkpoint
 from model import TOKENIZER_DIR
 from model.families import load_for_inference
@@ -31,7 +30,7 @@ def add_model_args(parser):
     parser.add_argument("--tokenizer", default=None,
                         help="tokenizer folder, for a checkpoint without one beside it (a MiniMind .pth)")
     parser.add_argument("--out_dir", default="out")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                         help="auto: bf16 where the device has it natively (CUDA, recent CPUs), else fp32")
     parser.add_argument("--compile", action="store_true",
@@ -44,6 +43,7 @@ def add_model_args(parser):
 def load(args):
     """(model, tokenizer, folder) for --stage / --model_path, with --adapter on top; SystemExit naming the missing
     checkpoint and the script that makes it."""
+    args.device = str(pick_device(args.device))
     dtype = resolve_dtype(args.dtype, args.device)
     path = Path(args.model_path or Path(args.out_dir) / args.stage)
     adapter = args.adapter

@@ -43,6 +43,7 @@ from pathlib import Path
 
 import torch
 
+from common.cli import HelpFormatter
 
 DOC_TOKENS = (250, 400)  # pretrain_hq.jsonl: texts merged up to ~512 characters, 6400-vocab tokenizer
 
@@ -236,7 +237,7 @@ def run_child(kind: str, spec: dict) -> dict:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--presets", default="tiny,26m", help="training presets (CUDA: try tiny,26m,104m,moe-145m)")
     parser.add_argument("--modes", default="baseline,ours", help="training: baseline, ours, compiled, ckpt")
     parser.add_argument("--batch_size", type=int, default=8)
@@ -247,7 +248,7 @@ def main(argv=None):
     parser.add_argument("--decode_batches", default="1,8")
     parser.add_argument("--decode_modes", default="baseline,ours,int8",
                         help="baseline, ours, compiled, int8, int8+compiled, rollout (ours, sampled: RL rollouts)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1")
     parser.add_argument("--json", default="out/bench/bench.json")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -256,9 +257,10 @@ def main(argv=None):
         print(json.dumps((train_child if kind == "train" else decode_child)(json.loads(spec))))
         return None
 
-    from common.distributed import fast_dtype
+    from common.distributed import fast_dtype, pick_device
 
-    device = torch.device(args.device)
+    device = pick_device(args.device)
+    args.device = str(device)
     n = 8192 if device.type == "cuda" else 2048
     fast = str(fast_dtype(device)).replace("torch.", "").replace("bfloat16", "bf16").replace("float", "fp")
     roof = {"fp32": matmul_roof(device, torch.float32, n)}

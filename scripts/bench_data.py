@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common.cli import HelpFormatter
+
 ROOT = Path(__file__).resolve().parents[1]
 CHILD = """
 import resource, sys, json
@@ -85,7 +87,7 @@ def loader_figures(path: Path, n_rows: int = 2000, max_seq_len: int = 512) -> di
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--sizes_mb", type=int, nargs="+", default=[20, 200])
     parser.add_argument("--loader_only", action="store_true", help="skip the validate / stats memory rows")
     parser.add_argument("--json", default=None, help="write the loader figures here")

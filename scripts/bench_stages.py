@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from common.cli import HelpFormatter
 from demo.run import load_script
 from model import MicroLMConfig, MicroLMForCausalLM
 
@@ -47,7 +48,7 @@ def peak_flops(device_name: str, override: float | None) -> float | None:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--preset", default="26m")
     parser.add_argument("--stages", default=",".join(STAGES))
     parser.add_argument("--steps", type=int, default=30)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 
+from common.cli import HelpFormatter
 from scripts import convert_model
 from inference import Sampling, generate
 from inference.load import TEST_PROMPTS, add_model_args, load
@@ -79,15 +80,15 @@ def template_check(llm, tokenizer) -> dict:
 
 
 def main(argv=None):
-    from llama_cpp import Llama, __version__
-
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_model_args(parser)
     parser.add_argument("--max_new_tokens", type=int, default=48)
     parser.add_argument("--json", default=None, help="write the figures here")
     parser.add_argument("--formats", default="f32,f16,q8_0", help="GGUF types to compare (f32, f16, q8_0, q4_0)")
     parser.add_argument("--raw", action="store_true", help="raw text, no chat template (default for --stage pretrain)")
     args = parser.parse_args(argv)
+    from llama_cpp import Llama, __version__  # optional: only this script needs llama-cpp-python
+
     args.device, args.dtype = "cpu", "float32"
     model, tokenizer, path = load(args)
     convert_model.remove_lora(model, merge=True)  # an adapter on top is merged, as the exporter does

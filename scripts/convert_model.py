@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
+from common.cli import HelpFormatter
 from common.resolve import checkpoint_tokenizer, resolve_checkpoint
 from model import TOKENIZER_DIR, MicroLMForCausalLM, to_llama_config, to_mixtral_config
 from model.config import stock_family, to_qwen2_config, to_qwen3_config, to_qwen3_moe_config
@@ -264,7 +265,7 @@ def export_gguf(model, tokenizer, out, dtype="f16") -> Path:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--stage", default="sft", help="out/<stage> to export")
     parser.add_argument("--model_path", default=None, help="a checkpoint or adapter folder instead of --stage")
     parser.add_argument("--adapter", default=None, help="a LoRA adapter to merge in before exporting")

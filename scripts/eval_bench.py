@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+from common.cli import HelpFormatter
 from dataset.jsonl import read_jsonl
 
 
@@ -36,7 +37,7 @@ PREFERRED = ("acc_norm,none", "acc,none", "exact_match,strict-match", "exact_mat
 def build_parser():
     from inference.load import add_model_args
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_model_args(parser)
     parser.add_argument("--tasks", default=MINIMIND_TASKS, help="comma-separated lm-eval task or group names")
     parser.add_argument("--include_path", default=None, help="a folder of your own lm-eval task YAML files")

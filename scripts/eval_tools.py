@@ -23,6 +23,7 @@ import platform
 import time
 from pathlib import Path
 
+from common.cli import HelpFormatter
 from dataset.chat import normalize_chat
 from dataset.jsonl import BadLineError, JsonlFile
 from inference import load_tools
@@ -50,7 +51,7 @@ def check_row(row):
 
 def build_parser():
     parser = add_model_args(argparse.ArgumentParser(description=__doc__,
-                                                    formatter_class=argparse.RawDescriptionHelpFormatter))
+                                                    formatter_class=HelpFormatter))
     parser.set_defaults(stage="tools")
     parser.add_argument("--data", default=str(DEMO_SET), help="agent_rl-format jsonl (default: the demo's set)")
     parser.add_argument("--tools", default="builtin", help="builtin, their names, file.py:function, ...")

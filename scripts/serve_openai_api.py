@@ -29,6 +29,7 @@ import time
 import uuid
 from pathlib import Path
 
+from common.cli import HelpFormatter
 from dataset.jsonl import BadLineError
 from dataset.chat import normalize_chat
 from inference import Engine, Sampling, split_reasoning  # noqa: F401  (split_reasoning: tests and users)
@@ -315,7 +316,7 @@ def serve_in_background(app, host="127.0.0.1", port=0):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_model_args(parser)  # the same --stage/--model_path/--adapter/--compile as the chat script
     parser.add_argument("--host", default="127.0.0.1", help="127.0.0.1: this machine only")
     parser.add_argument("--port", type=int, default=8998)

@@ -40,6 +40,7 @@ from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from common.cli import HelpFormatter
 from dataset.corpus import (HELD_OUT_EVERY, SEED, UNSEEN, build_corpus, eval_sets, fetch, sample_jsonl, set_lang,
                             sha256)
 from dataset.corpus.provenance import package_lines, text_used_lines
@@ -338,7 +339,7 @@ def main_corpus(args):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--vocab_size", type=int, default=6400)
     parser.add_argument("--corpus_dir", type=Path, default=ROOT / ".corpus")
     parser.add_argument("--out_dir", type=Path, default=None, help="default: model/tokenizer (shipped corpus); "

@@ -13,6 +13,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+from common.cli import HelpFormatter
 from scripts import serve_openai_api as server
 
 # headless, and nothing that reaches beyond this machine
@@ -84,7 +85,7 @@ def main(argv=None):
 
     from inference.load import add_model_args, load
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_model_args(parser)
     parser.add_argument("--prompt", action="append", help="a message to send (repeatable)")
     parser.add_argument("--temperature", type=float, default=0.0)

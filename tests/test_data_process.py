@@ -180,9 +180,11 @@ def test_stats_percentiles_equal_a_direct_computation(tmp_path, tokenizer):
     assert result["max_seq_len_95"] == int(np.ceil(np.percentile(lengths, 95)))
     assert result["mean"] == pytest.approx(np.mean(lengths)) and result["max"] == max(lengths)
     assert (tmp_path / "len.png").stat().st_size > 5000
+    assert result["tokens_estimate"] == sum(lengths)  # every row sampled: the estimate is the file's token count
     # sampled: a reservoir of 50 rows out of 200, the same 50 for the same seed
     a, b = dp.stats(path, tokenizer, sample=50), dp.stats(path, tokenizer, sample=50)
     assert a["sampled"] == 50 and a["lines"] == 200 and a == b
+    assert a["tokens_estimate"] == round(200 * a["mean"])  # scaled from the sample to the whole file
 
 
 def _fake_remote(holds, calls):

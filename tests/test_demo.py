@@ -23,7 +23,7 @@ def test_demo_pipeline_runs_every_stage_and_each_moves_its_held_out_metric(tmp_p
         if stage in ("grpo", "agent"):  # RL: the reward is the curve (their loss sits near 0 by construction)
             continue
         r = by_stage[stage]  # losses are means over the first and the last 10 steps
-        if stage == "dpo":  # lr 1e-6 (the README's sweep): the policy moves only a little away from log 2
+        if stage == "dpo":  # lr 1e-6 (the sweep in docs/stages/dpo.md): the policy moves only a little away from log 2
             assert r["last_loss"] < min(r["first_loss"], math.log(2) - 0.01), r
         else:
             assert r["last_loss"] < r["first_loss"] - 0.5, r

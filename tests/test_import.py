@@ -263,7 +263,7 @@ def test_chunked_cross_entropy_equals_the_whole_batchs(monkeypatch):
 
 
 def test_lora_and_dpo_start_from_released_checkpoints(tmp_path, tokenizer):
-    """The README's recipes on stand-ins: LoRA on a MiniMind-format folder (its adapter reloads on that base) and DPO
+    """The docs' recipes (docs/model.md) on stand-ins: LoRA on a MiniMind-format folder (its adapter reloads on that base) and DPO
     continuing an imported Qwen3 folder (the reference model is the imported one)."""
     from model.lora import from_adapter
 

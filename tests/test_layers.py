@@ -86,3 +86,14 @@ def test_each_method_resolves_the_same_defaults_as_before(case, monkeypatch):
     monkeypatch.setattr(module, "stage_main", capture)
     module.main(argv)
     assert seen == RESOLVED[case]
+
+
+@pytest.mark.parametrize("argv, expected", [(["--method", "grpo"], "reason"), (["--method", "grpo", "--from", "dpo"], "dpo"),
+                                            (["--method", "grpo", "--from=dpo"], "dpo"), (["--method", "agent"], "sft")])
+def test_a_flag_the_user_gives_beats_the_methods_default(argv, expected, monkeypatch):
+    """--from dpo equals the stage's default, yet GRPO must start from dpo when it is written out, not from reason."""
+    module = load_script("6-reason.py")
+    seen = {}
+    monkeypatch.setattr(module, "stage_main", lambda stage, build_parser, run, args: seen.update(args=args))
+    module.main(argv)
+    assert seen["args"].init_from == expected

@@ -144,6 +144,8 @@ def test_group_advantages_and_completion_mask():
     std = torch.tensor([1.0, 0.0, 1.0, 0.0]).std()
     torch.testing.assert_close(adv[:4], torch.tensor([0.5, -0.5, 0.5, -0.5]) / (std + 1e-4))
     assert adv[4:].abs().max() == 0  # every reply scored the same: no signal
+    unscaled = rl.group_advantages(torch.tensor([1.0, 0.0, 0.0, 0.0, 3.0, 1.0, 1.0, 1.0]), group=4, scale=False)
+    assert unscaled.tolist() == [0.75, -0.25, -0.25, -0.25, 1.5, -0.5, -0.5, -0.5]  # Dr. GRPO: no std division
     mask = rl.completion_mask(torch.tensor([[5, 2, 0, 0], [5, 6, 7, 8], [2, 2, 0, 0]]), eos_id=2)
     assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
 

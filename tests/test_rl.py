@@ -267,3 +267,6 @@ def test_agent_stage_runs_on_agent_rl_rows(tmp_path, start):
                                     "--max_tool_rounds", 1, "--max_seq_len", 320, "--log_interval", 1))
     assert {"reward_answer", "reward_calls", "reward_unfinished"} <= set(summary["metric_history"][0][1])
     assert (tmp_path / "out" / "agent" / "model.safetensors").exists() and summary["rollout_tokens_per_s"] > 0
+    with pytest.raises(SystemExit, match=r"--reward, --thinking_ratio would be ignored"):  # not dropped silently
+        reason.main(tiny_args(tmp_path, DEMO / "agent_rl.jsonl", "--method", "agent", "--from", start,
+                              "--reward", "format", "--thinking_ratio", "0.5"))

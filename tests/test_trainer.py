@@ -117,6 +117,10 @@ def test_sft_starts_from_pretrain_and_a_missing_checkpoint_names_its_stage(tmp_p
     assert (tmp_path / "out/sft/model.safetensors").read_bytes() == before
     assert max_weight_diff(tmp_path / "out/sft", tmp_path / "out/sft_tools") > 0
     assert (tmp_path / "images/sft_tools_loss.png").exists()
+    # and a later run starts from it by that name, as from a stage's
+    sft.main(tiny_args(tmp_path, sft_file, "--from", "sft_tools", "--save_as", "sft_more", "--max_steps", 1,
+                       "--batch_size", 8, "--max_seq_len", 64, "--learning_rate", 0))
+    assert max_weight_diff(tmp_path / "out/sft_tools", tmp_path / "out/sft_more") == 0
 
 
 def test_malformed_lines_are_counted_and_strict_stops(tmp_path, capsys):

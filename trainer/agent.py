@@ -116,6 +116,13 @@ def check_tools(trainer, data, functions):
 
 
 def train(trainer, args):
+    # agentic RL scores trajectories with its own rewards: GRPO's reward flags would be ignored without a word
+    ignored = [f"--{name}" for name, default in (("reward", grpo.DEFAULT_REWARD), ("reward_weights", None),
+                                                 ("thinking_ratio", None)) if getattr(args, name) != default]
+    if ignored:
+        raise SystemExit(f"--method agent rewards the answer against gt, well-formed calls (--call_reward) and "
+                         f"finished trajectories (--unfinished_penalty), plus --reward_model if given; "
+                         f"{', '.join(ignored)} would be ignored: leave {'them' if len(ignored) > 1 else 'it'} out")
     model = trainer.build_model()
     reference, data = grpo.prepare(trainer, args, model)
     functions = load_tools(args.tools)

@@ -14,6 +14,7 @@ tqdm / wandb / SwanLab logging and the loss-curve PNG.
 import argparse
 import logging
 import math
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -654,11 +655,40 @@ class Trainer:
 def apply_method_defaults(parser, argv, method_defaults: dict) -> argparse.Namespace:
     """Parse argv (or take a parsed Namespace) and give the chosen --method its own defaults where the user kept the
     stage's (GRPO starts from `reason` and reads prompts, not the SFT chats the reasoning SFT reads)."""
-    args = argv if isinstance(argv, argparse.Namespace) else parser.parse_args(argv)
+    if isinstance(argv, argparse.Namespace):
+        args, given = argv, set()
+    else:
+        args = parser.parse_args(argv)
+        given = _given_dests(parser, sys.argv[1:] if argv is None else argv)
     for name, value in method_defaults.get(args.method, {}).items():
-        if getattr(args, name) == parser.get_default(name):
+        # a flag the user wrote wins even when it equals the stage's default (--method grpo --from dpo)
+        if name not in given and getattr(args, name) == parser.get_default(name):
             setattr(args, name, value)
     return args
+
+
+def _given_dests(parser, argv) -> set:
+    """The dests of the options written on the command line (`--flag value`, `--flag=value`, unique prefixes)."""
+    options = {s: a.dest for a in parser._actions for s in a.option_strings}
+    given = set()
+    for word in map(str, argv):
+        flag = word.split("=", 1)[0]
+        if flag in options:
+            given.add(options[flag])
+        elif flag.startswith("--") and parser.allow_abbrev:
+            matches = {dest for s, dest in options.items() if s.startswith(flag)}
+            given |= matches if len(matches) == 1 else set()
+    return given
+
+
+def describe_method_defaults(parser, method_defaults: dict) -> argparse.ArgumentParser:
+    """Say in --help which defaults a --method changes (the table apply_method_defaults applies)."""
+    flag = {a.dest: a.option_strings[0] for a in parser._actions if a.option_strings}
+    lines = [f"  --method {method}: " + ", ".join(f"{flag[name]} {value}" for name, value in values.items())
+             for method, values in method_defaults.items()]
+    parser.epilog = "defaults that depend on --method (used unless the flag is given):\n" + \
+        "\n".join(lines)
+    return parser
 
 
 def stage_main(stage: str, build_parser, run, argv=None) -> dict:
@@ -672,5 +702,5 @@ def stage_main(stage: str, build_parser, run, argv=None) -> dict:
         trainer.close()
 
 
-__all__ = ["Trainer", "add_train_args", "apply_method_defaults", "lm_loss", "count_label_tokens", "lr_at", "param_groups",
+__all__ = ["Trainer", "add_train_args", "apply_method_defaults", "describe_method_defaults", "lm_loss", "count_label_tokens", "lr_at", "param_groups",
            "ShardedBatchSampler", "stage_main"]

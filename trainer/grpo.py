@@ -17,6 +17,9 @@ from .rl import (LOSS_TYPES, Rollouts, add_reward_args, build_rewards, check_rew
                  refuse_held_out_loss, token_logps, unwrap)
 
 
+DEFAULT_REWARD = "format,correctness"
+
+
 def add_args(parser):
     g = parser.add_argument_group("grpo (--batch_size counts prompts; --from defaults to reason)")
     g.add_argument("--num_generations", type=int, default=8, help="replies sampled per prompt (the group, >= 2)")
@@ -25,7 +28,8 @@ def add_args(parser):
                         "and the clip acts)")
     g.add_argument("--loss_type", choices=LOSS_TYPES, default="cispo",
                    help="cispo (MiniMind's default): clipped, detached importance weight on log p, token-level; grpo: "
-                        "clipped surrogate, per-sequence mean; dr_grpo: sum / max_new_tokens; dapo: token-level")
+                        "clipped surrogate, per-sequence mean; dr_grpo: sum / max_new_tokens, advantages not "
+                        "divided by the group's std; dapo: token-level")
     g.add_argument("--max_new_tokens", type=int, default=256)
     g.add_argument("--max_prompt_len", type=int, default=256)
     g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (log-probs use it too)")
@@ -35,7 +39,7 @@ def add_args(parser):
     g.add_argument("--cispo_max", type=float, default=5.0, help="cispo: cap of the importance weight")
     g.add_argument("--thinking_ratio", type=float, default=None,
                    help="share of prompts rendered with thinking on (MiniMind's 0.9); default: the template's own")
-    add_reward_args(g, default="format,correctness")
+    add_reward_args(g, default=DEFAULT_REWARD)
 
 
 class GRPO(Rollouts):
@@ -72,9 +76,10 @@ class GRPO(Rollouts):
             ref = token_logps(self.reference, input_ids.to(dev), attention_mask.to(dev), n,
                               args.temperature)[0].to(input_ids.device)
         reward = scores.sum(1)
+        advantages = group_advantages(reward, args.num_generations, scale=args.loss_type != "dr_grpo")
         return {"input_ids": input_ids, "attention_mask": attention_mask, "mask": mask, "n_completion": n,
-                "advantages": group_advantages(reward, args.num_generations), "reward": reward, "scores": scores,
-                "old": old, "ref": ref, "n": len(input_ids)}
+                "advantages": advantages, "reward": reward, "scores": scores, "old": old, "ref": ref,
+                "n": len(input_ids)}
 
     def loss(self, net, batch):
         args, r = self.args, batch["rollout"]

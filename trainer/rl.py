@@ -51,10 +51,13 @@ def policy_loss(logps, old_logps, ref_logps, advantages, mask, loss_type: str = 
     return per_seq, (kl * mask).sum(1) / n.clamp(min=1), (clipped.float() * mask).sum(1) / n.clamp(min=1)
 
 
-def group_advantages(rewards: torch.Tensor, group: int) -> torch.Tensor:
-    """(reward - group mean) / (group std + 1e-4): a group where every reply scores the same teaches nothing."""
+def group_advantages(rewards: torch.Tensor, group: int, scale: bool = True) -> torch.Tensor:
+    """(reward - group mean) / (group std + 1e-4): a group where every reply scores the same teaches nothing.
+    scale=False keeps reward - group mean (Dr. GRPO: dividing by the std favours groups that are nearly all right or
+    all wrong)."""
     r = rewards.view(-1, group)
-    return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-4)).flatten()
+    centred = r - r.mean(1, keepdim=True)
+    return (centred / (r.std(1, keepdim=True) + 1e-4) if scale else centred).flatten()
 
 
 def completion_mask(completion: torch.Tensor, eos_id: int) -> torch.Tensor:
