@@ -22,6 +22,7 @@ ENTRY_POINTS = {
     "1-pretrain.py": "1-pretrain.py", "2-sft.py": "2-sft.py", "3-KD.py": "3-KD.py", "4-RLHF.py": "4-RLHF.py",
     "5-LoRA.py": "5-LoRA.py", "6-reason.py": "6-reason.py", "eval_model.py": "eval_model.py",
     "data_process.py": "data_process.py", "python -m demo": "demo.run", "python -m demo.curriculum": "demo.curriculum",
+    "python -m demo.samples": "demo.samples",
     **{f"scripts/{name}.py": f"scripts.{name}" for name in (
         "serve_openai_api", "convert_model", "compare_gguf", "eval_bench", "eval_tools", "bench", "bench_data",
         "bench_stages", "train_tokenizer", "web_chat_screenshot", "mutation_check", "flags_doc")},

@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.cli import HelpFormatter
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -109,6 +111,33 @@ BREAKS = [
     Break("corpus-held-out", "held-out corpus documents are trained on too",
           "dataset/corpus/build.py", "if not (natural and i % HELD_OUT_EVERY == 0)]", "]",
           ["tests/test_corpus.py::-k holds_documents_out"]),
+    Break("help-defaults", "--help stops showing the defaults (docs/flags.md would silently lose them)",
+          "common/cli.py", 'return f"{help} {_default_text(action)}"', "return help",
+          ["tests/test_docs.py::-k flags_page or shows_its_default"]),
+    Break("docs-flags", "the docs check accepts any flag in a documented command",
+          "scripts/check_docs.py", 'and a.split("=")[0] not in known]', "and False]",
+          ["tests/test_docs.py::-k checks_see"]),
+    Break("docs-links", "the docs check accepts a dead link or a missing image",
+          "scripts/check_docs.py", "if not (path.parent / target).exists():", "if False:",
+          ["tests/test_docs.py::-k checks_see"]),
+    Break("method-flag-given", "a written-out flag equal to the stage's default loses to the method's (--from dpo)",
+          "trainer/engine.py", "if name not in given and getattr(args, name)", "if getattr(args, name)",
+          ["tests/test_layers.py::-k user_gives"]),
+    Break("save-as-name", "--from NAME does not find a --save_as NAME run under out/",
+          "common/resolve.py", " or (Path(out_root) / path).exists())", ")",
+          ["tests/test_trainer.py::-k starts_from_pretrain"]),
+    Break("recipe-chain", "the recipe starts a stage whose starting checkpoint nothing makes",
+          "scripts/recipe.sh", '[ ! -e "$OUT/$from" ]; then', "false; then",
+          ["tests/test_docs.py::-k refuses"]),
+    Break("stats-tokens", "data_process stats counts the sample's tokens as the file's",
+          "data_process.py", '"tokens_estimate": round(n_lines *', '"tokens_estimate": round(len(rows) *',
+          ["tests/test_data_process.py::-k percentiles"]),
+    Break("dr-grpo-std", "Dr. GRPO's advantages are still divided by the group's std",
+          "trainer/rl.py", "if scale else centred", "if True else centred",
+          ["tests/test_reason.py::-k group_advantages"]),
+    Break("agent-ignored-flags", "agentic RL silently ignores GRPO's --reward / --thinking_ratio",
+          "trainer/agent.py", "    if ignored:\n        raise SystemExit(", "    if False:\n        raise SystemExit(",
+          ["tests/test_rl.py::-k agent_stage_runs"]),
 ]
 
 
@@ -154,7 +183,7 @@ def check(b: Break, timeout: int) -> tuple[str, float]:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--only", default="", help="comma-separated break names")
     parser.add_argument("--list", action="store_true")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per break")
