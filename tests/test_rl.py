@@ -269,4 +269,5 @@ def test_agent_stage_runs_on_agent_rl_rows(tmp_path, start):
     assert (tmp_path / "out" / "agent" / "model.safetensors").exists() and summary["rollout_tokens_per_s"] > 0
     with pytest.raises(SystemExit, match=r"--reward, --thinking_ratio would be ignored"):  # not dropped silently
         reason.main(tiny_args(tmp_path, DEMO / "agent_rl.jsonl", "--method", "agent", "--from", start,
-                              "--reward", "format", "--thinking_ratio", "0.5"))
+                              "--reward", "format", "--thinking_ratio", "0.5", "--max_steps", 1, "--batch_size", 2,
+                              "--num_generations", 2, "--max_new_tokens", 4, "--max_tool_rounds", 1))
