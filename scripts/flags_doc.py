@@ -27,6 +27,7 @@ ENTRY_POINTS = {
         "serve_openai_api", "convert_model", "compare_gguf", "eval_bench", "eval_tools", "bench", "bench_data",
         "bench_stages", "train_tokenizer", "web_chat_screenshot", "mutation_check", "flags_doc")},
 }
+PYTHON = "%d.%d" % sys.version_info[:2]  # argparse lays help out a little differently across versions
 WIDTH = "120"  # argparse wraps to $COLUMNS: fixed, so the page is the same on every machine
 
 
@@ -78,7 +79,8 @@ def help_text(parser) -> str:
 def render() -> str:
     parts = ["# Flags of every entry point / 所有入口的参数\n",
              "Generated from the parsers by `python scripts/flags_doc.py`; do not edit by hand "
-             "(`tests/test_docs.py` fails when this page is stale). Every `--help` prints the same text.\n",
+             "(`tests/test_docs.py` fails when this page is stale). Every `--help` prints the same text "
+             f"(argparse's layout of Python {PYTHON}).\n",
              "由 `python scripts/flags_doc.py` 从各脚本的参数解析器生成，请勿手改；每个脚本的 `--help` 输出相同内容。\n"]
     parts += [f"- [`{e}`](#{_anchor(e)})" for e in ENTRY_POINTS]
     for entry in ENTRY_POINTS:

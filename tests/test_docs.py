@@ -17,7 +17,10 @@ STAGE_PAGES = ["pretrain", "sft", "kd", "dpo", "ppo", "lora", "reason", "grpo", 
 
 
 def test_the_flags_page_is_what_the_parsers_print():
-    assert (ROOT / "docs/flags.md").read_text(encoding="utf-8") == flags_doc.render(), \
+    page = (ROOT / "docs/flags.md").read_text(encoding="utf-8")
+    if f"Python {flags_doc.PYTHON})" not in page:
+        pytest.skip(f"docs/flags.md was laid out by another Python's argparse than {flags_doc.PYTHON}")
+    assert page == flags_doc.render(), \
         "docs/flags.md is stale: run python scripts/flags_doc.py"
 
 
