@@ -19,13 +19,14 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from transformers import AutoTokenizer
 
 from common.cli import HelpFormatter
 from common.distributed import fast_dtype
 from dataset import read_jsonl
 from inference import Engine, Sampling
 from inference.load import load
-from model import MicroLMConfig, MicroLMForCausalLM
+from model import TOKENIZER_DIR, MicroLMConfig, MicroLMForCausalLM
 from trainer.tool_eval import eval_mode, greedy_replies, tool_use_scores
 
 from . import DATA_DIR as DEMO
@@ -49,8 +50,6 @@ PAGES = {
     "grpo": ("reason", "grpo", "reason_eval.jsonl", 3, "chat", 160),
     "agent": ("tools", "agent", "tools_eval.jsonl", 4, "tools", 64),
 }
-# the demo_results.json row whose held-out metrics go under each page's samples
-RESULT_ROW = {"ppo": None}
 WORDS = {"zh": {"prompt": "提示", "reference": "参考", "before": "之前", "after": "之后",
                 "caption": "贪心解码，留出提示（训练中没有）；演示模型（`demo` 预设，约 1.6M 参数），{machine}，{day}。"
                            "由 `python -m demo.samples` 在 `python -m demo` 之后生成。",
@@ -77,8 +76,7 @@ def load_checkpoint(out_dir: Path, name):
     if name is None:  # pretraining starts from a random init of the demo preset
         torch.manual_seed(42)
         model = MicroLMForCausalLM(MicroLMConfig.from_preset("demo")).eval()
-        _, tokenizer, _ = load(_load_args(out_dir / "pretrain"))
-        return model, tokenizer
+        return model, AutoTokenizer.from_pretrained(TOKENIZER_DIR)
     model, tokenizer, _ = load(_load_args(out_dir / name))
     return model, tokenizer
 
@@ -146,7 +144,7 @@ def sample_block(page: str, out_dir: Path, results: dict, lang: str, cache: dict
         prompt, reference = prompt_and_reference(item, kind)
         lines.append(f"| {cell(prompt, 80)} | {cell(reference, 80)} | {cell(a)} | {cell(b)} |")
     text = [w["caption"].format(machine=cache["machine"], day=cache["day"]), "", *lines]
-    row = results.get(RESULT_ROW.get(page, page))
+    row = results.get(page)  # the stage's held-out metrics (PPO has none: the demo does not run it)
     if row:
         shown = ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in row["metrics"].items())
         text += ["", w["metric"] + shown]
@@ -185,7 +183,8 @@ def main(argv=None):
             print(f"wrote the samples of {path.relative_to(ROOT)}")
     table = format_table(list(results.values())) + f"\n\n{cache['machine']}, {cache['day']}."
     report = out_dir / "report.md"  # the report card's table: tokens, time, held-out loss and bits per byte
-    card = "\n".join(line for line in report.read_text().splitlines() if line.startswith("|")) if report.exists() else ""
+    lines = report.read_text().splitlines() if report.exists() else []
+    card = "\n".join(line for line in lines if line.startswith("|"))
     for name in ("README.md", "README_en.md", "docs/demo.md", "docs/demo_en.md"):
         body = table + ("\n\n" + card if card and name.startswith("docs/") else "")
         if replace_block(ROOT / name, "demo-results", body):

@@ -14,7 +14,6 @@ tqdm / wandb / SwanLab logging and the loss-curve PNG.
 import argparse
 import logging
 import math
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -652,33 +651,26 @@ class Trainer:
         cleanup()
 
 
+_UNSET = object()
+
+
 def apply_method_defaults(parser, argv, method_defaults: dict) -> argparse.Namespace:
-    """Parse argv (or take a parsed Namespace) and give the chosen --method its own defaults where the user kept the
-    stage's (GRPO starts from `reason` and reads prompts, not the SFT chats the reasoning SFT reads)."""
-    if isinstance(argv, argparse.Namespace):
-        args, given = argv, set()
-    else:
-        args = parser.parse_args(argv)
-        given = _given_dests(parser, sys.argv[1:] if argv is None else argv)
+    """Parse argv (or take a parsed Namespace) and give the chosen --method its own defaults for the flags the user
+    did not write (GRPO starts from `reason` and reads prompts, not the SFT chats the reasoning SFT reads); a flag
+    written out wins even when it equals the stage's default (--method grpo --from dpo)."""
+    names = {name for values in method_defaults.values() for name in values}
+    if isinstance(argv, argparse.Namespace):  # parsed elsewhere: a value equal to the stage's default counts as unset
+        args = argv
+        unset = {name for name in names if getattr(args, name) == parser.get_default(name)}
+    else:  # argparse fills a default in only where the namespace has no value yet: a placeholder marks the unwritten
+        args = parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(names, _UNSET)))
+        unset = {name for name in names if getattr(args, name) is _UNSET}
+        for name in unset:
+            setattr(args, name, parser.get_default(name))
     for name, value in method_defaults.get(args.method, {}).items():
-        # a flag the user wrote wins even when it equals the stage's default (--method grpo --from dpo)
-        if name not in given and getattr(args, name) == parser.get_default(name):
+        if name in unset:
             setattr(args, name, value)
     return args
-
-
-def _given_dests(parser, argv) -> set:
-    """The dests of the options written on the command line (`--flag value`, `--flag=value`, unique prefixes)."""
-    options = {s: a.dest for a in parser._actions for s in a.option_strings}
-    given = set()
-    for word in map(str, argv):
-        flag = word.split("=", 1)[0]
-        if flag in options:
-            given.add(options[flag])
-        elif flag.startswith("--") and parser.allow_abbrev:
-            matches = {dest for s, dest in options.items() if s.startswith(flag)}
-            given |= matches if len(matches) == 1 else set()
-    return given
 
 
 def describe_method_defaults(parser, method_defaults: dict) -> argparse.ArgumentParser:
@@ -702,5 +694,6 @@ def stage_main(stage: str, build_parser, run, argv=None) -> dict:
         trainer.close()
 
 
-__all__ = ["Trainer", "add_train_args", "apply_method_defaults", "describe_method_defaults", "lm_loss", "count_label_tokens", "lr_at", "param_groups",
+__all__ = ["Trainer", "add_train_args", "apply_method_defaults", "describe_method_defaults", "lm_loss",
+           "count_label_tokens", "lr_at", "param_groups",
            "ShardedBatchSampler", "stage_main"]
