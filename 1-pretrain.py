@@ -17,13 +17,17 @@ def build_parser():
                    data_path="dataset/pretrain_t2t_mini.jsonl")
     parser.add_argument("--padded", action="store_true",
                         help="one document per row padded to max_seq_len (MiniMind's way) instead of packing")
+    parser.add_argument("--doc_mask", action="store_true",
+                        help="packed rows: each document attends only to itself, from position 0 (Llama 3's way); "
+                             "without it a row is one stream across its documents' eos")
     return parser
 
 
 def run(trainer, args):
     model = trainer.build_model()
     data, held = trainer.split(lambda path: PretrainDataset(path, trainer.tokenizer, args.max_seq_len,
-                                                            packed=not args.padded, strict=args.strict))
+                                                            packed=not args.padded, strict=args.strict,
+                                                            doc_mask=args.doc_mask))
     return trainer.fit(model, data, eval_dataset=held)
 
 

@@ -7,7 +7,7 @@
 import argparse
 
 from common.cli import HelpFormatter
-from dataset import SFTDataset, pad_collate
+from dataset import SFTDataset
 from trainer import add_train_args, stage_main
 
 
@@ -21,7 +21,7 @@ def build_parser():
 def run(trainer, args):
     model = trainer.build_model()
     data, held = trainer.split_chat(SFTDataset)
-    return trainer.fit(model, data, collate_fn=trainer.collate(pad_collate), eval_dataset=held)
+    return trainer.fit(model, data, collate_fn=trainer.chat_collate(), eval_dataset=held)
 
 
 def main(argv=None):

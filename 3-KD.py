@@ -11,7 +11,7 @@ White-box (--teacher DIR): also match the teacher's next-token distribution on t
 import argparse
 
 from common.cli import HelpFormatter
-from dataset import SFTDataset, pad_collate
+from dataset import SFTDataset
 from trainer import add_train_args, kd, stage_main
 
 
@@ -26,7 +26,7 @@ def build_parser():
 def run(trainer, args):
     model = trainer.build_model()
     data, held = trainer.split_chat(SFTDataset)
-    collate = trainer.collate(pad_collate)
+    collate = trainer.chat_collate()
     if not args.teacher:  # black-box: plain SFT on the teacher's text
         return trainer.fit(model, data, collate_fn=collate, eval_dataset=held)
     return kd.train(trainer, args, model, data, held, collate)

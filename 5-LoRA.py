@@ -14,7 +14,7 @@ import copy
 from pathlib import Path
 
 from common.cli import HelpFormatter
-from dataset import SFTDataset, pad_collate
+from dataset import SFTDataset
 from model.lora import DEFAULT_TARGETS, apply_lora, count_trainable, mark_only_lora_trainable, remove_lora, save_adapter
 from trainer import add_train_args, stage_main
 from common.resolve import resolve_checkpoint
@@ -50,7 +50,7 @@ def run(trainer, args):
         trainer.tokenizer.save_pretrained(folder)
 
     data, held = trainer.split_chat(SFTDataset)
-    summary = trainer.fit(model, data, collate_fn=trainer.collate(pad_collate), save_fn=save_fn, eval_dataset=held)
+    summary = trainer.fit(model, data, collate_fn=trainer.chat_collate(), save_fn=save_fn, eval_dataset=held)
     if args.merge and trainer.env.is_main:
         merged = copy.deepcopy(model).cpu()
         remove_lora(merged, merge=True)

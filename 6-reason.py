@@ -26,7 +26,7 @@ penalised when unfinished; only what the assistant wrote is trained.
 import argparse
 
 from common.cli import HelpFormatter
-from dataset import ReasonDataset, pad_collate
+from dataset import ReasonDataset
 from trainer import add_train_args, agent, grpo, stage_main
 from trainer.engine import apply_method_defaults, describe_method_defaults
 
@@ -35,7 +35,7 @@ def train_sft(trainer, args):
     model = trainer.build_model()
     data, held = trainer.split_chat(ReasonDataset, tag_weight=args.tag_weight)
     # the rows carry "weights": the engine's lm_loss / count_label_tokens weight each label by them
-    return trainer.fit(model, data, collate_fn=trainer.collate(pad_collate), eval_dataset=held)
+    return trainer.fit(model, data, collate_fn=trainer.chat_collate(), eval_dataset=held)
 
 
 METHODS = {"sft": train_sft, "grpo": grpo.train, "agent": agent.train}

@@ -70,11 +70,14 @@ class PretrainDataset(Dataset):
     cached beside the data file (`<file>.<tokenizer hash>.u16`), then memory-mapped.
     packed=False: one document per row, truncated and padded to max_seq_len (MiniMind's way).
     Padding is labelled -100.
+    doc_mask=True (packed rows): rows also carry `position_ids` that restart after each eos, so each document attends
+    only to itself and starts at position 0, as it would alone (model.document_mask).
     """
 
     def __init__(self, path, tokenizer, max_seq_len: int = 512, packed: bool = True, strict: bool = False,
-                 cache_dir=None):
+                 cache_dir=None, doc_mask: bool = False):
         self.tokenizer, self.max_seq_len, self.packed = tokenizer, max_seq_len, packed
+        self.doc_mask = doc_mask and packed
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         distributed = dist.is_available() and dist.is_initialized()
         main = not distributed or dist.get_rank() == 0
@@ -112,4 +115,11 @@ class PretrainDataset(Dataset):
         input_ids[:n] = ids
         labels = torch.full((L,), -100, dtype=torch.long)
         labels[:n] = ids
-        return {"input_ids": input_ids, "labels": labels}
+        if not self.doc_mask:
+            return {"input_ids": input_ids, "labels": labels}
+        # a document starts at the row's first token and after every eos (the padding tail: after the last one)
+        starts = torch.ones(L, dtype=torch.bool)
+        starts[1:] = input_ids[:-1] == self.tokenizer.eos_token_id
+        idx = torch.arange(L)
+        position_ids = idx - torch.cummax(torch.where(starts, idx, 0), 0).values
+        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}

@@ -68,6 +68,43 @@ def pad_id_of(tokenizer) -> int:
     return tokenizer.pad_token_id or 0
 
 
+def pack_rows(lengths, capacity: int) -> list[list[int]]:
+    """First-fit decreasing: the indices of `lengths` grouped into bins whose sums stay within `capacity` (an item
+    longer than that gets a bin of its own). Few bins, little room left in each."""
+    bins, room = [], []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for b, free in enumerate(room):
+            if lengths[i] <= free:
+                bins[b].append(i)
+                room[b] -= lengths[i]
+                break
+        else:
+            bins.append([i])
+            room.append(capacity - lengths[i])
+    return bins
+
+
+def pack_collate(rows, pad_id: int = 0, max_seq_len: int = 512) -> dict:
+    """The micro-batch's conversations packed into as few rows of at most max_seq_len tokens as they fit in, with
+    position ids restarting at each conversation: the model keeps each one to itself (model.document_mask), so every
+    conversation's loss is what it would be alone, and the padding pad_collate computes is gone. The same rows per
+    step as pad_collate (same sampler, steps, resume and DDP); only the tensors' shape differs."""
+    bins = pack_rows([len(r["input_ids"]) for r in rows], max_seq_len)
+    packed = []
+    for b in bins:
+        row = {key: torch.cat([rows[i][key] for i in b]) for key in ("input_ids", "labels")}
+        row["position_ids"] = torch.cat([torch.arange(len(rows[i]["input_ids"])) for i in b])
+        if any("weights" in rows[i] for i in b):
+            row["weights"] = torch.cat([rows[i].get("weights", torch.zeros(len(rows[i]["labels"]))) for i in b])
+        packed.append(row)
+    batch = pad_collate(packed, pad_id)
+    n = batch["input_ids"].shape[1]
+    # a row's padding tail is a document of its own (positions from 0; its labels are -100)
+    batch["position_ids"] = torch.stack([torch.cat([r["position_ids"], torch.arange(n - len(r["position_ids"]))])
+                                         for r in packed])
+    return batch
+
+
 def pad_collate(rows, pad_id: int = 0) -> dict:
     """Right-pad a list of {input_ids, labels[, weights]} to the longest row of the batch (not to max_seq_len)."""
     n = max(len(r["input_ids"]) for r in rows)

@@ -240,6 +240,19 @@ def build_attention_mask(attention_mask: torch.Tensor | None, q_len: int, past_l
     return mask
 
 
+def document_mask(position_ids: torch.Tensor) -> torch.Tensor:
+    """(B, 1, T, T) boolean mask for packed rows: causal within each document, nothing across documents.
+
+    A document starts wherever a position does not follow its predecessor by one (transformers' padding-free
+    convention, so a stock teacher reads the same rows the same way): a row's positions 0 1 2 0 1 0 1 2 3 hold three
+    documents; a row may start inside a document (positions 37 38 ...)."""
+    T = position_ids.shape[-1]
+    starts = F.pad(position_ids[:, 1:] != position_ids[:, :-1] + 1, (1, 0), value=True)
+    doc = starts.cumsum(-1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=position_ids.device).tril()
+    return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
+
+
 class MicroLMPreTrainedModel(PreTrainedModel):
     config_class = MicroLMConfig
     config: MicroLMConfig
@@ -282,6 +295,9 @@ class MicroLMModel(MicroLMPreTrainedModel):
             attn_mask = attention_mask.bool()
             if position_ids is None:
                 position_ids = (attn_mask[:, 0].sum(-1) - 1).clamp(min=0)
+        elif position_ids is not None and attention_mask is None and cache is None and T > 1:
+            # position ids without a mask or a cache: packed documents (--pack, --doc_mask), each kept to itself
+            attn_mask = document_mask(position_ids)
         else:
             past_len = int(cache.get_seq_length()) if cache is not None else 0
             if position_ids is None:

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from dataset.sft import EMPTY_THINK_RATIO, pad_id_of
+from dataset.sft import EMPTY_THINK_RATIO, pack_collate, pad_collate, pad_id_of
 from model import TOKENIZER_DIR, MicroLMConfig, MicroLMForCausalLM
 from model.families import load_pretrained, model_type
 
@@ -104,6 +104,9 @@ def add_train_args(parser: argparse.ArgumentParser, *, epochs: int, batch_size: 
     a("--use_wandb", action="store_true", help="same as --logger wandb")
     a("--wandb_project", default="LLM_implementation", help="wandb / SwanLab project name")
     a("--image_dir", default="images", help="where the loss-curve PNG is written")
+    a("--no_pack", dest="pack", action="store_false",
+      help="chat stages: one padded row per conversation instead of packing each micro-batch's conversations into "
+           "rows of --max_seq_len, each attending only to itself (same rows per step, same loss, less padding)")
     a("--empty_think_ratio", type=float, default=EMPTY_THINK_RATIO,
       help="chat stages: share of rows without reasoning whose assistant turns get the empty think block "
            "(adaptive thinking, MiniMind's way; picked per row by a seeded hash)")
@@ -117,8 +120,9 @@ def lm_loss(model, batch):
     """Summed next-token cross-entropy over labelled positions (+ MoE balance loss); the engine normalises. With
     batch["weights"] (6-reason.py's tag weights) each label counts that many times, in the sum and in the count."""
     # the model computes the per-position cross-entropy itself: in chunks for a large vocabulary (model/model.py)
-    out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"],
-                reduction="none")
+    # position_ids come with packed rows (--pack, --doc_mask): the model keeps each document to itself
+    out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                position_ids=batch.get("position_ids"), labels=batch["labels"], reduction="none")
     ce = out.loss
     loss = (ce * batch["weights"][:, 1:]).sum() if "weights" in batch else ce.sum()
     if out.aux_loss is not None:
@@ -327,6 +331,12 @@ class Trainer:
     def collate(self, collate_fn):
         """A dataset's collate function padding with this tokenizer's pad id."""
         return partial(collate_fn, pad_id=self.pad_id)
+
+    def chat_collate(self):
+        """The chat stages' batches: conversations packed into rows (--pack, the default) or one padded row each."""
+        if self.args.pack:
+            return partial(pack_collate, pad_id=self.pad_id, max_seq_len=self.args.max_seq_len)
+        return self.collate(pad_collate)
 
     # -- training -----------------------------------------------------------------------------------------------------
     def fit(self, model, dataset, collate_fn=None, loss_fn=lm_loss, count_fn=count_label_tokens, save_fn=None,

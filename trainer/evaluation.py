@@ -131,7 +131,8 @@ class HeldOut:
         return out
 
     def _token_sums(self, model, batch) -> torch.Tensor:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits[:, :-1]
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                       position_ids=batch.get("position_ids")).logits[:, :-1]
         labels = batch["labels"][:, 1:]
         ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=-100,
                              reduction="none").double()

@@ -55,9 +55,11 @@ def train(trainer, args, model, data, held, collate):
     vocab = model.config.vocab_size
 
     def loss_fn(net, batch):
-        out = net(input_ids=batch["input_ids"])
+        # packed rows carry position_ids; without a cache transformers models read them as packed documents too
+        ids, positions = batch["input_ids"], batch.get("position_ids")
+        out = net(input_ids=ids, position_ids=positions)
         with torch.no_grad():
-            teacher_logits = teacher(input_ids=batch["input_ids"]).logits[..., :vocab]
+            teacher_logits = teacher(input_ids=ids, position_ids=positions, use_cache=False).logits[..., :vocab]
         loss, ce, kl = kd_loss(out.logits, teacher_logits, batch["labels"], args.alpha, args.temperature)
         if out.aux_loss is not None:
             loss = loss + out.aux_loss * (batch["labels"][:, 1:] != -100).sum()
