@@ -25,14 +25,9 @@ class DistEnv:
         return self.world_size > 1
 
 
-def resolve_dtype(name: str, device) -> torch.dtype:
-    """--dtype NAME, where "auto" means `fast_dtype(device)`."""
-    return fast_dtype(device) if name == "auto" else DTYPES[name]
-
-
 def fast_dtype(device) -> torch.dtype:
-    """bf16 where the device computes it natively (CUDA with bf16; CPUs with AVX512-BF16 or AMX): decoding one token
-    reads every weight once, so half the bytes is nearly twice the speed. fp16 on older GPUs, fp32 elsewhere."""
+    """The training autocast dtype: bf16 where the device computes it natively (CUDA with bf16; CPUs with AVX512-BF16
+    or AMX; elsewhere bf16 matrix products are emulated, ~50x slower), fp16 on older GPUs, fp32 otherwise."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -42,6 +37,15 @@ def fast_dtype(device) -> torch.dtype:
         except (AttributeError, RuntimeError):
             return torch.float32
     return torch.float32
+
+
+def decode_dtype(device) -> torch.dtype:
+    """The dtype models run in for inference (--dtype auto of eval_model.py, the server, the evaluations): the fast
+    dtype on a GPU; fp32 on a CPU, whose greedy output is the reference. A batch-1 step there is matrix-vector
+    products: in bf16 they were slower than fp32 on an AMX Xeon and faster on a memory-bound AVX2 EPYC, with the
+    tokens drifting from fp32's either way (docs/benchmarks.md), so bf16 stays a choice (--dtype bfloat16)."""
+    device = torch.device(device)
+    return fast_dtype(device) if device.type == "cuda" else torch.float32
 
 
 def pick_device(requested: str | None = None, local_rank: int = 0) -> torch.device:

@@ -102,6 +102,8 @@ def pack_collate(rows, pad_id: int = 0, max_seq_len: int = 512) -> dict:
     # a row's padding tail is a document of its own (positions from 0; its labels are -100)
     batch["position_ids"] = torch.stack([torch.cat([r["position_ids"], torch.arange(n - len(r["position_ids"]))])
                                          for r in packed])
+    # conversations with nothing to learn (reply truncated away) no longer have rows of their own: counted here
+    batch["empty_rows"] = torch.tensor(sum(int((r["labels"] == -100).all()) for r in rows))
     return batch
 
 

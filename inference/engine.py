@@ -136,7 +136,7 @@ def _steps(model, input_ids, attention_mask, sampling, eos_id, pad_id, static_ca
             logits = _forward(step, token[:, None], position, mask if padded else None, cache)
 
 
-@torch.no_grad()
+@torch.inference_mode()  # lighter than no_grad per op (no version counters): ~10% of a CPU decode step
 def decode(model, input_ids, attention_mask=None, sampling: Sampling = Sampling(), eos_id=None, pad_id=0,
            static_cache=False, cache_len=None, step=None, generator=None):
     """Yields the (B,) next tokens step by step until every row has ended with `eos_id` or `max_new_tokens` are out;
@@ -153,21 +153,22 @@ def decode(model, input_ids, attention_mask=None, sampling: Sampling = Sampling(
         yield token
 
 
-@torch.no_grad()
 def generate(model, input_ids, attention_mask=None, sampling: Sampling = Sampling(), eos_id=None, pad_id=0,
              static_cache=False, cache_len=None, step=None, generator=None, stop_check=8):
     """(B, n) new tokens (n <= max_new_tokens), `pad_id` after each row's eos: the decode loop run to the end, the
     host looking whether every row is done only every `stop_check` steps (steps past that are cut off)."""
-    tokens, dones = [], []
-    for token, done in _steps(model, input_ids, attention_mask, sampling, eos_id, pad_id, static_cache, cache_len,
-                              step, generator, stop_check):
-        tokens.append(token)
-        dones.append(done)
-    if not tokens:
-        return input_ids.new_zeros(input_ids.size(0), 0)
-    all_done = torch.stack(dones).all(1).tolist()
-    n = all_done.index(True) + 1 if True in all_done else len(tokens)
-    return torch.stack(tokens[:n], 1)
+    with torch.inference_mode():
+        tokens, dones = [], []
+        for token, done in _steps(model, input_ids, attention_mask, sampling, eos_id, pad_id, static_cache,
+                                  cache_len, step, generator, stop_check):
+            tokens.append(token)
+            dones.append(done)
+        if not tokens:
+            return input_ids.new_zeros(input_ids.size(0), 0)
+        all_done = torch.stack(dones).all(1).tolist()
+        n = all_done.index(True) + 1 if True in all_done else len(tokens)
+        out = torch.stack(tokens[:n], 1)
+    return out.clone()  # an ordinary tensor: RL trains on rollouts, and an inference tensor cannot enter autograd
 
 
 def left_pad(rows, pad_id, device=None):

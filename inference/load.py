@@ -5,7 +5,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from common.distributed import DTYPES, pick_device, resolve_dtype
+from common.distributed import DTYPES, decode_dtype, pick_device
 from common.resolve import STAGE_SCRIPTS, checkpoint_tokenizer, resolve_checkpoint
 from model import TOKENIZER_DIR
 from model.families import load_for_inference
@@ -32,7 +32,7 @@ def add_model_args(parser):
     parser.add_argument("--out_dir", default="out")
     parser.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps")
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
-                        help="auto: bf16 where the device has it natively (CUDA, recent CPUs), else fp32")
+                        help="auto: bf16 (fp16 on older GPUs) on CUDA; fp32 on a CPU, where it decodes fastest at batch 1")
     parser.add_argument("--compile", action="store_true",
                         help="static KV cache + compiled decode step: faster tokens after a slow first reply")
     parser.add_argument("--quantize", default="none", choices=["none", "int8"],
@@ -44,7 +44,7 @@ def load(args):
     """(model, tokenizer, folder) for --stage / --model_path, with --adapter on top; SystemExit naming the missing
     checkpoint and the script that makes it."""
     args.device = str(pick_device(args.device))
-    dtype = resolve_dtype(args.dtype, args.device)
+    dtype = decode_dtype(args.device) if args.dtype == "auto" else DTYPES[args.dtype]
     path = Path(args.model_path or Path(args.out_dir) / args.stage)
     adapter = args.adapter
     if is_adapter_dir(path):  # out/lora holds only an adapter: its config names the base

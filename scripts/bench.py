@@ -16,12 +16,15 @@ What it measures, and how:
 - modes: baseline = fp32, one document per row padded to 512, plain for-loop AdamW (MiniMind's pretraining);
   ours = documents packed into full rows (PretrainDataset's default), autocast to the fast dtype, fused AdamW (the
   engine's defaults, --dtype auto); compiled = ours + torch.compile; ckpt = ours + --grad_checkpoint (per-block
-  recomputation: the memory column is the point). Every (preset, mode) runs in a fresh process, so its memory
-  figure is its own; modes alternate, --repeats times, and the table shows medians;
+  recomputation: the memory column is the point); sft_padded / sft_packed = SFT batches of --batch_size chats of
+  log-uniform length (32 to --seq_len tokens, the short ones far more common, as in SFT files), each padded to the
+  batch's longest (--no_pack) or packed into rows of --seq_len (2-sft.py's default): useful tok/s and the useful
+  fraction are the point (their × column compares with sft_padded). Every (preset, mode) runs in a fresh process,
+  so its memory figure is its own; modes alternate, --repeats times, and the table shows medians;
 - decoding (--decode_modes): new tokens/s at batch 1 and 8, 64-token prompt, 200 new tokens, with the KV cache:
   baseline = fp32 weights, transformers' generate() (as MiniMind decodes); ours = the inference core's decode loop
-  (inference/, what chat, server, evaluation and rollouts use) in the fast dtype (eval_model.py --dtype auto);
-  compiled = ours + static KV cache + torch.compile'd decode step (--compile); int8 = ours with int8 weight-only
+  (inference/, what chat, server, evaluation and rollouts use) in eval_model.py's --dtype auto (fp32 on a CPU,
+  bf16 on a GPU); compiled = ours + static KV cache + torch.compile'd decode step (--compile); int8 = ours with int8 weight-only
   Linear layers (--quantize int8), its greedy tokens compared with ours'; int8+compiled = both; rollout = ours
   sampled at temperature 1, the path RL rollouts take (e.g. --decode_batches 32: 4 prompts x 8 generations); peak
   memory; and, per mode, the time one
@@ -32,6 +35,7 @@ The figures and the setup go to --json (device, torch version, threads, every nu
 
 import argparse
 import json
+import math
 import os
 import platform
 import resource
@@ -39,6 +43,7 @@ import statistics
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -46,6 +51,7 @@ import torch
 from common.cli import HelpFormatter
 
 DOC_TOKENS = (250, 400)  # pretrain_hq.jsonl: texts merged up to ~512 characters, 6400-vocab tokenizer
+SFT_TOKENS = (32, 512)  # chat lengths of the SFT modes (log-uniform), cut at --seq_len
 
 
 def device_name(device: torch.device) -> str:
@@ -101,6 +107,17 @@ def make_batches(mode: str, n_batches: int, batch_size: int, seq_len: int, vocab
         return torch.cat([torch.tensor([1]), torch.randint(10, vocab, (n - 2,), generator=g), torch.tensor([2])])
 
     rows = n_batches * batch_size
+    if mode.startswith("sft"):  # chats of log-uniform length: short ones far more common than long ones
+        from dataset import pack_collate, pad_collate
+
+        lo, hi = math.log(SFT_TOKENS[0]), math.log(min(SFT_TOKENS[1], seq_len))
+        chats = []
+        for _ in range(rows):
+            n = int(math.exp(lo + (hi - lo) * float(torch.rand((), generator=g))))
+            ids = torch.randint(10, vocab, (n,), generator=g)
+            chats.append({"input_ids": ids, "labels": ids})
+        collate = (partial(pack_collate, max_seq_len=seq_len) if mode == "sft_packed" else pad_collate)
+        return [collate(chats[i * batch_size:(i + 1) * batch_size]) for i in range(n_batches)]
     if mode == "baseline":
         input_ids = torch.zeros(rows, seq_len, dtype=torch.long)
         labels = torch.full((rows, seq_len), -100, dtype=torch.long)
@@ -156,8 +173,9 @@ def train_child(spec: dict) -> dict:
             losses.append(loss.item())
     step = statistics.median(times)
     useful = statistics.mean(int((b["labels"] != -100).sum()) for b in batches[warmup:])
-    return {"step_s": step, "raw_tokens_per_s": B * T / step, "useful_tokens_per_s": useful / step,
-            "useful_fraction": useful / (B * T), "flops_per_token": model.flops_per_token(T),
+    raw = statistics.mean(b["input_ids"].numel() for b in batches[warmup:])  # SFT batches vary in shape
+    return {"step_s": step, "raw_tokens_per_s": raw / step, "useful_tokens_per_s": useful / step,
+            "useful_fraction": useful / raw, "flops_per_token": model.flops_per_token(T),
             "peak_memory_mib": peak_memory_mib(device), "loss_first": losses[0], "loss_last": losses[-1]}
 
 
@@ -188,7 +206,7 @@ def decode_child(spec: dict) -> dict:
     from inference import Sampling, generate
     from inference.quant import quantize_int8
     from model import MicroLMConfig, MicroLMForCausalLM
-    from common.distributed import fast_dtype
+    from common.distributed import decode_dtype
 
     device = torch.device(spec["device"])
     torch.manual_seed(0)
@@ -196,7 +214,7 @@ def decode_child(spec: dict) -> dict:
     B, prompt, new = spec["batch_size"], spec["prompt_tokens"], spec["new_tokens"]
     ids = torch.randint(10, model.config.vocab_size, (B, prompt), device=device)
     if spec["mode"] != "baseline":
-        model = model.to(fast_dtype(device))
+        model = model.to(decode_dtype(device))  # eval_model.py's --dtype auto
     if "int8" in spec["mode"]:
         try:
             quantize_int8(model)
@@ -239,7 +257,7 @@ def run_child(kind: str, spec: dict) -> dict:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--presets", default="tiny,26m", help="training presets (CUDA: try tiny,26m,104m,moe-145m)")
-    parser.add_argument("--modes", default="baseline,ours", help="training: baseline, ours, compiled, ckpt")
+    parser.add_argument("--modes", default="baseline,ours", help="training: baseline, ours, compiled, ckpt, sft_padded, sft_packed")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--seq_len", type=int, default=512)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per measurement (after the warm-up)")
@@ -336,11 +354,13 @@ def print_tables(result):
     print(f"| preset | mode | step s | raw tok/s | useful tok/s | useful × baseline | MFU ({result['fast_dtype']} roof)"
           " | peak MiB |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    base = {r["preset"]: r["useful_tokens_per_s"] for r in result["train"] if r["mode"] == "baseline"}
+    # SFT modes against padded SFT batches, the others against the baseline
+    base = {(r["preset"], r["mode"]): r["useful_tokens_per_s"] for r in result["train"]}
     for r in result["train"]:
-        ratio = r["useful_tokens_per_s"] / base[r["preset"]] if r["preset"] in base else float("nan")
+        ref = base.get((r["preset"], "sft_padded" if r["mode"].startswith("sft") else "baseline"))
+        ratio = f"{r['useful_tokens_per_s'] / ref:.2f}×" if ref else "–"
         print(f"| {r['preset']} | {r['mode']} | {r['step_s']:.3f} | {r['raw_tokens_per_s']:,.0f} | "
-              f"{r['useful_tokens_per_s']:,.0f} | {ratio:.2f}× | {r['mfu']:.1%} | {r['peak_memory_mib']:,.0f} |")
+              f"{r['useful_tokens_per_s']:,.0f} | {ratio} | {r['mfu']:.1%} | {r['peak_memory_mib']:,.0f} |")
     if result["decode"]:
         print("\n| decode preset | mode | batch | new tok/s | × baseline | weight read ms/token (ceiling tok/s) | "
               "peak MiB |")

@@ -24,7 +24,7 @@ ENTRY_POINTS = {
     "data_process.py": "data_process.py", "python -m demo": "demo.run", "python -m demo.curriculum": "demo.curriculum",
     "python -m demo.samples": "demo.samples",
     **{f"scripts/{name}.py": f"scripts.{name}" for name in (
-        "serve_openai_api", "convert_model", "compare_gguf", "eval_bench", "eval_tools", "bench", "bench_data",
+        "serve_openai_api", "convert_model", "compare_gguf", "eval_bench", "eval_tools", "bench", "bench_data", "bench_quality",
         "bench_stages", "train_tokenizer", "web_chat_screenshot", "mutation_check", "flags_doc")},
 }
 PYTHON = "%d.%d" % sys.version_info[:2]  # argparse lays help out a little differently across versions

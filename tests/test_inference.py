@@ -185,3 +185,13 @@ def test_int8_weight_only_layers_compute_the_dequantized_product_and_keep_the_mo
     loaded, _, _ = load(args)  # what eval_model.py / the server get with --quantize int8
     with torch.no_grad():
         assert torch.allclose(loaded(ids).logits, got, atol=1e-5)
+
+
+def test_generated_tokens_can_be_trained_on(tiny_model):
+    """The decode loop runs in inference mode; what generate() hands back must still enter autograd (RL trains on it)."""
+    ids = torch.randint(3, 6400, (2, 5), generator=torch.Generator().manual_seed(0))
+    out = generate(tiny_model, ids, sampling=Sampling(max_new_tokens=4))
+    assert not out.is_inference()
+    tiny_model.train()
+    tiny_model(input_ids=out, labels=out).loss.backward()  # an inference tensor cannot be saved for backward
+    assert tiny_model.model.embed_tokens.weight.grad is not None

@@ -167,3 +167,19 @@ def test_a_larger_teacher_vocabulary_is_cut_to_the_students_ids(tmp_path, tokeni
     assert logged == pytest.approx(kl(torch.log_softmax(t_all[..., :vocab], -1)), rel=1e-4)
     # the full-vocabulary softmax, restricted afterwards, would give another value
     assert kl(torch.log_softmax(t_all, -1)[..., :vocab]) != pytest.approx(logged, rel=1e-3)
+
+
+def test_white_box_kd_on_packed_rows_logs_what_padded_rows_log(tmp_path, tokenizer):
+    """The teacher sees the packed rows' position ids too: packing changes no CE or KL (one step at lr 0)."""
+    teacher_dir = tmp_path / "teacher"
+    make_model(seed=3, initializer_range=0.3).save_pretrained(teacher_dir)  # confident: a KL well above 0
+    tokenizer.save_pretrained(teacher_dir)
+    rows = write_jsonl(tmp_path / "kd.jsonl", [
+        {"conversations": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+        for q, a in [("hi", "hello there"), ("2+2?", "4"), ("name?", "a tiny model"), ("ok", "fine, thanks")] * 2])
+    common = ("--from", "none", "--teacher", teacher_dir, "--max_steps", 1, "--batch_size", 8, "--learning_rate", 0,
+              "--max_seq_len", 128)
+    packed = kd.main(tiny_args(tmp_path / "pack", rows, *common))["metric_history"][-1][1]
+    padded = kd.main(tiny_args(tmp_path / "pad", rows, *common, "--no_pack"))["metric_history"][-1][1]
+    assert packed["kl"] > 0.1
+    assert packed == pytest.approx(padded, rel=1e-4)

@@ -482,7 +482,9 @@ class Trainer:
                     step_metrics[k] = step_metrics.get(k, 0) + v.detach().float() / total.clamp(min=1)
                 loss = loss * W  # DDP averages gradients over ranks; the normaliser is already global
                 (run.scaler.scale(loss) if run.scaler else loss).backward()
-            if "labels" in b:
+            if "empty_rows" in b:  # packed rows: the collate counted the conversations
+                run.empty_rows += b["empty_rows"]
+            elif "labels" in b:
                 run.empty_rows += ((b["labels"] != -100).sum(1) == 0).sum()
             run.tokens += b["input_ids"].numel() if "input_ids" in b else 0
         self._update(run)
