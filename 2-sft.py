@@ -14,7 +14,7 @@ from trainer import add_train_args, stage_main
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_train_args(parser, epochs=2, batch_size=32, learning_rate=5e-5, max_seq_len=512,
-                   data_path="dataset/sft_t2t_mini.jsonl", init_from="pretrain")
+                   data_path="dataset/sft_t2t_mini.jsonl", init_from="pretrain", pack=True)
     return parser
 
 

@@ -18,7 +18,7 @@ from trainer import add_train_args, kd, stage_main
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_train_args(parser, epochs=2, batch_size=64, learning_rate=5e-5, max_seq_len=1024,
-                   data_path="dataset/sft_t2t_mini.jsonl", init_from="sft")
+                   data_path="dataset/sft_t2t_mini.jsonl", init_from="sft", pack=True)
     kd.add_args(parser)
     return parser
 

@@ -24,7 +24,7 @@ from trainer.checkpoint import save_pretrained_atomic
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_train_args(parser, epochs=10, batch_size=32, learning_rate=1e-4, max_seq_len=512,
-                   data_path="dataset/lora_medical.jsonl", init_from="dpo")
+                   data_path="dataset/lora_medical.jsonl", init_from="dpo", pack=True)
     parser.add_argument("--lora_rank", type=int, default=16)
     parser.add_argument("--lora_alpha", type=float, default=32, help="the update is scaled by alpha / rank (2 here)")
     parser.add_argument("--lora_dropout", type=float, default=0.0)

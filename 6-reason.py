@@ -47,7 +47,7 @@ METHOD_DEFAULTS = {"grpo": {"init_from": "reason", "data_path": "dataset/rlaif.j
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_train_args(parser, epochs=1, batch_size=8, learning_rate=1e-6, max_seq_len=1024,
-                   data_path="dataset/sft_t2t_mini.jsonl", init_from="dpo")
+                   data_path="dataset/sft_t2t_mini.jsonl", init_from="dpo", pack=True)
     parser.add_argument("--method", choices=list(METHODS), default="sft")
     parser.add_argument("--tag_weight", type=float, default=10.0, help="sft: loss weight of the tag tokens")
     grpo.add_args(parser)

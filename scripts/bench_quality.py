@@ -44,10 +44,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.stdout.reconfigure(line_buffering=True)  # progress lines show up in a log file as they happen
+from common.cli import HelpFormatter
 
-from common.cli import HelpFormatter  # noqa: E402
+sys.stdout.reconfigure(line_buffering=True)  # progress lines show up in a log file as they happen
 
 MODES = {  # packed, doc_mask, dtype ("fp32" or "auto"), fused AdamW
     "baseline": dict(packed=False, doc_mask=False, dtype="fp32", fused=False),
@@ -283,9 +282,9 @@ def main(argv=None):
     parser.add_argument("--preset", default="demo", help="model size (and the architecture of a bare .pth --score)")
     parser.add_argument("--seq_len", type=int, default=256)
     parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=1000, help="optimizer steps per mode (the compute budget)")
+    parser.add_argument("--steps", type=int, default=600, help="optimizer steps per mode (the compute budget)")
     parser.add_argument("--learning_rate", type=float, default=2e-3)
-    parser.add_argument("--evals", type=int, default=8, help="held-out scorings per mode, at equal steps")
+    parser.add_argument("--evals", type=int, default=6, help="held-out scorings per mode, at equal steps")
     parser.add_argument("--doc_chars", type=int, default=512, help="training texts cut and merged to this size")
     parser.add_argument("--eval_chars", type=int, default=10000, help="characters of each held-out source scored")
     parser.add_argument("--corpus_dir", default=".corpus", help="where the open corpus is fetched to")

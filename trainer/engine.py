@@ -45,8 +45,9 @@ log = logging.getLogger("trainer")
 
 def add_train_args(parser: argparse.ArgumentParser, *, epochs: int, batch_size: int, learning_rate: float,
                    max_seq_len: int, data_path: str, init_from: str | None = None, preset: str = "26m",
-                   accumulation_steps: int = 1, save_interval: int = 1000) -> argparse.ArgumentParser:
-    """The flags every stage shares (MiniMind's spellings where they exist); defaults are the stage's own."""
+                   accumulation_steps: int = 1, save_interval: int = 1000, pack: bool = False) -> argparse.ArgumentParser:
+    """The flags every stage shares (MiniMind's spellings where they exist); defaults are the stage's own. pack: the
+    stage trains on chats through `Trainer.chat_collate` (packed unless --no_pack)."""
     a = parser.add_argument
     a("--data_path", default=data_path, help="jsonl file of this stage's format")
     a("--out_dir", default="out", help="checkpoints go to <out_dir>/<stage>/, resume state to .../resume/")
@@ -104,9 +105,11 @@ def add_train_args(parser: argparse.ArgumentParser, *, epochs: int, batch_size: 
     a("--use_wandb", action="store_true", help="same as --logger wandb")
     a("--wandb_project", default="LLM_implementation", help="wandb / SwanLab project name")
     a("--image_dir", default="images", help="where the loss-curve PNG is written")
-    a("--no_pack", dest="pack", action="store_false",
-      help="chat stages: one padded row per conversation instead of packing each micro-batch's conversations into "
-           "rows of --max_seq_len, each attending only to itself (same rows per step, same loss, less padding)")
+    if pack:
+        a("--no_pack", dest="pack", action="store_false",
+          help="one padded row per conversation instead of packing each micro-batch's conversations into rows of "
+               "--max_seq_len, each attending only to itself (the same conversations per step and the same loss, "
+               "without the padding)")
     a("--empty_think_ratio", type=float, default=EMPTY_THINK_RATIO,
       help="chat stages: share of rows without reasoning whose assistant turns get the empty think block "
            "(adaptive thinking, MiniMind's way; picked per row by a seeded hash)")
@@ -334,7 +337,7 @@ class Trainer:
 
     def chat_collate(self):
         """The chat stages' batches: conversations packed into rows (--pack, the default) or one padded row each."""
-        if self.args.pack:
+        if getattr(self.args, "pack", False):
             return partial(pack_collate, pad_id=self.pad_id, max_seq_len=self.args.max_seq_len)
         return self.collate(pad_collate)
 
