@@ -296,7 +296,7 @@ class MicroLMModel(MicroLMPreTrainedModel):
             if position_ids is None:
                 position_ids = (attn_mask[:, 0].sum(-1) - 1).clamp(min=0)
         elif position_ids is not None and attention_mask is None and cache is None and T > 1:
-            # position ids without a mask or a cache: packed documents (--pack, --doc_mask), each kept to itself
+            # position ids without a mask or a cache: packed documents (chat packing, --doc_mask), each kept to itself
             attn_mask = document_mask(position_ids)
         else:
             past_len = int(cache.get_seq_length()) if cache is not None else 0

@@ -123,7 +123,7 @@ def lm_loss(model, batch):
     """Summed next-token cross-entropy over labelled positions (+ MoE balance loss); the engine normalises. With
     batch["weights"] (6-reason.py's tag weights) each label counts that many times, in the sum and in the count."""
     # the model computes the per-position cross-entropy itself: in chunks for a large vocabulary (model/model.py)
-    # position_ids come with packed rows (--pack, --doc_mask): the model keeps each document to itself
+    # position_ids come with packed rows (chat packing, --doc_mask): the model keeps each document to itself
     out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                 position_ids=batch.get("position_ids"), labels=batch["labels"], reduction="none")
     ce = out.loss
@@ -336,7 +336,7 @@ class Trainer:
         return partial(collate_fn, pad_id=self.pad_id)
 
     def chat_collate(self):
-        """The chat stages' batches: conversations packed into rows (--pack, the default) or one padded row each."""
+        """The chat stages' batches: conversations packed into rows (the default) or one padded row each (--no_pack)."""
         if getattr(self.args, "pack", False):
             return partial(pack_collate, pad_id=self.pad_id, max_seq_len=self.args.max_seq_len)
         return self.collate(pad_collate)
