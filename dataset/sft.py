@@ -4,6 +4,7 @@ writes (reasoning, tool calls, reply, eos); tool calls, tool results and reasoni
 import logging
 
 import torch
+import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from .chat import ChatEncoder, check_conversations, normalize_chat, row_chooses, with_empty_think
@@ -92,10 +93,13 @@ def pack_collate(rows, pad_id: int = 0, max_seq_len: int = 512) -> dict:
     bins = pack_rows([len(r["input_ids"]) for r in rows], max_seq_len)
     packed = []
     for b in bins:
-        row = {key: torch.cat([rows[i][key] for i in b]) for key in ("input_ids", "labels")}
+        row = {"input_ids": torch.cat([rows[i]["input_ids"] for i in b]),
+               # a conversation's first label is never a target alone; packed, it would follow the previous one
+               "labels": torch.cat([F.pad(rows[i]["labels"][1:], (1, 0), value=-100) for i in b])}
         row["position_ids"] = torch.cat([torch.arange(len(rows[i]["input_ids"])) for i in b])
         if any("weights" in rows[i] for i in b):
-            row["weights"] = torch.cat([rows[i].get("weights", torch.zeros(len(rows[i]["labels"]))) for i in b])
+            row["weights"] = torch.cat([F.pad(rows[i].get("weights", torch.zeros(len(rows[i]["labels"])))[1:], (1, 0))
+                                        for i in b])
         packed.append(row)
     batch = pad_collate(packed, pad_id)
     n = batch["input_ids"].shape[1]

@@ -163,11 +163,12 @@ def generate(model, input_ids, attention_mask=None, sampling: Sampling = Samplin
                                   cache_len, step, generator, stop_check):
             tokens.append(token)
             dones.append(done)
-        if not tokens:
-            return input_ids.new_zeros(input_ids.size(0), 0)
-        all_done = torch.stack(dones).all(1).tolist()
-        n = all_done.index(True) + 1 if True in all_done else len(tokens)
-        out = torch.stack(tokens[:n], 1)
+        if tokens:
+            all_done = torch.stack(dones).all(1).tolist()
+            n = all_done.index(True) + 1 if True in all_done else len(tokens)
+            out = torch.stack(tokens[:n], 1)
+        else:
+            out = input_ids.new_zeros(input_ids.size(0), 0)
     return out.clone()  # an ordinary tensor: RL trains on rollouts, and an inference tensor cannot enter autograd
 
 

@@ -83,7 +83,8 @@ class RotaryEmbedding(nn.Module):
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype):
         # longer than configured: extend the tables (rare, slow path; a compiled graph keeps to the configured length)
         if not torch.compiler.is_compiling() and position_ids.max() >= self.cos.shape[0]:
-            self.cos, self.sin = self.compute_tables(int(position_ids.max()) + 1, self.cos.device)
+            with torch.inference_mode(False):  # buffers made during a decode must stay ordinary tensors
+                self.cos, self.sin = self.compute_tables(int(position_ids.max()) + 1, self.cos.device)
         return self.cos[position_ids].to(dtype), self.sin[position_ids].to(dtype)
 
 
@@ -131,9 +132,16 @@ class Attention(nn.Module):
             k, v = cache.update(k, v, self.layer_idx)
         # SDPA picks flash / memory-efficient kernels; enable_gqa shares each kv head across its query group
         # without materialising repeated keys. attn_mask=None with T>1 means plain causal (no cache, no padding).
+        gqa = self.n_kv_heads != self.n_heads
+        if gqa and attn_mask is not None and q.device.type == "cuda":
+            # with a mask (packed rows, padding) CUDA's memory-efficient kernel is the one that applies, and it takes
+            # no enable_gqa: repeat the kv heads rather than fall back to the O(T^2)-memory math kernel
+            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, 1)
+            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, 1)
+            gqa = False
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1,
-            dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.n_kv_heads != self.n_heads)
+            dropout_p=self.dropout if self.training else 0.0, enable_gqa=gqa)
         y = y.transpose(1, 2).reshape(B, T, -1)
         return self.resid_dropout(self.o_proj(y))
 

@@ -187,9 +187,9 @@ def train_mode(name, args, train_path, tokenizer, sets, device, log) -> dict:
 
     def score(step):
         point = {"step": step, "flops": step * flops_per_step, "seconds": seconds, "real_tokens": real_tokens}
-        with autocast:
-            point.update({s: bits_per_byte(model, tokenizer, text, args.seq_len, args.batch_size)
-                          for s, text in sets.items()})
+        # scored in fp32 whatever the mode trains in: the score must not depend on the scoring precision
+        point.update({s: bits_per_byte(model, tokenizer, text, args.seq_len, args.batch_size)
+                      for s, text in sets.items()})
         curve.append(point)
         log(f"  {name} step {step}: " + ", ".join(f"{s} {point[s]:.3f}" for s in sets) + f"  ({seconds:.0f} s)")
 

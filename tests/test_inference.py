@@ -195,3 +195,13 @@ def test_generated_tokens_can_be_trained_on(tiny_model):
     tiny_model.train()
     tiny_model(input_ids=out, labels=out).loss.backward()  # an inference tensor cannot be saved for backward
     assert tiny_model.model.embed_tokens.weight.grad is not None
+
+
+def test_rope_tables_grown_during_a_decode_stay_ordinary_tensors():
+    """Decoding past max_position_embeddings extends the RoPE tables inside inference mode; later in-place updates
+    (re-initialisation, loading) must still work on them."""
+    model = make_model("tiny", max_position_embeddings=16)
+    generate(model, torch.randint(3, 6400, (1, 12)), sampling=Sampling(max_new_tokens=10))
+    rope = model.model.rotary_emb
+    assert rope.cos.shape[0] > 16 and not rope.cos.is_inference() and not rope.sin.is_inference()
+    model._init_weights(rope)  # copies into the tables in place

@@ -131,3 +131,16 @@ def test_sft_packed_by_default_trains_like_padded_rows(tmp_path, tokenizer):
     padded = sft.main(tiny_args(tmp_path / "pad", data, *common, "--no_pack"))
     assert [round(v, 4) for _, v in packed["history"]] == [round(v, 4) for _, v in padded["history"]]
     assert max_weight_diff(tmp_path / "pack/out/sft", tmp_path / "pad/out/sft") <= 1e-5
+
+
+def test_a_conversations_first_label_never_becomes_the_previous_ones_target():
+    """pad_collate never uses a row's first label (nothing predicts it); packed, it must not follow the conversation
+    before it either -- with rows labelled everywhere the packed loss is still the sum of the lone ones."""
+    g = torch.Generator().manual_seed(2)
+    rows = [{"input_ids": ids, "labels": ids.clone()}
+            for ids in (torch.randint(3, 6400, (int(n),), generator=g) for n in torch.randint(4, 30, (9,), generator=g))]
+    model = make_model("tiny")
+    with torch.no_grad():
+        packed = _per_row_ce(model, pack_collate(rows, pad_id=0, max_seq_len=64)).sum()
+        alone = sum(_per_row_ce(model, pad_collate([r])).sum() for r in rows)
+    torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-4)
