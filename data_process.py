@@ -30,7 +30,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from common.cli import HelpFormatter
-from dataset.chat import check_conversations, check_prompt_row, has_reasoning, normalize_chat
+from dataset.chat import (check_conversations, check_prompt_row, has_reasoning, normalize_chat, template_support,
+                          with_fallbacks)
 from dataset.dpo import check_preference
 from dataset.jsonl import BadLineError, check_text
 from trainer.rewards import is_well_formatted
@@ -459,7 +460,7 @@ def render(row, tokenizer) -> list:
     chats = [row["conversations"]] if "conversations" in row else [row["chosen"], row["rejected"]]
     texts = []
     for chat in chats:
-        messages, tools = normalize_chat(chat, complete=False)
+        messages, tools = with_fallbacks(*normalize_chat(chat, complete=False), template_support(tokenizer))
         texts.append(tokenizer.apply_chat_template(messages, tools=tools, tokenize=False))
     return texts
 

@@ -80,7 +80,7 @@ class Chat:
         if self.args.history <= 0:
             return []
         starts = [i for i, m in enumerate(self.messages) if m["role"] == "user"]
-        return self.messages[starts[-self.args.history]:] if starts else []
+        return self.messages[starts[-min(self.args.history, len(starts))]:] if starts else []
 
     def prompt_ids(self, user_text):
         if self.raw_text:  # a pretrained model continues text: bos + text, no chat template

@@ -13,15 +13,25 @@ Labels: from where the template's role header ends to the turn's closing eos, fo
 reasoning, the tool calls, the reply and the eos are learnt, and the system/tools text, user turns and tool results
 are not. The header is what the template writes before any assistant's own text (found once per tokenizer); a
 template that always writes a think block (minimind-3's) keeps that block out of the labels, ours labels it.
+
+Fields a template cannot render (found once per template by rendering probe chats, `template_support`) are written
+the way our own template writes them, inside text the template does render (`with_fallbacks`): reasoning inline as
+"<think>\n…\n</think>\n\n" before the reply, tool calls as Hermes <tool_call> blocks after it, the tools list as
+a system block, tool results as one user turn of <tool_response> blocks. What a template still drops (Qwen3's drops
+the reasoning of turns before the last user turn) is found per row (`lost_fields`), counted and reported.
 """
 
 import hashlib
 import json
+import logging
 import os
+from dataclasses import dataclass
 
 import torch
 
 from .jsonl import BadLineError
+
+log = logging.getLogger(__name__)
 
 ROLES = ("system", "user", "assistant", "tool")
 _SENTINELS = ("\x01", "\x02")  # two replies that differ in their first character: their common prefix is the header
@@ -178,6 +188,127 @@ def with_empty_think(messages) -> list:
             for m in messages]
 
 
+# ------------------------------------------------------------------------------------------------ template fields
+
+@dataclass(frozen=True)
+class TemplateSupport:
+    """Which of a row's fields a chat template writes into its text (True) or drops (False)."""
+    reasoning: bool = True  # reasoning_content of the last assistant turn
+    past_reasoning: bool = True  # ... of an assistant turn a later user turn follows
+    tools: bool = True  # the tools list
+    tool_calls: bool = True  # an assistant turn's tool_calls
+    tool_results: bool = True  # tool turns
+
+    def missing(self) -> list[str]:
+        names = {"reasoning": "reasoning_content", "past_reasoning": "reasoning_content of earlier turns",
+                 "tools": "tools", "tool_calls": "tool_calls", "tool_results": "tool turns"}
+        return [names[k] for k, v in vars(self).items() if not v]
+
+
+LOSABLE = ("reasoning_content", "empty think block", "tool result")  # what lost_fields counts, in this order
+_PROBE = "zq7probe"  # text no template writes by itself
+_SUPPORT: dict = {}
+
+
+def _renders(tokenizer, messages, needle, tools=None) -> bool:
+    try:
+        text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)
+    except Exception:  # a template that refuses the field (jinja's raise_exception) does not render it
+        return False
+    return needle in text
+
+
+def template_support(tokenizer) -> TemplateSupport:
+    """What this tokenizer's chat template renders, found by rendering one probe chat per field (cached per template)."""
+    key = (json.dumps(tokenizer.chat_template, sort_keys=True), tokenizer.eos_token)
+    if key not in _SUPPORT:
+        user = {"role": "user", "content": "hi"}
+        call = {"role": "assistant", "content": "",
+                "tool_calls": [{"type": "function", "function": {"name": _PROBE + "call", "arguments": {}}}]}
+        tool = {"type": "function", "function": {"name": _PROBE + "tool", "description": "",
+                                                 "parameters": {"type": "object", "properties": {}}}}
+
+        def reply(tag):
+            return {"role": "assistant", "content": "ok", "reasoning_content": _PROBE + tag}
+
+        _SUPPORT[key] = TemplateSupport(
+            reasoning=_renders(tokenizer, [user, reply("last")], _PROBE + "last"),
+            past_reasoning=_renders(tokenizer, [user, reply("past"), user, reply("last")], _PROBE + "past"),
+            tools=_renders(tokenizer, [user], _PROBE + "tool", [tool]),
+            tool_calls=_renders(tokenizer, [user, call], _PROBE + "call"),
+            tool_results=_renders(tokenizer, [user, {**call, "content": "calling"},
+                                              {"role": "tool", "content": _PROBE + "result"},
+                                              {"role": "assistant", "content": "ok"}], _PROBE + "result"))
+    return _SUPPORT[key]
+
+
+def tools_block(tools) -> str:
+    """The tools list as our template (and Qwen's, MiniMind's) writes it into the system turn."""
+    listed = "".join("\n" + json.dumps(t, ensure_ascii=False) for t in tools)
+    return ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with "
+            f"function signatures within <tools></tools> XML tags:\n<tools>{listed}\n</tools>\n\nFor each function "
+            "call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n"
+            '<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>')
+
+
+def tool_call_text(call) -> str:
+    fn = call.get("function", call)
+    args = fn.get("arguments", {})
+    args = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
+    return f'<tool_call>\n{{"name": "{fn["name"]}", "arguments": {args}}}\n</tool_call>'
+
+
+def with_fallbacks(messages, tools, support: TemplateSupport):
+    """(messages, tools) with every field the template cannot render moved into text it does render, written as our
+    template writes it -- inside the assistant's own content where the field is the assistant's, so the labels
+    cover exactly what they would with a template that knows the field."""
+    out = []
+    for m in messages:
+        m = dict(m)
+        if m["role"] == "assistant":
+            content, think = m.get("content") or "", ""
+            if not support.reasoning and isinstance(m.get("reasoning_content"), str):
+                think = "<think>\n" + m.pop("reasoning_content").strip("\n") + "\n</think>\n\n"
+            if not support.tool_calls and m.get("tool_calls"):
+                content = "\n".join(([content] if content else []) + [tool_call_text(c) for c in m.pop("tool_calls")])
+            m["content"] = think + content
+        elif m["role"] == "tool" and not support.tool_results:
+            block = "<tool_response>\n" + (m.get("content") or "") + "\n</tool_response>"
+            if out and out[-1].get("_results"):  # consecutive results: one user turn, as Qwen's template does
+                out[-1]["content"] += "\n" + block
+                continue
+            m = {"role": "user", "content": block, "_results": True}
+        out.append(m)
+    for m in out:
+        m.pop("_results", None)
+    if tools and not support.tools:
+        if out and out[0]["role"] == "system":
+            out[0] = {**out[0], "content": (out[0]["content"] + "\n\n" if out[0]["content"] else "") + tools_block(tools)}
+        else:
+            out.insert(0, {"role": "system", "content": tools_block(tools)})
+        tools = None
+    return out, tools
+
+
+def lost_fields(messages, text: str) -> list[int]:
+    """Per LOSABLE field, how many of the row's turns the rendered `text` leaves out (a template may drop a field on
+    some turns only, e.g. Qwen3's reasoning before the last user turn)."""
+    reasoning = empty = results = 0
+    for m in messages:
+        if m["role"] == "assistant" and isinstance(m.get("reasoning_content"), str):
+            r = m["reasoning_content"].strip()
+            reasoning += bool(r) and r not in text
+        elif m["role"] == "tool" and m.get("content", "").strip():
+            results += m["content"].strip() not in text
+    blocks = sum(m["role"] == "assistant" and has_reasoning(m) for m in messages)
+    empty = max(0, blocks - text.count("</think>") - reasoning)
+    return [reasoning, empty, results]
+
+
+def describe_lost(lost) -> str:
+    return ", ".join(f"{name} x{int(n)}" for name, n in zip(LOSABLE, lost) if n)
+
+
 def _common_prefix(a: str, b: str) -> str:
     return os.path.commonprefix([a, b])
 
@@ -191,6 +322,7 @@ class ChatEncoder:
 
     def __init__(self, tokenizer):
         self.tokenizer, self.eos = tokenizer, tokenizer.eos_token
+        self.support = template_support(tokenizer)
         turns = []
         for s in _SENTINELS:
             chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": s}]
@@ -205,6 +337,8 @@ class ChatEncoder:
             raise ValueError("cannot find the assistant header of the chat template")
 
     def render(self, messages, tools=None, add_generation_prompt=False, **kwargs) -> str:
+        """The template's text, with what it cannot render written in (`with_fallbacks`)."""
+        messages, tools = with_fallbacks(messages, tools, self.support)
         return self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
                                                   add_generation_prompt=add_generation_prompt, **kwargs)
 
@@ -252,7 +386,8 @@ class ChatEncoder:
         """input_ids and labels (-100 everywhere but what the assistant turns write), truncated to max_seq_len.
         last_reply_only: label only the final turn (the reply a preference pair compares).
         mark: strings (e.g. "<think>") whose occurrences inside the labelled turns are returned as a bool "marked"
-        tensor over the tokens that cover them -- by characters, so it is right however the tokenizer splits them."""
+        tensor over the tokens that cover them -- by characters, so it is right however the tokenizer splits them.
+        A row whose rendering still leaves a field out gets "lost": counts per LOSABLE field (see report_lost)."""
         text = self.render(messages, tools)
         spans = self.spans(messages, tools, text)
         if last_reply_only:
@@ -271,6 +406,9 @@ class ChatEncoder:
             marked = [label != -100 and any(a < fe and b > fs for fs, fe in found)
                       for label, (a, b) in zip(labels, enc["offset_mapping"])]
             out["marked"] = torch.tensor(marked[:max_seq_len], dtype=torch.bool)
+        lost = lost_fields(messages, text)
+        if any(lost):
+            out["lost"] = torch.tensor(lost)
         return out
 
 

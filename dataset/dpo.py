@@ -4,7 +4,7 @@ import torch
 
 from .chat import check_messages, normalize_chat, row_chooses, with_empty_think
 from .jsonl import BadLineError
-from .sft import SFTDataset, pad_collate, unmappable
+from .sft import SFTDataset, pad_collate, report_lost, unmappable
 
 
 def check_preference(obj) -> None:
@@ -32,7 +32,8 @@ class DPODataset(SFTDataset):
             try:
                 messages, tools = normalize_chat(row[key], key)
                 messages = with_empty_think(messages) if empty_think else messages
-                pair.append(self.encoder.encode(messages, tools, self.max_seq_len, last_reply_only=True))
+                pair.append(report_lost(self.rows, i, self.encoder.encode(messages, tools, self.max_seq_len,
+                                                                         last_reply_only=True)))
             except BadLineError as e:
                 pair.append(unmappable(self.rows, i, e))
         chosen, rejected = pair

@@ -31,6 +31,19 @@ class BadLineError(ValueError):
     pass
 
 
+_WARNED: dict = {}
+
+
+def warn_row(kind: str, where: str, message: str) -> None:
+    """A row-level warning with its file:line, the first MAX_REPORTED of each kind in this process; the run's summary
+    counts them all."""
+    n = _WARNED[kind] = _WARNED.get(kind, 0) + 1
+    if n <= MAX_REPORTED:
+        log.warning("%s: %s", where, message)
+    if n == MAX_REPORTED:
+        log.warning("(further rows of this kind are counted, not listed: %s)", kind)
+
+
 def check_text(obj) -> None:
     """Schema of pretraining lines: {"text": non-empty string}."""
     if not isinstance(obj, dict) or "text" not in obj:

@@ -115,11 +115,12 @@ class PretrainDataset(Dataset):
         input_ids[:n] = ids
         labels = torch.full((L,), -100, dtype=torch.long)
         labels[:n] = ids
+        real = torch.tensor(n)  # the row's tokens without its padding (the engine's token counts)
         if not self.doc_mask:
-            return {"input_ids": input_ids, "labels": labels}
+            return {"input_ids": input_ids, "labels": labels, "real_tokens": real}
         # a document starts at the row's first token and after every eos (the padding tail: after the last one)
         starts = torch.ones(L, dtype=torch.bool)
         starts[1:] = input_ids[:-1] == self.tokenizer.eos_token_id
         idx = torch.arange(L)
         position_ids = idx - torch.cummax(torch.where(starts, idx, 0), 0).values
-        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "real_tokens": real}

@@ -4,8 +4,8 @@ import torch
 from torch.utils.data import Dataset
 
 from .chat import ChatEncoder, check_prompt_row, normalize_chat, row_chooses
-from .jsonl import BadLineError, JsonlFile
-from .sft import EMPTY_THINK_RATIO, SFTDataset, unmappable
+from .jsonl import BadLineError, JsonlFile, warn_row
+from .sft import EMPTY_THINK_RATIO, SFTDataset, report_lost, unmappable
 
 REASON_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 
@@ -25,7 +25,7 @@ class ReasonDataset(SFTDataset):
     def __getitem__(self, i):
         try:
             messages, tools = self.messages(i)
-            item = self.encoder.encode(messages, tools, self.max_seq_len, mark=self.tags)
+            item = report_lost(self.rows, i, self.encoder.encode(messages, tools, self.max_seq_len, mark=self.tags))
         except BadLineError as e:
             return unmappable(self.rows, i, e)
         marked = item.pop("marked")
@@ -69,7 +69,11 @@ class PromptDataset(Dataset):
             on = row_chooses(self.seed, i, self.thinking_ratio)
             thinking = {"enable_thinking": on, "open_thinking": on}  # ours reads the first, minimind-3's the second
         text = self.encoder.render(messages, tools, add_generation_prompt=True, **thinking)
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"][-self.max_prompt_len:]  # keep the question
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) > self.max_prompt_len:  # keep the end: the question and the generation prompt
+            warn_row("long prompts", self.rows.where(i), f"prompt of {len(ids)} tokens cut to its last "
+                     f"{self.max_prompt_len} (--max_prompt_len)")
+            ids = ids[-self.max_prompt_len:]
         # a prompt that opens the think block (thinking on): the reply starts inside it, and is scored with it
         return {"prompt_ids": torch.tensor(ids), "reference": reference, "gt": gt, "messages": messages,
                 "tools": tools, "opened": text.endswith("<think>\n"), "tool_results": row.get("tool_results")}

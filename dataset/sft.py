@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from .chat import ChatEncoder, check_conversations, normalize_chat, row_chooses, with_empty_think
-from .jsonl import BadLineError, JsonlFile
+from .chat import ChatEncoder, check_conversations, describe_lost, normalize_chat, row_chooses, with_empty_think
+from .jsonl import BadLineError, JsonlFile, warn_row
 
 log = logging.getLogger(__name__)
 EMPTY_THINK_RATIO = 0.2  # share of rows without reasoning that get the (labelled) empty think block
@@ -25,6 +25,14 @@ def unmappable(rows, i, error) -> dict:
     -100; the engine counts such rows at the end), never a crash inside the DataLoader."""
     log.warning("skipping row %s: %s", rows.where(i), error)
     return {"input_ids": torch.zeros(1, dtype=torch.long), "labels": torch.full((1,), -100, dtype=torch.long)}
+
+
+def report_lost(rows, i, item) -> dict:
+    """Name the row whose chat template left a field out (the engine counts them all at the end)."""
+    if "lost" in item:
+        warn_row("lost fields", rows.where(i), f"the chat template does not render {describe_lost(item['lost'])}; "
+                 "the row trains without it")
+    return item
 
 
 class SFTDataset(Dataset):
@@ -59,7 +67,7 @@ class SFTDataset(Dataset):
     def __getitem__(self, i):
         try:
             messages, tools = self.messages(i)
-            return self.encoder.encode(messages, tools, self.max_seq_len)
+            return report_lost(self.rows, i, self.encoder.encode(messages, tools, self.max_seq_len))
         except BadLineError as e:
             return unmappable(self.rows, i, e)
 
@@ -106,9 +114,16 @@ def pack_collate(rows, pad_id: int = 0, max_seq_len: int = 512) -> dict:
     # a row's padding tail is a document of its own (positions from 0; its labels are -100)
     batch["position_ids"] = torch.stack([torch.cat([r["position_ids"], torch.arange(n - len(r["position_ids"]))])
                                          for r in packed])
+    batch.update(count_lost(rows))
     # conversations with nothing to learn (reply truncated away) no longer have rows of their own: counted here
     batch["empty_rows"] = torch.tensor(sum(int((r["labels"] == -100).all()) for r in rows))
     return batch
+
+
+def count_lost(rows) -> dict:
+    """{"lost": rows that lost each LOSABLE field} when any row did (dataset/chat.py's lost_fields)."""
+    lost = [r["lost"] for r in rows if "lost" in r]
+    return {"lost": (torch.stack(lost) > 0).long().sum(0)} if lost else {}
 
 
 def pad_collate(rows, pad_id: int = 0) -> dict:
@@ -119,7 +134,8 @@ def pad_collate(rows, pad_id: int = 0) -> dict:
     for i, r in enumerate(rows):
         input_ids[i, :len(r["input_ids"])] = r["input_ids"]
         labels[i, :len(r["labels"])] = r["labels"]
-    batch = {"input_ids": input_ids, "labels": labels}
+    batch = {"input_ids": input_ids, "labels": labels, "real_tokens": sum(len(r["input_ids"]) for r in rows),
+             **count_lost(rows)}
     if any("weights" in r for r in rows):
         batch["weights"] = torch.zeros((len(rows), n))
         for i, r in enumerate(rows):

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dataset.chat import template_support, with_fallbacks
 from dataset.sft import pad_id_of
 
 from .toolcalls import parse_tool_calls
@@ -32,13 +33,17 @@ class Sampling:
     repetition_penalty: float = 1.0
 
 
-def next_token(logits, s: Sampling, seen=None, generator=None):
-    """(B,) next tokens from (B, V) float logits; `seen`: (B, V) bool of the tokens so far (repetition penalty)."""
-    if s.repetition_penalty != 1.0 and seen is not None:
-        penalised = torch.where(logits < 0, logits * s.repetition_penalty, logits / s.repetition_penalty)
-        logits = torch.where(seen, penalised, logits)
-    if s.temperature <= 0:
-        return logits.argmax(-1)
+def penalise(logits, s: Sampling, seen=None):
+    """Repetition penalty (CTRL's, as transformers applies it): a seen token's logit is divided by the penalty where
+    positive and multiplied where negative, so it always becomes less likely."""
+    if s.repetition_penalty == 1.0 or seen is None:
+        return logits
+    penalised = torch.where(logits < 0, logits * s.repetition_penalty, logits / s.repetition_penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def warp(logits, s: Sampling):
+    """The logits a sample is drawn from: divided by the temperature, then -inf outside top-k and top-p."""
     logits = logits / s.temperature
     if s.top_k > 0:
         kth = torch.topk(logits, min(s.top_k, logits.size(-1)), dim=-1).values[:, -1:]
@@ -48,7 +53,15 @@ def next_token(logits, s: Sampling, seen=None, generator=None):
         drop = sorted_logits.softmax(-1).cumsum(-1) <= 1 - s.top_p
         drop[:, -1] = False
         logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
+    return logits
+
+
+def next_token(logits, s: Sampling, seen=None, generator=None):
+    """(B,) next tokens from (B, V) float logits; `seen`: (B, V) bool of the tokens so far (repetition penalty)."""
+    logits = penalise(logits, s, seen)
+    if s.temperature <= 0:
+        return logits.argmax(-1)
+    return torch.multinomial(warp(logits, s).softmax(-1), 1, generator=generator).squeeze(1)
 
 
 class KVCache:
@@ -316,9 +329,11 @@ class Engine:
 
     def render(self, messages, tools=None, thinking=None, prefix="") -> str:
         """The chat template's generation prompt (+ a forced start of the reply). thinking: True opens <think>,
-        False writes the empty think block, None leaves it to the model."""
+        False writes the empty think block, None leaves it to the model. Fields the template cannot render are
+        written in as training wrote them (dataset/chat.py's with_fallbacks)."""
         kwargs = {} if thinking is None else {"enable_thinking": thinking, "open_thinking": thinking}
-        return self.tokenizer.apply_chat_template(messages, tools=tools or None, add_generation_prompt=True,
+        messages, tools = with_fallbacks(messages, tools or None, template_support(self.tokenizer))
+        return self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True,
                                                   tokenize=False, **kwargs) + prefix
 
     def prompt_ids(self, text: str, max_new_tokens: int, notice=None) -> list:

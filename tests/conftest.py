@@ -16,6 +16,14 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 
 
+@pytest.fixture(autouse=True)
+def fresh_row_warnings(monkeypatch):
+    """Each test sees its rows' warnings: the per-process limit on them (dataset/jsonl.py) starts again."""
+    import dataset.jsonl
+
+    monkeypatch.setattr(dataset.jsonl, "_WARNED", {})
+
+
 def make_model(preset="tiny", seed=0, **overrides) -> MicroLMForCausalLM:
     torch.manual_seed(seed)
     return MicroLMForCausalLM(MicroLMConfig.from_preset(preset, **overrides)).eval()

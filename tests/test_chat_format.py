@@ -1,17 +1,20 @@
 """Today's MiniMind chat rows (tool calls, tool results, reasoning_content, prompt-only and gt rows) through every
-conversation dataset, with our template and with templates that behave like MiniMind2's and minimind-3's official
-ones (written here: tests never read ../shared)."""
+conversation dataset, with our template and with templates that behave like MiniMind2's, minimind-3's and Qwen3's
+official ones and like a plain ChatML one (written here: tests never read ../shared). No field of a row disappears:
+each is rendered (by the template or by the fallback) or counted as lost."""
 
 import json
 import logging
 
 import pytest
 import torch
-from conftest import write_jsonl
+from conftest import make_model, write_jsonl
 from transformers import AutoTokenizer
 
-from dataset import DPODataset, PretrainDataset, PromptDataset, ReasonDataset, SFTDataset
-from dataset.chat import ChatEncoder, check_conversations, check_prompt_row, normalize_chat, row_chooses
+from dataset import DPODataset, PretrainDataset, PromptDataset, ReasonDataset, SFTDataset, pack_collate, pad_collate
+from dataset.chat import (ChatEncoder, check_conversations, check_prompt_row, normalize_chat, row_chooses,
+                          template_support, with_empty_think)
+from inference import Engine
 from dataset.jsonl import BadLineError, JsonlFile
 from model import TOKENIZER_DIR
 
@@ -58,6 +61,23 @@ REWRITING = ("{%- for m in messages %}{%- if m.role == 'assistant' %}{{- '<|im_s
              "{%- endif %}{{- m.content + '<|im_end|>\\n' }}{%- else %}"
              "{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{%- endif %}{%- endfor %}"
              "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+# like Qwen3's: tools, calls and results as ours, reasoning only on the assistant turns after the last user turn
+QWEN3_LIKE = (TOOLS_BLOCK + "{%- elif messages[0].role == 'system' %}"
+              "{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}{%- endif %}"
+              "{%- set ns = namespace(last=-1) %}{%- for m in messages %}{%- if m.role == 'user' %}"
+              "{%- set ns.last = loop.index0 %}{%- endif %}{%- endfor %}"
+              "{%- for m in messages %}{%- set content = m.content if m.content is string else '' %}"
+              "{%- if m.role == 'user' or (m.role == 'system' and not loop.first) %}"
+              "{{- '<|im_start|>' + m.role + '\\n' + content + '<|im_end|>\\n' }}"
+              "{%- elif m.role == 'assistant' %}{{- '<|im_start|>assistant\\n' }}"
+              "{%- if loop.index0 > ns.last and m.reasoning_content is string %}"
+              "{{- '<think>\\n' + m.reasoning_content.strip('\\n') + '\\n</think>\\n\\n' }}{%- endif %}"
+              "{{- content }}" + CALLS + "{{- '<|im_end|>\\n' }}" + TOOL_ROLE + "{%- endif %}{%- endfor %}"
+              "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+# plain ChatML: knows no tools, tool calls, tool turns or reasoning (a tool turn is not written at all)
+PLAIN = ("{%- for m in messages %}{%- if m.role in ['system', 'user', 'assistant'] %}"
+         "{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{%- endif %}{%- endfor %}"
+         "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
 # drops every assistant turn but the last: no way to map the earlier ones
 UNMAPPABLE = ("{%- for m in messages %}{%- if m.role != 'assistant' or loop.last %}"
               "{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{%- endif %}{%- endfor %}"
@@ -81,7 +101,7 @@ CALL_TEXT = f"<tool_call>\n{CALL_JSON}\n</tool_call><|im_end|>"
 EXPECTED = {
     "ours": [CALL_TEXT, "<think>\n工具返回 12。\n</think>\n\n答案是 12。<|im_end|>"],
     "mm3": [CALL_TEXT, "工具返回 12。\n</think>\n\n答案是 12。<|im_end|>"],
-    "mm2": [CALL_TEXT, "答案是 12。<|im_end|>"],
+    "mm2": [CALL_TEXT, "<think>\n工具返回 12。\n</think>\n\n答案是 12。<|im_end|>"],  # reasoning written inline
 }
 
 
@@ -118,7 +138,7 @@ def test_tool_call_row_labels_exactly_what_the_assistant_writes(tmp_path, kind_t
     assert labelled_runs(tok, item) == EXPECTED[kind]
     text = tok.decode(item["input_ids"])
     assert '"name": "calculator"' in text and "<tool_response>\n12\n</tool_response>" in text  # all rendered
-    assert "工具返回" in text or kind == "mm2"
+    assert "工具返回" in text and "lost" not in item
 
 
 def test_tool_calls_as_json_string_list_or_bare_items_render_the_same(kind_tok):
@@ -167,6 +187,7 @@ def test_template_that_rewrites_earlier_turns_is_mapped_by_role_markers():
                 {"role": "user", "content": "c"}, {"role": "assistant", "content": "d", "reasoning_content": "r2"}]
     item = ChatEncoder(tok).encode(messages, None, 256)
     assert labelled_runs(tok, item) == ["b<|im_end|>", "<think>\nr2\n</think>\n\nd<|im_end|>"]
+    assert item["lost"].tolist() == [1, 0, 0]  # r1 is not in the text: counted
 
 
 def test_a_row_the_template_cannot_map_is_reported_with_file_line_and_trains_nothing(tmp_path, caplog):
@@ -352,3 +373,71 @@ def test_tools_are_listed_in_the_system_turn_hermes_style(tokenizer):
     assert text.startswith("<|im_start|>system\n# Tools\n")
     assert "<tools>\n" + json.dumps(CALC, ensure_ascii=False) + "\n</tools>" in text
     assert '<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call><|im_end|>' in text
+
+
+# ------------------------------------------------------------------------------------------------ template fields
+
+# every field of today's chat format in one row: tools, a call with its reasoning, a tool result, a reasoned reply,
+# and a later turn with the empty think block
+FIELDS_ROW = [
+    {"role": "system", "content": "你是一个助手。", "tools": [CALC]},
+    {"role": "user", "content": "3 乘 4 是多少？"},
+    {"role": "assistant", "content": "", "reasoning_content": "先用计算器。",
+     "tool_calls": [{"name": "calculator", "arguments": {"expr": "3*4"}}]},
+    {"role": "tool", "content": "12"},
+    {"role": "assistant", "content": "答案是 12。", "reasoning_content": "工具返回 12。"},
+    {"role": "user", "content": "谢谢"},
+    {"role": "assistant", "content": "不客气。", "reasoning_content": ""},
+]
+KINDS = {"ours": None, "mm2": MM2_LIKE, "mm3": MM3_LIKE, "qwen3": QWEN3_LIKE, "plain": PLAIN}
+# what each template still leaves out, per LOSABLE field: Qwen3's drops the reasoning of the turns before the last
+# user turn (by design; nothing to fall back to), every other field of every kind is in the text
+LOST = {"qwen3": [2, 0, 0]}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_field_is_rendered_or_counted_and_named(tmp_path, kind, caplog):
+    tok = with_template(KINDS[kind])
+    path = write_jsonl(tmp_path / "f.jsonl", [{"conversations": FIELDS_ROW}])
+    with caplog.at_level(logging.WARNING):
+        item = SFTDataset(path, tok, 1024, empty_think_ratio=0)[0]
+    text, labelled = tok.decode(item["input_ids"]), "".join(labelled_runs(tok, item))
+    assert '"name": "calculator", "description"' in text.split("<|im_start|>user")[0]  # tools: in the system turn
+    assert CALL_JSON in labelled  # the call: written by the assistant, learnt
+    assert "<tool_response>\n12\n</tool_response>" in text and "<tool_response>" not in labelled  # read, not learnt
+    if kind in LOST:
+        assert item["lost"].tolist() == LOST[kind] and "先用计算器。" not in text
+        assert f"{path}:1" in caplog.text and "reasoning_content x2" in caplog.text
+    else:
+        assert "lost" not in item and not caplog.text
+        assert "先用计算器。\n</think>" in labelled and "工具返回 12。\n</think>" in labelled
+        assert text.count("<think>\n\n</think>") == 1  # the last turn's empty block
+
+
+def test_fallbacks_make_a_plain_template_write_what_ours_writes():
+    """A template that knows no tools, calls, tool turns or reasoning: each field is written into text it does render,
+    the way ours writes it, so the text, the labels and the generation prompt all equal our template's."""
+    plain, ours = with_template(PLAIN), with_template(None)
+    messages, tools = normalize_chat(FIELDS_ROW)
+    for thinking in (True, False):
+        rows = with_empty_think(messages) if thinking else messages
+        a, b = ChatEncoder(plain), ChatEncoder(ours)
+        assert a.render(rows, tools) == b.render(rows, tools)
+        assert labelled_runs(plain, a.encode(rows, tools, 1024)) == labelled_runs(ours, b.encode(rows, tools, 1024))
+    engine = Engine(make_model("tiny"), plain)
+    prompt = messages[:4]  # up to the tool result: the model is to write the answer
+    assert engine.render(prompt, tools) == Engine(make_model("tiny"), ours).render(prompt, tools)
+    assert template_support(plain).missing() == ["reasoning_content", "reasoning_content of earlier turns", "tools",
+                                                 "tool_calls", "tool turns"]
+    assert template_support(ours).missing() == []
+
+
+def test_collates_count_the_rows_that_lost_a_field(tmp_path):
+    tok = with_template(QWEN3_LIKE)
+    rows = [{"conversations": FIELDS_ROW}, {"conversations": [{"role": "user", "content": "a"},
+                                                             {"role": "assistant", "content": "b"}]}]
+    data = SFTDataset(write_jsonl(tmp_path / "c.jsonl", rows * 2), tok, 1024, empty_think_ratio=0)
+    items = [data[i] for i in range(4)]
+    assert pad_collate(items)["lost"].tolist() == [2, 0, 0]  # rows, not turns
+    assert pack_collate(items, 0, 1024)["lost"].tolist() == [2, 0, 0]
+    assert "lost" not in pad_collate(items[1:2])

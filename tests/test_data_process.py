@@ -3,6 +3,7 @@ load in the stage Datasets, validate finding exactly the planted bad lines, stat
 and download / tokenizer with ModelScope replaced at its boundary."""
 
 import json
+from collections import Counter
 import shutil
 
 import numpy as np
@@ -165,6 +166,22 @@ def test_validate_and_stats_understand_todays_tool_reasoning_prompt_and_gt_rows(
                 for t in dp.render(r, tokenizer)]
     assert stats["unusable"] == 0 and stats["max"] == max(expected) and stats["rows_with"]["tools"] == 2
     assert '"name": "calc"' in dp.render(tool_row, tokenizer)[0]  # tools and calls are in what is counted
+
+
+def test_row_samplers_pick_every_line_equally_often(tmp_path):
+    """The reservoir sample behind `stats` and the budgeted sample behind the tokenizer corpus: over 2,000 fixed seeds
+    each of 50 lines is picked with frequency 0.1 +- 0.03 (4.5 standard deviations of a fair draw), so neither keeps
+    the first rows, the last ones or any other fixed part of a file."""
+    from dataset.corpus import sample_jsonl
+
+    rows = [{"text": f"row{i:02d}"} for i in range(50)]  # 5 characters each
+    path = write_jsonl(tmp_path / "rows.jsonl", rows)
+    held_first = write_jsonl(tmp_path / "held.jsonl", [{"text": "held"}] + rows)  # the corpus holds line 0 out
+    for pick in (lambda seed: [r["text"] for r in dp.sample_rows(path, 5, seed)[0]],
+                 lambda seed: sample_jsonl(held_first, 25, seed=seed, held_out_every=10 ** 6, progress=False)[0]):
+        counts = Counter(text for seed in range(2000) for text in pick(seed))
+        assert sum(counts.values()) == 2000 * 5
+        assert all(abs(counts[f"row{i:02d}"] / 2000 - 0.1) < 0.03 for i in range(50)), counts.most_common(3)
 
 
 def test_stats_percentiles_equal_a_direct_computation(tmp_path, tokenizer):

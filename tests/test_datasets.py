@@ -56,6 +56,18 @@ def test_packing_cache_is_reused_and_invalidated_by_a_changed_file(tmp_path, tok
     assert second.cache_path != first.cache_path and len(second.tokens) < len(first.tokens)
 
 
+def test_packing_cache_belongs_to_its_tokenizer(tmp_path, tokenizer):
+    """The same file under another tokenizer (here one more token) is tokenized again, not read from the cache."""
+    import copy
+
+    path = write_jsonl(tmp_path / "pre.jsonl", [{"text": t} for t in DOCS])
+    first = PretrainDataset(path, tokenizer, max_seq_len=16)
+    other = copy.deepcopy(tokenizer)
+    other.add_tokens([DOCS[0][:2]])
+    second = PretrainDataset(path, other, max_seq_len=16)
+    assert second.cache_path != first.cache_path and len(other) - 1 in second.tokens.tolist()
+
+
 def test_padded_mode_one_document_per_row_with_padding_labelled_minus_100(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "pre.jsonl", [{"text": t} for t in DOCS])
     data = PretrainDataset(path, tokenizer, max_seq_len=32, packed=False)

@@ -66,6 +66,11 @@ def test_precomputed_reference_gives_the_same_losses_as_the_live_one(tmp_path, b
     assert [v for _, v in pre["history"]] == pytest.approx([v for _, v in live["history"]], abs=1e-5)
     assert live["history"][0][1] == pytest.approx(0.6931, abs=1e-3)  # policy == reference at the start: log 2
     assert set(live["metrics"]) == {"accuracy", "reward_chosen", "reward_margin", "reward_rejected"}
+    # a new run into the same folder (no --resume) scores the reference again: an old table may be another model's
+    table = tmp_path / "pre/out/dpo/ref_logps.pt"
+    torch.save(torch.zeros_like(torch.load(table, weights_only=True)), table)
+    again = dpo.main(tiny_args(tmp_path / "pre", DEMO / "dpo_eval.jsonl", *common, "--precompute_ref"))
+    assert again["history"] == pre["history"] and torch.load(table, weights_only=True).abs().sum() > 0
 
 
 @pytest.mark.slow

@@ -55,6 +55,24 @@ def test_repl_keeps_history_turns_and_clear_forgets(out_dir, tokenizer):
     assert "third" in prompt and "fourth" in prompt and "second" not in prompt  # exactly one earlier turn
 
 
+def test_seed_makes_sampled_replies_repeat_and_earlier_thinking_stays_out_of_the_prompt(tokenizer):
+    def replies(seed):
+        args = ev.build_parser().parse_args(["--temperature", "1", "--max_new_tokens", "12", "--history", "0",
+                                             "--seed", str(seed)])
+        chat = ev.Chat(Engine(make_model("tiny", seed=3, tie_word_embeddings=False), tokenizer), args,
+                       raw_text=False, out=io.StringIO())
+        return [chat.reply("你好") for _ in range(2)]
+
+    first = replies(3)
+    assert first[0] == first[1] == replies(3)[0] and replies(4)[0] != first[0]
+    lm = ScriptedLM(tokenizer, lambda prompt: "<think>\n先想一想。\n</think>\n\n好的。")
+    chat = ev.Chat(Engine(lm, tokenizer), ev.build_parser().parse_args(["--max_new_tokens", "30"]), raw_text=False,
+                   out=io.StringIO())
+    chat.reply("一")
+    chat.reply("二")
+    assert "好的。" in lm.prompts[-1] and "先想一想" not in lm.prompts[-1]  # the earlier answer, not its thinking
+
+
 def test_long_prompt_is_cut_from_the_left_with_a_notice(tokenizer):
     args = ev.build_parser().parse_args(["--max_new_tokens", "2040"])
     out = io.StringIO()

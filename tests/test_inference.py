@@ -2,6 +2,7 @@
 a stock Llama, batched with left padding, repetition penalty too), sampling filters keep what they should, streamed
 text is split into reasoning / content / tool calls wherever the tokens cut it, and the tool loop stops."""
 
+import math
 import time
 
 import pytest
@@ -10,7 +11,8 @@ from conftest import ScriptedLM, make_model
 
 from inference import (Engine, Sampling, StreamSplitter, TextStream, convert_units, generate, left_pad, load_tools,
                        run_tool, split_reasoning)
-from inference.engine import next_token
+from inference.engine import next_token, penalise, warp
+from inference.tools import tool_schema
 
 ROWS = [[5, 6, 7, 8, 9, 10, 11, 12], [13, 14, 15], [16, 17, 18, 19, 20]]
 
@@ -85,6 +87,66 @@ def test_sampling_filters_keep_only_what_they_should():
     assert set(next_token(logits, Sampling(temperature=1.0, top_p=0.1), generator=g).tolist()) == {1}
     counts = torch.bincount(next_token(logits, Sampling(temperature=1.0), generator=g), minlength=5) / 2000
     assert torch.allclose(counts, p, atol=0.04)  # plain sampling follows the softmax
+
+
+def test_each_logit_processor_equals_a_direct_computation_on_logits_of_both_signs():
+    """Repetition penalty, temperature, top-k and top-p against element-by-element computations, on logits of both
+    signs; and next_token draws from exactly what they leave (greedy: the penalised argmax)."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 40, generator=g) * 3
+    seen = torch.rand(6, 40, generator=g) < 0.3
+    assert (logits[seen] < 0).any() and (logits[seen] > 0).any()
+    s = Sampling(temperature=0.7, repetition_penalty=1.3)
+    direct = [[(x * 1.3 if x < 0 else x / 1.3) if hit else x for x, hit in zip(row, hits)]
+              for row, hits in zip(logits.tolist(), seen.tolist())]
+    torch.testing.assert_close(penalise(logits, s, seen), torch.tensor(direct))
+    assert torch.equal(next_token(logits, Sampling(repetition_penalty=1.3), seen), torch.tensor(direct).argmax(-1))
+    torch.testing.assert_close(warp(logits, s), logits / 0.7)
+    for k, p in ((5, 1.0), (0, 0.6), (5, 0.6)):
+        warped = warp(logits, Sampling(temperature=0.7, top_k=k, top_p=p))
+        for row, out in zip((logits / 0.7).tolist(), warped.tolist()):
+            order = sorted(range(40), key=lambda i: -row[i])
+            keep = set(order[:k] if k else order)
+            z = [math.exp(row[i] - max(row)) for i in order if i in keep]
+            mass = [sum(z[:j]) / sum(z) for j in range(len(z))]  # probability of the tokens ranked above
+            keep = {i for i, before in zip([i for i in order if i in keep], mass) if before < p}
+            assert {i for i, v in enumerate(out) if v != float("-inf")} == keep
+            assert all(abs(out[i] - row[i]) < 1e-5 for i in keep)
+    s = Sampling(temperature=0.7, top_k=5, top_p=0.6, repetition_penalty=1.3)
+    drawn = next_token(logits, s, seen, torch.Generator().manual_seed(1))
+    expected = torch.multinomial(warp(penalise(logits, s, seen), s).softmax(-1), 1,
+                                 generator=torch.Generator().manual_seed(1)).squeeze(1)
+    assert torch.equal(drawn, expected)
+    nothing = Sampling(temperature=1.0, top_p=0.0)  # keeps the most likely token, never an empty distribution
+    assert torch.equal(next_token(logits, nothing, generator=torch.Generator().manual_seed(2)), logits.argmax(-1))
+
+
+def _run(events):
+    """(the streamed (field, text) events, the Reply the generator returns)."""
+    out = []
+    while True:
+        try:
+            out.append(next(events))
+        except StopIteration as done:
+            return out, done.value
+
+
+def test_a_stop_string_split_over_tokens_never_reaches_the_reply(tokenizer):
+    engine = Engine(ScriptedLM(tokenizer, lambda prompt: "hello world. STOP here and more"), tokenizer)
+    events, reply = _run(engine.stream_reply([{"role": "user", "content": "hi"}], stop=["STOP here"],
+                                             sampling=Sampling(max_new_tokens=30)))
+    assert "".join(t for f, t in events if f == "content").rstrip() == reply.content == "hello world."
+    assert reply.finish_reason == "stop"
+
+
+def test_a_tool_call_is_plain_content_when_no_tools_were_offered(tokenizer):
+    call = '<tool_call>\n{"name": "calculator", "arguments": {"expression": "1+1"}}\n</tool_call>'
+    engine = Engine(ScriptedLM(tokenizer, lambda prompt: call), tokenizer)
+    reply = _run(engine.stream_reply([{"role": "user", "content": "1+1?"}], sampling=Sampling(max_new_tokens=40)))[1]
+    assert reply.tool_calls == [] and reply.content == call and reply.finish_reason == "stop"
+    offered = _run(engine.stream_reply([{"role": "user", "content": "1+1?"}], tools=[tool_schema(load_tools("calculator")["calculator"])],
+                                       sampling=Sampling(max_new_tokens=40)))[1]
+    assert [c["function"]["name"] for c in offered.tool_calls] == ["calculator"]
 
 
 @pytest.mark.parametrize("cuts", [[], [5, 13, 27, 44, 60, 71], list(range(1, 120))])

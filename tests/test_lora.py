@@ -33,6 +33,20 @@ def test_fresh_adapter_leaves_outputs_unchanged(tiny_model):
     assert torch.equal(before, after)
 
 
+def test_lora_dropout_acts_on_the_adapter_path_in_training_only():
+    x = random_ids(2, 12)
+    for p, varies in ((0.5, True), (0.0, False)):  # the base model itself has no dropout
+        model = make_model("tiny")
+        apply_lora(model, r=4, alpha=8, dropout=p)
+        _randomise_adapter(model)
+        with torch.no_grad():
+            model.train()
+            a, b = model(x).logits, model(x).logits
+            model.eval()
+            c, d = model(x).logits, model(x).logits
+        assert (not torch.equal(a, b)) == varies and torch.equal(c, d)
+
+
 def test_target_modules_select_by_name_and_unknown_targets_fail(tiny_model):
     wrapped = apply_lora(tiny_model, r=2, target_modules=["q_proj", "v_proj"])
     assert sorted({n.rsplit(".", 1)[-1] for n in wrapped}) == ["q_proj", "v_proj"]

@@ -99,6 +99,41 @@ def test_thinking_ratio_renders_that_share_of_prompts_with_thinking_on(tmp_path,
                for i in range(len(data)) if not opened[i])
 
 
+def test_padded_prompts_sample_and_score_as_each_prompt_alone_and_long_ones_keep_their_end(tmp_path, tokenizer,
+                                                                                           caplog):
+    """The RL path (PromptDataset -> prompt_collate -> the decode loop -> token_logps): prompts of different lengths
+    in one left-padded batch get the greedy replies and the log-probs of those replies that each gets alone; a prompt
+    over --max_prompt_len keeps its end (the question and the generation prompt) and is reported."""
+    import logging
+
+    from dataset import PromptDataset, prompt_collate
+    from inference import Sampling, generate
+
+    questions = ["1+1?", "一个长得多的问题：3 乘 4 再加 5 等于多少？请一步一步算一算。", "嗨"]
+    path = write_jsonl(tmp_path / "p.jsonl", [{"conversations": [{"role": "user", "content": q}]} for q in questions])
+    items = [PromptDataset(path, tokenizer)[i] for i in range(3)]
+    batch = prompt_collate(items, pad_id=tokenizer.pad_token_id)
+    model, eos, pad = make_model("tiny", seed=1), tokenizer.eos_token_id, tokenizer.pad_token_id
+    greedy = Sampling(max_new_tokens=6)
+    completion = generate(model, batch["prompt_ids"], batch["prompt_mask"], greedy, eos_id=eos, pad_id=pad)
+    mask = rl.completion_mask(completion, eos)
+    n = completion.size(1)
+    logps, _ = rl.token_logps(model, torch.cat([batch["prompt_ids"], completion], 1),
+                              torch.cat([batch["prompt_mask"], mask.long()], 1), n, temperature=0.7)
+    for i, item in enumerate(items):
+        prompt = item["prompt_ids"][None]
+        alone = generate(model, prompt, torch.ones_like(prompt), greedy, eos_id=eos, pad_id=pad)
+        assert torch.equal(alone[0], completion[i, :alone.size(1)])
+        own, _ = rl.token_logps(model, torch.cat([prompt, completion[i:i + 1]], 1),
+                                torch.cat([torch.ones_like(prompt), mask[i:i + 1].long()], 1), n, temperature=0.7)
+        kept = mask[i].bool()
+        torch.testing.assert_close(own[0][kept], logps[i][kept], rtol=1e-4, atol=1e-5)
+    with caplog.at_level(logging.WARNING):
+        cut = PromptDataset(path, tokenizer, max_prompt_len=8)[1]["prompt_ids"]
+    assert torch.equal(cut, items[1]["prompt_ids"][-8:]) and len(items[1]["prompt_ids"]) > 8
+    assert f"{path}:2" in caplog.text and "cut to its last 8" in caplog.text
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # reward models
 

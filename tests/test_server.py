@@ -13,7 +13,7 @@ from conftest import ScriptedLM, load_script, make_model
 from openai import OpenAI
 
 from demo import metrics
-from inference import Engine, StreamSplitter, cut_at_stop
+from inference import Engine, Sampling, StreamSplitter, cut_at_stop
 
 server = load_script("scripts/serve_openai_api.py")
 QUESTION = [{"role": "user", "content": "中国的首都是哪里？"}]
@@ -114,6 +114,34 @@ def test_long_conversations_are_cut_from_the_left_to_fit_the_context(tokenizer):
     assert len(ids) == 48 and tokenizer.decode(ids).endswith("最后的问题<|im_end|>\n<|im_start|>assistant\n")
     short = engine.prompt_ids(engine.render(QUESTION), max_new_tokens=16)
     assert tokenizer.decode(short).startswith("<|im_start|>user")  # nothing cut when it fits
+
+
+def test_request_limits_follow_the_served_models_context(tokenizer):
+    """A 64-token model: max_tokens may ask for half the context at most (the default too), and a long prompt is cut
+    from the left so prompt and reply fit the context together."""
+    from fastapi.testclient import TestClient
+
+    model = make_model("tiny", seed=3, tie_word_embeddings=False, max_position_embeddings=64)
+    url, long = "/v1/chat/completions", [{"role": "user", "content": "很长的问题 " * 60}]
+    with TestClient(server.create_app(model, tokenizer, "small", max_tokens_cap=2048)) as c:
+        refused = c.post(url, json={"messages": QUESTION, "max_tokens": 33})
+        assert refused.status_code == 400 and "[1, 32]" in refused.json()["error"]["message"]
+        for extra, room in (({"max_tokens": 20}, 44), ({}, 32)):  # the default max_tokens is the cap here
+            r = c.post(url, json={"messages": long, "temperature": 0, **extra})
+            usage = r.json()["usage"]
+            assert r.status_code == 200 and usage["prompt_tokens"] == room and usage["completion_tokens"] <= 64 - room
+
+
+def test_openai_request_forms_reach_the_sampler():
+    """Text-part lists as content, max_completion_tokens for max_tokens, and top_p: each arrives where it acts."""
+    body = {"messages": [{"role": "user", "content": [{"type": "text", "text": "中国的"}, {"type": "text", "text": "首都？"}]}],
+            "max_completion_tokens": 7, "temperature": 0.5, "top_p": 0.3}
+    kwargs = server.reply_kwargs(server.parse_request(json.dumps(body).encode(), 64))
+    assert kwargs["sampling"] == Sampling(max_new_tokens=7, temperature=0.5, top_p=0.3)
+    req = server.parse_request(json.dumps(body).encode(), 64)
+    assert req["messages"][0]["content"] == "中国的首都？"
+    greedy = server.reply_kwargs(server.parse_request(json.dumps({**body, "temperature": 0}).encode(), 64))
+    assert greedy["sampling"].top_p == 1.0  # greedy: nothing to cut
 
 
 def test_think_part_becomes_reasoning_content():

@@ -1,6 +1,7 @@
 """The training engine through the stage scripts: loss falls, resume is exact, accumulation and DDP are equivalent,
 checkpoints and logs are written, bad data is handled."""
 
+import contextlib
 import json
 import os
 import random
@@ -95,6 +96,53 @@ def test_accumulation_matches_a_larger_batch(tmp_path, sft_file):
     a, b = _weights(tmp_path / "acc/out/sft"), _weights(tmp_path / "big/out/sft")
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
     assert max((a[k] - _weights(base)[k]).abs().max().item() for k in a) > 1e-4  # and training did move them
+
+
+# writes reasoning on the last assistant turn only (as Qwen3's template does before the last user turn)
+LAST_REASONING_ONLY = ("{%- for m in messages %}{{- '<|im_start|>' + m.role + '\\n' }}"
+                       "{%- if loop.last and m.reasoning_content %}{{- '<think>\\n' + m.reasoning_content + "
+                       "'\\n</think>\\n\\n' }}{%- endif %}{{- m.content + '<|im_end|>\\n' }}{%- endfor %}")
+
+
+def test_tokens_are_real_tokens_max_steps_runs_more_epochs_and_lost_fields_are_counted(tmp_path, capsys):
+    """The summary, the report card and the logs count input tokens without padding (the padded count beside);
+    --max_steps beyond --epochs runs the epochs it needs and says so; rows whose template drops a field are counted."""
+    from transformers import AutoTokenizer
+
+    from dataset import SFTDataset
+    from model import TOKENIZER_DIR
+
+    tok = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    tok.chat_template = LAST_REASONING_ONLY
+    tok.save_pretrained(tmp_path / "tok")
+    rows = _sft_rows(8, seed=1)
+    for r in rows[:3]:  # reasoning on a turn a later user turn follows: the template drops it
+        r["conversations"] = [{"role": "user", "content": "你好"},
+                              {"role": "assistant", "content": "你好！", "reasoning_content": "打个招呼。"},
+                              *r["conversations"]]
+    path = write_jsonl(tmp_path / "sft.jsonl", rows)
+    lengths = [len(item["input_ids"]) for item in SFTDataset(path, tok, 64, empty_think_ratio=0)]
+    summary = sft.main(tiny_args(tmp_path, path, "--from", "none", "--tokenizer", tmp_path / "tok", "--max_seq_len",
+                                 64, "--batch_size", 4, "--epochs", 1, "--max_steps", 6, "--no_pack",
+                                 "--empty_think_ratio", 0))
+    out = capsys.readouterr().out
+    assert summary["steps"] == 6 and "--max_steps 6 takes 3 epochs of 2 steps" in out
+    assert summary["tokens"] == 3 * sum(lengths) < summary["padded_tokens"]
+    card = json.loads((tmp_path / "out/report.json").read_text())[-1]
+    assert (card["tokens"], card["padded_tokens"]) == (summary["tokens"], summary["padded_tokens"])
+    assert f"{summary['tokens']:,} ({summary['padded_tokens']:,} padded)" in (tmp_path / "out/report.md").read_text()
+    assert "lost a field their chat template does not render (reasoning_content x9)" in out  # 3 rows x 3 epochs
+
+
+def test_padded_pretraining_counts_the_documents_tokens_not_the_padding(tmp_path, tokenizer):
+    from dataset import PretrainDataset
+
+    path = write_jsonl(tmp_path / "p.jsonl", _pretrain_rows(8))
+    data = PretrainDataset(path, tokenizer, 64, packed=False)
+    real = sum(int((data[i]["labels"] != -100).sum()) for i in range(8))  # a document's tokens are its labels
+    summary = pretrain.main(tiny_args(tmp_path, path, "--padded", "--max_seq_len", 64, "--batch_size", 4,
+                                      "--epochs", 1))
+    assert summary["tokens"] == real < summary["padded_tokens"] == 8 * 64
 
 
 def pretrain_file_for(tmp_path):
@@ -326,6 +374,44 @@ def test_group_by_length_is_opt_in_and_sft_rows_have_lengths(tmp_path, sft_file)
     assert len(data.lengths) == len(data) and (data.lengths > 0).all()
     s = ShardedBatchSampler(len(data), 2, 1, 0, 0, lengths=data.lengths)
     assert sorted(sum(list(s), [])) == sorted(sum(list(ShardedBatchSampler(len(data), 2, 1, 0, 0)), []))
+    # and the engine hands the lengths on: the same rows and real tokens, less padding
+    runs = [sft.main(tiny_args(tmp_path / name, sft_file, "--from", "none", "--max_seq_len", 64, "--batch_size", 8,
+                               "--epochs", 1, "--no_pack", *extra)) for name, extra in (("plain", ()),
+                                                                                       ("grouped", ("--group_by_length",)))]
+    assert runs[0]["tokens"] == runs[1]["tokens"] and runs[1]["padded_tokens"] < 0.9 * runs[0]["padded_tokens"]
+
+
+def test_every_epoch_draws_a_new_order_and_the_same_epoch_the_same_one():
+    from trainer.engine import ShardedBatchSampler
+
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(10, 500, (200,), generator=g)
+    for kw in ({}, {"lengths": lengths, "window": 64, "block": 16}):
+        orders = []
+        for epoch in (0, 1, 0):
+            sampler = ShardedBatchSampler(200, 8, 1, 0, 0, **kw)
+            sampler.set_epoch(epoch)
+            orders.append(sum(list(sampler), []))
+        assert orders[0] == orders[2] and orders[0] != orders[1] and sorted(orders[0]) == sorted(orders[1])
+
+
+def test_schedule_flags_reach_the_learning_rate(tmp_path, pretrain_file, monkeypatch):
+    """--min_lr_ratio and --warmup_steps (-1: 1% of the run, at least one step) are what every step's lr uses."""
+    import trainer.engine
+
+    calls = []
+    real = trainer.engine.lr_at
+    monkeypatch.setattr(trainer.engine, "lr_at", lambda *a: calls.append(a) or real(*a))
+    for extra, warmup in ((("--warmup_steps", -1), 1), (("--warmup_steps", 2), 2)):
+        calls.clear()
+        pretrain.main(tiny_args(tmp_path, pretrain_file, "--max_seq_len", 16, "--batch_size", 2, "--max_steps", 20,
+                                "--min_lr_ratio", 0.25, "--learning_rate", 1e-3, "--save_interval", 100, *extra))
+        assert [c[1:] for c in calls] == [(20, 1e-3, warmup, 0.25)] * 20 and [c[0] for c in calls] == list(range(20))
+
+
+def test_eval_data_and_eval_split_together_are_refused(tmp_path, pretrain_file):
+    with pytest.raises(SystemExit, match="give one of them"):
+        pretrain.main(tiny_args(tmp_path, pretrain_file, "--eval_data", pretrain_file, "--eval_split", 0.1))
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
@@ -339,7 +425,9 @@ def test_mixed_precision_trains_and_resumes_bit_identically(tmp_path, pretrain_f
         return pretrain.main(tiny_args(tmp_path / folder, pretrain_file, *common, *extra, "--dtype", dtype,
                                        "--num_workers", 1))
 
-    full = run("a")
+    with linear_dtypes() as seen:
+        full = run("a")
+    assert seen == {getattr(torch, dtype)}  # observed inside the forward: the matmuls run in the asked dtype
     losses = [v for _, v in full["history"]]
     assert losses[-1] < losses[0]
     run("b", "--stop_at_step", 3)
@@ -357,6 +445,36 @@ def test_mixed_precision_trains_and_resumes_bit_identically(tmp_path, pretrain_f
         torch.save({**state, "scale": 1024.0}, saved)
         run("c", "--resume")
         assert torch.load(saved, weights_only=True)["scale"] == 1024.0
+
+
+@contextlib.contextmanager
+def linear_dtypes():
+    """The dtypes the model's Linear layers compute in while training (a global forward hook, on every module)."""
+    seen = set()
+
+    def hook(module, args, output):
+        if isinstance(module, torch.nn.Linear) and module.training:
+            seen.add(output.dtype)
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def test_the_default_dtype_is_the_fast_one_and_is_applied_in_the_forward(tmp_path, pretrain_file, monkeypatch):
+    """--dtype auto (the default) trains in the device's fast dtype: bf16 where the hardware has it (faked here, as
+    on a GPU), fp32 where it has not -- seen in the matmuls, not read from the arguments."""
+    import trainer.engine
+
+    argv = tiny_args(tmp_path, pretrain_file, "--max_seq_len", 16, "--batch_size", 2, "--max_steps", 2,
+                     "--dtype", "auto")
+    for fast in (torch.bfloat16, torch.float32):
+        monkeypatch.setattr(trainer.engine, "fast_dtype", lambda device, fast=fast: fast)
+        with linear_dtypes() as seen:
+            pretrain.main(argv)
+        assert seen == {fast}
 
 
 def _dump_grads(tmp_path, name, script, argv, ranks=1):

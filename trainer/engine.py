@@ -29,6 +29,7 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 from transformers.utils import logging as hf_logging
 
+from dataset.chat import LOSABLE, describe_lost
 from dataset.sft import EMPTY_THINK_RATIO, pack_collate, pad_collate, pad_id_of
 from model import TOKENIZER_DIR, MicroLMConfig, MicroLMForCausalLM
 from model.families import load_pretrained, model_type
@@ -66,7 +67,8 @@ def add_train_args(parser: argparse.ArgumentParser, *, epochs: int, batch_size: 
       help="tokenizer folder (ours, or MiniMind's official one); default: the one saved beside the --from checkpoint, "
            "else ours")
     a("--epochs", type=int, default=epochs)
-    a("--max_steps", type=int, default=0, help="stop after this many optimizer steps (0 = run all epochs)")
+    a("--max_steps", type=int, default=0,
+      help="optimizer steps to take (0 = all of --epochs); more than --epochs hold runs more epochs, and says so")
     a("--batch_size", type=int, default=batch_size, help="rows per micro-batch per process")
     a("--accumulation_steps", type=int, default=accumulation_steps)
     a("--learning_rate", type=float, default=learning_rate)
@@ -137,6 +139,17 @@ def count_label_tokens(batch) -> torch.Tensor:
     if "weights" in batch:
         return batch["weights"][:, 1:].sum()
     return (batch["labels"][:, 1:] != -100).sum()
+
+
+def batch_tokens(batch) -> tuple[int, int]:
+    """(real, fed): a batch's input tokens without padding (what the collate counted as "real_tokens", else an
+    attention mask's ones) and with it. Read on the host, before the batch moves to the device."""
+    if "input_ids" not in batch:
+        return 0, 0
+    fed, real = batch["input_ids"].numel(), batch.get("real_tokens")
+    if real is None and "attention_mask" in batch:
+        real = batch["attention_mask"].sum()
+    return (fed if real is None else int(real.sum()) if torch.is_tensor(real) else int(real)), fed
 
 
 def lr_at(step: int, total_steps: int, base_lr: float, warmup: int, min_ratio: float) -> float:
@@ -234,7 +247,10 @@ class Run:
     stopped: bool = False
     lr: float = 0.0
     grad_norm: torch.Tensor = None
-    tokens: int = 0  # input_ids fed on this rank
+    epochs: int = 1
+    tokens: int = 0  # real (non-padding) input tokens on this rank
+    padded_tokens: int = 0  # input_ids fed, padding included
+    lost: torch.Tensor = None  # rows whose chat template left a field out, per dataset.chat.LOSABLE field
     t0: float = 0.0
     t_step: float = 0.0
     warm: tuple = None  # (time, tokens) after the first step
@@ -361,7 +377,7 @@ class Trainer:
         self._restore(run)
         self._start(run, eval_dataset, collate_fn)
         state = run.state
-        while state["epoch"] < self.args.epochs and state["step"] < run.total_steps and not run.stopped:
+        while state["epoch"] < run.epochs and state["step"] < run.total_steps and not run.stopped:
             for micro in self._windows(run):
                 total = self._count(run, micro)
                 for i in range(repeat):
@@ -385,7 +401,12 @@ class Trainer:
         if steps_per_epoch == 0:
             raise ValueError(f"{len(dataset)} rows are fewer than one optimizer step needs "
                              f"({W} ranks x batch {B} x accumulation {A})")
-        total_steps = min(args.max_steps or 10 ** 12, args.epochs * steps_per_epoch * repeat)
+        per_epoch, epochs = steps_per_epoch * repeat, args.epochs
+        if args.max_steps > epochs * per_epoch:  # --max_steps is what was asked for: more epochs, and say so
+            epochs = -(-args.max_steps // per_epoch)
+            self.log(f"--max_steps {args.max_steps} takes {epochs} epochs of {per_epoch} steps: training {epochs} "
+                     f"epochs instead of --epochs {args.epochs}")
+        total_steps = args.max_steps or epochs * per_epoch
         # the loader's own generator: iter(loader) draws the workers' base seed from it, not from the global RNG that
         # --resume restores (that draw shifted every later dropout mask and sampled token after a resume)
         loader_rng = torch.Generator()
@@ -401,7 +422,8 @@ class Trainer:
                    loader_rng=loader_rng, total_steps=total_steps,
                    warmup=args.warmup_steps if args.warmup_steps >= 0 else max(1, total_steps // 100),
                    loss_fn=loss_fn, count_fn=count_fn, save_fn=save_fn, prepare_window=prepare_window,
-                   state=new_state(), empty_rows=torch.zeros((), device=self.device))
+                   state=new_state(), empty_rows=torch.zeros((), device=self.device), epochs=epochs,
+                   lost=torch.zeros(len(LOSABLE), dtype=torch.long, device=self.device))
 
     def _restore(self, run):
         """--resume: weights, optimizer, scaler, RNG and data position from the last complete checkpoint."""
@@ -458,7 +480,8 @@ class Trainer:
         run.sampler.set_epoch(state["epoch"], state["row"])
         run.loader_rng.manual_seed(self.args.seed + state["epoch"])  # same worker seeds, resumed or not, any world
         batches = iter(run.loader)
-        while len(micro := [to_device(b, self.device) for b in islice(batches, A)]) == A:
+        while len(micro := [to_device({**b, "n_tokens": batch_tokens(b)}, self.device)
+                            for b in islice(batches, A)]) == A:
             yield micro
 
     def _count(self, run, micro) -> torch.Tensor:
@@ -489,7 +512,10 @@ class Trainer:
                 run.empty_rows += b["empty_rows"]
             elif "labels" in b:
                 run.empty_rows += ((b["labels"] != -100).sum(1) == 0).sum()
-            run.tokens += b["input_ids"].numel() if "input_ids" in b else 0
+            if "lost" in b:
+                run.lost += b["lost"]
+            run.tokens += b["n_tokens"][0]
+            run.padded_tokens += b["n_tokens"][1]
         self._update(run)
         state = run.state
         state["step"] += 1
@@ -539,15 +565,19 @@ class Trainer:
         """Close the bar, say what was skipped, draw the curve, append to the report card; the run's summary."""
         run.bar.close()
         args, W, state = self.args, self.env.world_size, run.state
-        empty = run.empty_rows.clone()
+        empty, lost = run.empty_rows.clone(), run.lost.clone()
         if W > 1:
             dist.all_reduce(empty)
+            dist.all_reduce(lost)
         bad_lines = len(getattr(getattr(dataset, "rows", getattr(dataset, "docs", None)), "bad_lines", []))
         if bad_lines:
             self.log(f"{args.data_path}: {bad_lines} malformed line(s) were skipped (see the warnings above)")
         if int(empty):
             self.log(f"{int(empty)} row(s) had no trainable token (e.g. the reply was truncated away) and taught "
                      f"nothing")
+        if int(lost.sum()):
+            self.log(f"rows that lost a field their chat template does not render ({describe_lost(lost.tolist())}); "
+                     f"the warnings above name them (docs/data.md, chat format)")
         history, seconds = state["history"], time.time() - run.t0
         evaluated = state["eval_history"][-1][1] if state.get("eval_history") else {}
         if self.env.is_main and history:
@@ -557,9 +587,9 @@ class Trainer:
         if self.env.is_main and history:
             report.append(args.out_dir, {
                 "kind": "stage", "stage": self.stage, "data": str(args.data_path), "rows": len(dataset),
-                # tokens fed as input_ids; None where the loss makes its own (GRPO's rollouts)
+                # input tokens without padding (padded: with it); None where the loss makes its own (RL's rollouts)
                 "model": str(args.init_from or args.preset or args.default_preset), "steps": state["step"],
-                "tokens": run.tokens * W or None, "seconds": seconds,
+                "tokens": run.tokens * W or None, "padded_tokens": run.padded_tokens * W or None, "seconds": seconds,
                 "tokens_per_s": run.tokens * W / max(seconds, 1e-9) if run.tokens else None,
                 "train_loss": history[-1][1], "eval_loss": evaluated.get("loss"), "eval_bpb": evaluated.get("bpb"),
                 "eval_data": args.eval_data or (f"{args.eval_split:.0%} of the data" if args.eval_split else None)},
@@ -569,7 +599,8 @@ class Trainer:
         steady = (run.tokens - warm[1]) * W / (run.t_step - warm[0]) if warm and run.t_step > warm[0] else None
         return {"steps": state["step"], "history": history, "seconds": seconds, "metrics": run.last_metrics,
                 "metric_history": state.get("metric_history", []), "eval_history": state.get("eval_history", []),
-                "eval": evaluated or None, "tokens": run.tokens * W, "tokens_per_s_after_first_step": steady,
+                "eval": evaluated or None, "tokens": run.tokens * W, "padded_tokens": run.padded_tokens * W,
+                "tokens_per_s_after_first_step": steady,
                 "first_loss": history[0][1] if history else None, "last_loss": history[-1][1] if history else None}
 
     def _plot(self, run, curve: str):
@@ -630,11 +661,13 @@ class Trainer:
         if metrics:
             state.setdefault("metric_history", []).append([state["step"], metrics])
         pending.clear()
-        tok_s = run.tokens * self.env.world_size / max(time.time() - run.t0, 1e-9)
+        per_s = self.env.world_size / max(time.time() - run.t0, 1e-9)
+        tok_s = run.tokens * per_s  # real tokens; the padded rate beside it shows what padding costs
         run.bar.set_postfix(loss=f"{values[-1]:.3f}", lr=f"{run.lr:.2e}", tok_s=f"{tok_s:,.0f}")
         if run.tracker:
             run.tracker.log({"loss": values[-1], "lr": run.lr, "grad_norm": float(run.grad_norm),
-                             "tokens_per_s": tok_s, "epoch": state["epoch"], **metrics}, step=state["step"])
+                             "tokens_per_s": tok_s, "padded_tokens_per_s": run.padded_tokens * per_s,
+                             "epoch": state["epoch"], **metrics}, step=state["step"])
         return metrics
 
     def _evaluate(self, run):

@@ -64,7 +64,10 @@ def markdown(entries: list) -> str:
         lines += ["| stage | data | rows | steps | tokens | wall time | tokens/s | train loss | held-out loss | "
                   "bits per byte |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for name, e in stages.items():
-            lines.append(f"| {name} | {Path(e['data']).name} | {e['rows']:,} | {e['steps']:,} | {_fmt(e.get('tokens'), ',')} | "
+            tokens = _fmt(e.get("tokens"), ",")  # without padding; the padded count beside it where they differ
+            if e.get("padded_tokens") and e["padded_tokens"] != e.get("tokens"):
+                tokens += f" ({e['padded_tokens']:,} padded)"
+            lines.append(f"| {name} | {Path(e['data']).name} | {e['rows']:,} | {e['steps']:,} | {tokens} | "
                          f"{e['seconds'] / 60:.1f} min | {_fmt(e.get('tokens_per_s'), ',.0f')} | "
                          f"{_fmt(e.get('train_loss'), '.4f')} | {_fmt(e.get('eval_loss'), '.4f')} | "
                          f"{_fmt(e.get('eval_bpb'), '.4f')} |")
