@@ -28,6 +28,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+from jinja2.exceptions import TemplateError
 
 from .jsonl import BadLineError
 
@@ -239,6 +240,9 @@ def template_support(tokenizer) -> TemplateSupport:
             tool_results=_renders(tokenizer, [user, {**call, "content": "calling"},
                                               {"role": "tool", "content": _PROBE + "result"},
                                               {"role": "assistant", "content": "ok"}], _PROBE + "result"))
+        if _SUPPORT[key].missing():
+            log.info("the chat template does not render %s: written the way our template writes them "
+                     "(docs/data.md, chat rows)", ", ".join(_SUPPORT[key].missing()))
     return _SUPPORT[key]
 
 
@@ -271,7 +275,8 @@ def with_fallbacks(messages, tools, support: TemplateSupport):
                 think = "<think>\n" + m.pop("reasoning_content").strip("\n") + "\n</think>\n\n"
             if not support.tool_calls and m.get("tool_calls"):
                 content = "\n".join(([content] if content else []) + [tool_call_text(c) for c in m.pop("tool_calls")])
-            m["content"] = think + content
+            if think or content != (m.get("content") or ""):  # otherwise the message stays as it came
+                m["content"] = think + content
         elif m["role"] == "tool" and not support.tool_results:
             block = "<tool_response>\n" + (m.get("content") or "") + "\n</tool_response>"
             if out and out[-1].get("_results"):  # consecutive results: one user turn, as Qwen's template does
@@ -292,7 +297,8 @@ def with_fallbacks(messages, tools, support: TemplateSupport):
 
 def lost_fields(messages, text: str) -> list[int]:
     """Per LOSABLE field, how many of the row's turns the rendered `text` leaves out (a template may drop a field on
-    some turns only, e.g. Qwen3's reasoning before the last user turn)."""
+    some turns only, e.g. Qwen3's reasoning before the last user turn). By text search: a reasoning or a result
+    that also appears elsewhere in the chat counts as rendered, and a dropped block is counted by "</think>"s."""
     reasoning = empty = results = 0
     for m in messages:
         if m["role"] == "assistant" and isinstance(m.get("reasoning_content"), str):
@@ -339,8 +345,11 @@ class ChatEncoder:
     def render(self, messages, tools=None, add_generation_prompt=False, **kwargs) -> str:
         """The template's text, with what it cannot render written in (`with_fallbacks`)."""
         messages, tools = with_fallbacks(messages, tools, self.support)
-        return self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt, **kwargs)
+        try:
+            return self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt, **kwargs)
+        except TemplateError as e:  # e.g. a template that raises on a system turn: the row is reported, not a crash
+            raise BadLineError(f"the chat template refuses this chat: {e}") from None
 
     def spans(self, messages, tools, text) -> list[tuple[int, int]]:
         """(start, end) characters of what each assistant turn writes: header excluded, closing eos included."""

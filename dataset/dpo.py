@@ -32,11 +32,11 @@ class DPODataset(SFTDataset):
             try:
                 messages, tools = normalize_chat(row[key], key)
                 messages = with_empty_think(messages) if empty_think else messages
-                pair.append(report_lost(self.rows, i, self.encoder.encode(messages, tools, self.max_seq_len,
-                                                                         last_reply_only=True)))
+                pair.append(self.encoder.encode(messages, tools, self.max_seq_len, last_reply_only=True))
             except BadLineError as e:
                 pair.append(unmappable(self.rows, i, e))
         chosen, rejected = pair
+        report_lost(self.rows, i, chosen if "lost" in chosen else rejected)  # one warning per row, not per side
         return {"index": i, "chosen": chosen, "rejected": rejected}
 
 

@@ -40,7 +40,7 @@ def warn_row(kind: str, where: str, message: str) -> None:
     n = _WARNED[kind] = _WARNED.get(kind, 0) + 1
     if n <= MAX_REPORTED:
         log.warning("%s: %s", where, message)
-    if n == MAX_REPORTED:
+    elif n == MAX_REPORTED + 1:
         log.warning("(further rows of this kind are counted, not listed: %s)", kind)
 
 

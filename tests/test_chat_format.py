@@ -424,6 +424,11 @@ def test_fallbacks_make_a_plain_template_write_what_ours_writes():
         a, b = ChatEncoder(plain), ChatEncoder(ours)
         assert a.render(rows, tools) == b.render(rows, tools)
         assert labelled_runs(plain, a.encode(rows, tools, 1024)) == labelled_runs(ours, b.encode(rows, tools, 1024))
+    # two results in a row become one user turn of two blocks; tools without a system message get one of their own
+    two = normalize_chat([FIELDS_ROW[1], {**FIELDS_ROW[2], "tool_calls": FIELDS_ROW[2]["tool_calls"] * 2},
+                          FIELDS_ROW[3], {"role": "tool", "content": "13"}, FIELDS_ROW[4]])[0]
+    assert ChatEncoder(plain).render(two, tools) == ChatEncoder(ours).render(two, tools)
+    assert ChatEncoder(plain).render(two, tools).count("<|im_start|>user") == 2
     engine = Engine(make_model("tiny"), plain)
     prompt = messages[:4]  # up to the tool result: the model is to write the answer
     assert engine.render(prompt, tools) == Engine(make_model("tiny"), ours).render(prompt, tools)
@@ -441,3 +446,10 @@ def test_collates_count_the_rows_that_lost_a_field(tmp_path):
     assert pad_collate(items)["lost"].tolist() == [2, 0, 0]  # rows, not turns
     assert pack_collate(items, 0, 1024)["lost"].tolist() == [2, 0, 0]
     assert "lost" not in pad_collate(items[1:2])
+
+
+def test_rl_prompts_that_lose_a_field_are_named(tmp_path, caplog):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"conversations": FIELDS_ROW[:6]}])  # ends with a user turn: a prompt
+    with caplog.at_level(logging.WARNING):
+        PromptDataset(path, with_template(QWEN3_LIKE))[0]
+    assert f"{path}:1" in caplog.text and "reasoning_content x2" in caplog.text

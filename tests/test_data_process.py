@@ -3,8 +3,8 @@ load in the stage Datasets, validate finding exactly the planted bad lines, stat
 and download / tokenizer with ModelScope replaced at its boundary."""
 
 import json
-from collections import Counter
 import shutil
+from collections import Counter
 
 import numpy as np
 import pyarrow as pa

@@ -131,7 +131,7 @@ def test_tokens_are_real_tokens_max_steps_runs_more_epochs_and_lost_fields_are_c
     card = json.loads((tmp_path / "out/report.json").read_text())[-1]
     assert (card["tokens"], card["padded_tokens"]) == (summary["tokens"], summary["padded_tokens"])
     assert f"{summary['tokens']:,} ({summary['padded_tokens']:,} padded)" in (tmp_path / "out/report.md").read_text()
-    assert "lost a field their chat template does not render (reasoning_content x9)" in out  # 3 rows x 3 epochs
+    assert "counted each time they were read: reasoning_content x9" in out  # 3 rows x 3 epochs
 
 
 def test_padded_pretraining_counts_the_documents_tokens_not_the_padding(tmp_path, tokenizer):
@@ -317,10 +317,15 @@ def test_lr_warms_up_then_decays_to_the_floor():
 
 @pytest.mark.slow
 def test_ddp_two_ranks_match_one_process_on_the_same_global_batch(tmp_path, pretrain_file):
-    common = ["--max_seq_len", "32", "--max_steps", "4", "--learning_rate", "1e-3", "--save_interval", "100"]
+    # padded rows: each rank has its own real-token count, and the totals must still be the whole batch's
+    common = ["--max_seq_len", "32", "--max_steps", "4", "--learning_rate", "1e-3", "--save_interval", "100",
+              "--padded"]
     torchrun_2("1-pretrain.py", tiny_args(tmp_path / "ddp", pretrain_file, *common, "--batch_size", 2))
     pretrain.main(tiny_args(tmp_path / "single", pretrain_file, *common, "--batch_size", 4))
     assert max_weight_diff(tmp_path / "ddp/out/pretrain", tmp_path / "single/out/pretrain") <= 1e-5
+    cards = [json.loads((tmp_path / f"{run}/out/report.json").read_text())[-1] for run in ("ddp", "single")]
+    assert [(c["tokens"], c["padded_tokens"]) for c in cards] == [(cards[1]["tokens"], 4 * 4 * 32)] * 2
+    assert cards[1]["tokens"] < 4 * 4 * 32
     # each rank wrote its own RNG stream, rank 0 the rest: both ranks ended on the same step
     resume = tmp_path / "ddp/out/pretrain/resume"
     assert (resume / "rng_rank0.pt").exists() and (resume / "rng_rank1.pt").exists()

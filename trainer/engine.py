@@ -566,9 +566,14 @@ class Trainer:
         run.bar.close()
         args, W, state = self.args, self.env.world_size, run.state
         empty, lost = run.empty_rows.clone(), run.lost.clone()
+        warm = run.warm
+        # token counts differ between ranks (padding, packing): the totals are summed, not rank 0's times W
+        counts = torch.tensor([run.tokens, run.padded_tokens, warm[1] if warm else 0], device=self.device)
         if W > 1:
             dist.all_reduce(empty)
             dist.all_reduce(lost)
+            dist.all_reduce(counts)
+        tokens, padded, warm_tokens = counts.tolist()
         bad_lines = len(getattr(getattr(dataset, "rows", getattr(dataset, "docs", None)), "bad_lines", []))
         if bad_lines:
             self.log(f"{args.data_path}: {bad_lines} malformed line(s) were skipped (see the warnings above)")
@@ -576,8 +581,8 @@ class Trainer:
             self.log(f"{int(empty)} row(s) had no trainable token (e.g. the reply was truncated away) and taught "
                      f"nothing")
         if int(lost.sum()):
-            self.log(f"rows that lost a field their chat template does not render ({describe_lost(lost.tolist())}); "
-                     f"the warnings above name them (docs/data.md, chat format)")
+            self.log(f"rows trained without a field their chat template does not render, counted each time they were "
+                     f"read: {describe_lost(lost.tolist())}; the warnings above name them (docs/data.md, chat rows)")
         history, seconds = state["history"], time.time() - run.t0
         evaluated = state["eval_history"][-1][1] if state.get("eval_history") else {}
         if self.env.is_main and history:
@@ -589,17 +594,16 @@ class Trainer:
                 "kind": "stage", "stage": self.stage, "data": str(args.data_path), "rows": len(dataset),
                 # input tokens without padding (padded: with it); None where the loss makes its own (RL's rollouts)
                 "model": str(args.init_from or args.preset or args.default_preset), "steps": state["step"],
-                "tokens": run.tokens * W or None, "padded_tokens": run.padded_tokens * W or None, "seconds": seconds,
-                "tokens_per_s": run.tokens * W / max(seconds, 1e-9) if run.tokens else None,
+                "tokens": tokens or None, "padded_tokens": padded or None, "seconds": seconds,
+                "tokens_per_s": tokens / max(seconds, 1e-9) if tokens else None,
                 "train_loss": history[-1][1], "eval_loss": evaluated.get("loss"), "eval_bpb": evaluated.get("bpb"),
                 "eval_data": args.eval_data or (f"{args.eval_split:.0%} of the data" if args.eval_split else None)},
                 image_dir=args.image_dir)
         barrier()
-        warm = run.warm
-        steady = (run.tokens - warm[1]) * W / (run.t_step - warm[0]) if warm and run.t_step > warm[0] else None
+        steady = (tokens - warm_tokens) / (run.t_step - warm[0]) if warm and run.t_step > warm[0] else None
         return {"steps": state["step"], "history": history, "seconds": seconds, "metrics": run.last_metrics,
                 "metric_history": state.get("metric_history", []), "eval_history": state.get("eval_history", []),
-                "eval": evaluated or None, "tokens": run.tokens * W, "padded_tokens": run.padded_tokens * W,
+                "eval": evaluated or None, "tokens": tokens, "padded_tokens": padded,
                 "tokens_per_s_after_first_step": steady,
                 "first_loss": history[0][1] if history else None, "last_loss": history[-1][1] if history else None}
 
