@@ -266,7 +266,7 @@ def with_fallbacks(messages, tools, support: TemplateSupport):
     """(messages, tools) with every field the template cannot render moved into text it does render, written as our
     template writes it -- inside the assistant's own content where the field is the assistant's, so the labels
     cover exactly what they would with a template that knows the field."""
-    out = []
+    out, results = [], None  # results: the user turn the tool results of the current run go into
     for m in messages:
         m = dict(m)
         if m["role"] == "assistant":
@@ -279,13 +279,11 @@ def with_fallbacks(messages, tools, support: TemplateSupport):
                 m["content"] = think + content
         elif m["role"] == "tool" and not support.tool_results:
             block = "<tool_response>\n" + (m.get("content") or "") + "\n</tool_response>"
-            if out and out[-1].get("_results"):  # consecutive results: one user turn, as Qwen's template does
-                out[-1]["content"] += "\n" + block
+            if out and out[-1] is results:  # consecutive results: one user turn, as Qwen's template does
+                results["content"] += "\n" + block
                 continue
-            m = {"role": "user", "content": block, "_results": True}
+            m = results = {"role": "user", "content": block}
         out.append(m)
-    for m in out:
-        m.pop("_results", None)
     if tools and not support.tools:
         if out and out[0]["role"] == "system":
             out[0] = {**out[0], "content": (out[0]["content"] + "\n\n" if out[0]["content"] else "") + tools_block(tools)}
@@ -299,7 +297,7 @@ def lost_fields(messages, text: str) -> list[int]:
     """Per LOSABLE field, how many of the row's turns the rendered `text` leaves out (a template may drop a field on
     some turns only, e.g. Qwen3's reasoning before the last user turn). By text search: a reasoning or a result
     that also appears elsewhere in the chat counts as rendered, and a dropped block is counted by "</think>"s."""
-    reasoning = empty = results = 0
+    reasoning = results = 0
     for m in messages:
         if m["role"] == "assistant" and isinstance(m.get("reasoning_content"), str):
             r = m["reasoning_content"].strip()

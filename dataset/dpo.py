@@ -36,7 +36,7 @@ class DPODataset(SFTDataset):
             except BadLineError as e:
                 pair.append(unmappable(self.rows, i, e))
         chosen, rejected = pair
-        report_lost(self.rows, i, chosen if "lost" in chosen else rejected)  # one warning per row, not per side
+        report_lost(self.rows, i, chosen.get("lost", rejected.get("lost")))  # one warning per row, not per side
         return {"index": i, "chosen": chosen, "rejected": rejected}
 
 

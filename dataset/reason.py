@@ -3,7 +3,7 @@
 import torch
 from torch.utils.data import Dataset
 
-from .chat import ChatEncoder, check_prompt_row, describe_lost, lost_fields, normalize_chat, row_chooses
+from .chat import ChatEncoder, check_prompt_row, lost_fields, normalize_chat, row_chooses
 from .jsonl import BadLineError, JsonlFile, warn_row
 from .sft import EMPTY_THINK_RATIO, SFTDataset, report_lost, unmappable
 
@@ -25,9 +25,10 @@ class ReasonDataset(SFTDataset):
     def __getitem__(self, i):
         try:
             messages, tools = self.messages(i)
-            item = report_lost(self.rows, i, self.encoder.encode(messages, tools, self.max_seq_len, mark=self.tags))
+            item = self.encoder.encode(messages, tools, self.max_seq_len, mark=self.tags)
         except BadLineError as e:
             return unmappable(self.rows, i, e)
+        report_lost(self.rows, i, item.get("lost"))
         marked = item.pop("marked")
         item["weights"] = torch.where(item["labels"] == -100, 0.0, torch.where(marked, self.tag_weight, 1.0))
         return item
@@ -69,10 +70,7 @@ class PromptDataset(Dataset):
             on = row_chooses(self.seed, i, self.thinking_ratio)
             thinking = {"enable_thinking": on, "open_thinking": on}  # ours reads the first, minimind-3's the second
         text = self.encoder.render(messages, tools, add_generation_prompt=True, **thinking)
-        lost = lost_fields(messages, text)
-        if any(lost):
-            warn_row("lost fields", self.rows.where(i), f"the chat template does not render {describe_lost(lost)} "
-                     "of this prompt")
+        report_lost(self.rows, i, lost_fields(messages, text))
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(ids) > self.max_prompt_len:  # keep the end: the question and the generation prompt
             warn_row("long prompts", self.rows.where(i), f"prompt of {len(ids)} tokens cut to its last "

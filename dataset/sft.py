@@ -27,12 +27,12 @@ def unmappable(rows, i, error) -> dict:
     return {"input_ids": torch.zeros(1, dtype=torch.long), "labels": torch.full((1,), -100, dtype=torch.long)}
 
 
-def report_lost(rows, i, item) -> dict:
-    """Name the row whose chat template left a field out (the engine counts them all at the end)."""
-    if "lost" in item:
-        warn_row("lost fields", rows.where(i), f"the chat template does not render {describe_lost(item['lost'])}; "
-                 "the row trains without it")
-    return item
+def report_lost(rows, i, lost) -> None:
+    """Name row i if its chat template left a field out (`lost`: dataset/chat.py's counts; the engine counts them
+    all at the end)."""
+    if lost is not None and any(lost):
+        warn_row("lost fields", rows.where(i), f"the chat template does not render {describe_lost(lost)}; the row "
+                 "goes on without it")
 
 
 class SFTDataset(Dataset):
@@ -67,9 +67,11 @@ class SFTDataset(Dataset):
     def __getitem__(self, i):
         try:
             messages, tools = self.messages(i)
-            return report_lost(self.rows, i, self.encoder.encode(messages, tools, self.max_seq_len))
+            item = self.encoder.encode(messages, tools, self.max_seq_len)
         except BadLineError as e:
             return unmappable(self.rows, i, e)
+        report_lost(self.rows, i, item.get("lost"))
+        return item
 
 
 def pad_id_of(tokenizer) -> int:

@@ -318,6 +318,7 @@ class Engine:
         self.model, self.tokenizer = model, tokenizer
         self.context = context or getattr(model.config, "max_position_embeddings", 2048)
         self.eos_id, self.pad_id = tokenizer.eos_token_id, pad_id_of(tokenizer)
+        self.support = template_support(tokenizer)  # what its chat template cannot render (with_fallbacks)
         # compile: a static cache whose length is rounded up, so one compiled step serves many prompt lengths
         self.step = torch.compile(model, dynamic=False) if compile else None
 
@@ -332,7 +333,7 @@ class Engine:
         False writes the empty think block, None leaves it to the model. Fields the template cannot render are
         written in as training wrote them (dataset/chat.py's with_fallbacks)."""
         kwargs = {} if thinking is None else {"enable_thinking": thinking, "open_thinking": thinking}
-        messages, tools = with_fallbacks(messages, tools or None, template_support(self.tokenizer))
+        messages, tools = with_fallbacks(messages, tools or None, self.support)
         return self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True,
                                                   tokenize=False, **kwargs) + prefix
 
