@@ -72,8 +72,8 @@ class AgentGRPO(GRPO):
         training = self.policy.training
         self.policy.eval()
         t0 = time.time()
-        runs = Engine(self.policy, tok).run_tools_batch(chats, envs, tools=tools, max_rounds=args.max_tool_rounds,
-                                                        sampling=self.sampling, batch_size=len(chats))
+        runs = Engine(self.trainer.sampling_model(self.policy), tok).run_tools_batch(
+            chats, envs, tools=tools, max_rounds=args.max_tool_rounds, sampling=self.sampling, batch_size=len(chats))
         self.policy.train(training)
         self.rollout_seconds += time.time() - t0
         scores, encoded = [], []

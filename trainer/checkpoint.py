@@ -16,6 +16,7 @@ from safetensors.torch import load_model, save_model
 from common.resolve import WEIGHTS
 
 COMPLETE = "COMPLETE"
+SHARDED = "dcp"  # --fsdp: weights and optimizer state as torch.distributed.checkpoint shards, one file per rank
 
 
 def _atomic_write_dir(tmp: Path, final: Path) -> None:
@@ -70,13 +71,22 @@ def write_rank_rng(stage_dir, rank: int) -> None:
     torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
 
 
-def commit_resume(stage_dir, model, optimizer, scaler, state: dict) -> None:
-    """Rank 0: write weights, optimizer, scaler and the json state next to the RNG files, then swap it in."""
+def clear_resume_tmp(stage_dir, is_main: bool) -> None:
+    """Rank 0 removes what a torn save left in the folder being prepared (the others wait at a barrier)."""
+    tmp = resume_tmp_dir(stage_dir)
+    if is_main and tmp.exists():
+        shutil.rmtree(tmp)
+
+
+def commit_resume(stage_dir, state: dict, model=None, optimizer=None, scaler=None) -> None:
+    """Rank 0: write weights, optimizer, scaler (unless the ranks wrote theirs as shards) and the json state next
+    to the RNG files, then swap it in."""
     stage_dir = Path(stage_dir)
     tmp = resume_tmp_dir(stage_dir)
     tmp.mkdir(parents=True, exist_ok=True)
-    save_model(model, str(tmp / WEIGHTS))  # handles the tied embedding / lm_head tensor
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    if model is not None:
+        save_model(model, str(tmp / WEIGHTS))  # handles the tied embedding / lm_head tensor
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     if scaler is not None:
         torch.save(scaler.state_dict(), tmp / "scaler.pt")
     (tmp / "state.json").write_text(json.dumps(state))
@@ -94,8 +104,17 @@ def find_resume(stage_dir) -> Path | None:
 
 
 def load_resume(path, model, optimizer, scaler, rank: int) -> dict:
-    load_model(model, str(Path(path) / WEIGHTS), strict=True)
-    optimizer.load_state_dict(torch.load(Path(path) / "optimizer.pt", weights_only=True))
+    """Restore a resume folder into this run; a sharded one (--fsdp) into any number of ranks."""
+    from . import fsdp
+
+    if (Path(path) / SHARDED).is_dir():
+        fsdp.load_resume(Path(path) / SHARDED, model, optimizer)
+    elif fsdp.is_sharded(model):
+        raise SystemExit(f"{path} was written without --fsdp: resume it without --fsdp (same number of ranks or not), "
+                         f"or start this sharded run from its weights with --from {Path(path).parent}")
+    else:
+        load_model(model, str(Path(path) / WEIGHTS), strict=True)
+        optimizer.load_state_dict(torch.load(Path(path) / "optimizer.pt", weights_only=True))
     if scaler is not None and (Path(path) / "scaler.pt").exists():
         scaler.load_state_dict(torch.load(Path(path) / "scaler.pt", weights_only=True))
     rng_file = Path(path) / f"rng_rank{rank}.pt"

@@ -7,7 +7,6 @@ starting model, frozen; --precompute_ref scores every pair with it once before t
 out/dpo/ref_logps.pt, so the reference model does not stay in memory.
 """
 
-import copy
 
 import torch
 import torch.distributed as dist
@@ -65,7 +64,7 @@ def train(trainer, args):
                          "--eval_split, or drop --precompute_ref, to evaluate held-out pairs")
     data, held = trainer.split_chat(DPODataset)
     collate = trainer.collate(dpo_collate)
-    ref = copy.deepcopy(model).eval().requires_grad_(False)
+    ref = trainer.frozen_copy(model)
     ref_table = None
     if args.precompute_ref:
         path = trainer.stage_dir / "ref_logps.pt"

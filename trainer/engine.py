@@ -12,6 +12,7 @@ tqdm / wandb / SwanLab logging and the loss-curve PNG.
 """
 
 import argparse
+import copy
 import logging
 import math
 import time
@@ -35,10 +36,11 @@ from model import TOKENIZER_DIR, MicroLMConfig, MicroLMForCausalLM
 from model.families import load_pretrained, model_type
 
 from . import checkpoint as ckpt
-from . import report
+from . import fsdp, report
 from common.distributed import DTYPES, barrier, cleanup, fast_dtype, init_distributed, to_device
 from common.resolve import resolve_checkpoint, resolve_tokenizer
 from .evaluation import HeldOut, Rows, split_rows
+from .optim import OPTIMIZERS, build_optimizer, state_memory, weight_dtype
 from .tracking import Tracker, plot_loss
 
 log = logging.getLogger("trainer")
@@ -103,6 +105,14 @@ def add_train_args(parser: argparse.ArgumentParser, *, epochs: int, batch_size: 
            "demo data it cost held-out quality)")
     a("--no_fused_adamw", dest="fused_adamw", action="store_false",
       help="plain AdamW instead of the fused kernel (which also skips a non-finite step without a host sync)")
+    a("--optim", default="adamw", choices=OPTIMIZERS,
+      help="adamw: fp32 weights and moments, 16 bytes/parameter with the gradient; adamw8bit: torchao's 8-bit "
+           "moments, ~10; adamw_bf16: bf16 weights and moments with stochastically rounded updates, 8 "
+           "(docs/bigger_models.md)")
+    a("--fsdp", action="store_true",
+      help="shard weights, gradients and optimizer state over the ranks (FSDP2, one unit per decoder block): "
+           "their memory per GPU ~1/N; resume state saved sharded, resumable on another number of ranks "
+           "(docs/bigger_models.md)")
     a("--logger", default="none", choices=["none", "wandb", "swanlab"], help="experiment tracker")
     a("--use_wandb", action="store_true", help="same as --logger wandb")
     a("--wandb_project", default="LLM_implementation", help="wandb / SwanLab project name")
@@ -256,6 +266,8 @@ class Run:
     warm: tuple = None  # (time, tokens) after the first step
     last_metrics: dict = field(default_factory=dict)
     pending: list = field(default_factory=list)  # (loss, metrics) per step since the last log, on the device
+    skeleton: object = None  # --fsdp: the model's weightless structure (fsdp.Skeleton), to save and sample from
+    memory: dict = None  # bytes this rank holds for weights, gradients and optimizer state (after the first step)
     unchecked: list = field(default_factory=list)  # (step, bad_run) since the last finite check
 
 
@@ -272,6 +284,10 @@ class Trainer:
         if args.dtype == "auto":
             args.dtype = {v: k for k, v in DTYPES.items()}[fast_dtype(self.device)]
         self.dtype = DTYPES[args.dtype]
+        if getattr(args, "fsdp", False) and self.dtype == torch.float16:
+            raise SystemExit("--fsdp trains in bf16 or fp32: fp16's loss scaling is not wired to sharded gradients "
+                             "(give --dtype bfloat16, which every GPU since Ampere computes natively)")
+        self.sampling_copy = None  # --fsdp: the whole policy the RL methods sample from (fsdp.RolloutCopy)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: ~free speed, fp32 checkpoints unchanged
             torch.backends.cudnn.allow_tf32 = True
@@ -296,6 +312,18 @@ class Trainer:
     def log(self, msg: str):
         if self.env.is_main:
             tqdm.write(msg)
+
+    def frozen_copy(self, model, device=None):
+        """The frozen reference (DPO, GRPO, PPO) before training starts: no gradients, no optimizer state, held in
+        the compute dtype (bf16 on a GPU: half the memory of fp32; autocast computes in it anyway)."""
+        ref = copy.deepcopy(model).eval().requires_grad_(False)
+        ref.to(device or self.device)
+        return ref.to(self.dtype) if self.dtype != torch.float32 else ref
+
+    def sampling_model(self, policy):
+        """The model rollouts are sampled from: the policy itself, or under --fsdp its gathered whole copy (each
+        rank's decode loop ends when its own rows do, so it cannot run on shards that gather in lockstep)."""
+        return self.sampling_copy(policy) if self.sampling_copy is not None else policy
 
     # -- model --------------------------------------------------------------------------------------------------------
     def build_model(self, **overrides) -> MicroLMForCausalLM:
@@ -412,11 +440,19 @@ class Trainer:
         loader_rng = torch.Generator()
         loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=args.num_workers,
                             pin_memory=self.device.type == "cuda", persistent_workers=False, generator=loader_rng)
+        if weight_dtype(args.optim) != torch.float32:  # pure-bf16 training: the weights themselves
+            model.to(weight_dtype(args.optim))
+        skeleton = None
+        if args.fsdp:  # before the optimizer: sharding replaces every parameter by its shard
+            skeleton = fsdp.shard(model, self.dtype, self.device)
+            self.sampling_copy = fsdp.RolloutCopy(skeleton, model, self.dtype)
+            self.log(f"--fsdp: {sum(isinstance(m, fsdp.FSDPModule) for m in model.modules())} units sharded over "
+                     f"{W} rank(s)")
         # a model with several parts (PPO's policy + value model) may give its own groups, each with an lr_scale
         groups = (model.param_groups(args.weight_decay) if hasattr(model, "param_groups")
                   else param_groups(model, args.weight_decay))
-        optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.95), fused=args.fused_adamw or None)
-        return Run(model=model, net=model, optimizer=optimizer,
+        optimizer = build_optimizer(args.optim, groups, args.learning_rate, fused=args.fused_adamw)
+        return Run(model=model, net=model, optimizer=optimizer, skeleton=skeleton,
                    scaler=torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None,
                    trainable=[p for p in model.parameters() if p.requires_grad], sampler=sampler, loader=loader,
                    loader_rng=loader_rng, total_steps=total_steps,
@@ -451,14 +487,14 @@ class Trainer:
         if eval_dataset is not None:
             run.held = HeldOut(eval_dataset, collate_fn, run.loss_fn, run.count_fn, self.tokenizer, env,
                                args.batch_size, args.eval_batches, self.autocast, model.config.vocab_size,
-                               token_level=run.count_fn is count_label_tokens)
+                               token_level=run.count_fn is count_label_tokens, lockstep=run.skeleton is not None)
         if args.grad_checkpoint:  # non-reentrant: works with frozen inputs (LoRA) and keeps dropout's RNG per block
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             n = sum(getattr(m, "gradient_checkpointing", False) for m in model.modules())
             self.log(f"activation checkpointing: {n} blocks recompute in the backward pass")
         if args.compile:
             run.net = torch.compile(run.net)
-        if env.world_size > 1:
+        if env.world_size > 1 and run.skeleton is None:  # --fsdp: already sharded in _setup
             # the only buffers are the RoPE tables, computed identically on every rank: broadcasting them (~16 MiB
             # for 26m) before every synced forward is pure traffic
             run.net = DistributedDataParallel(run.net, broadcast_buffers=False,
@@ -499,7 +535,9 @@ class Trainer:
         W, A = self.env.world_size, len(micro)
         step_loss, step_metrics = torch.zeros((), device=self.device), {}
         for i, b in enumerate(micro):
-            with nullcontext() if W == 1 or i == A - 1 else run.net.no_sync():
+            # --fsdp reduce-scatters every micro-batch into the gradient shards: skipping it would hold whole
+            # gradients between micro-batches, the memory sharding is there to save
+            with nullcontext() if W == 1 or i == A - 1 or run.skeleton else run.net.no_sync():
                 with self.autocast:
                     loss_sum, metrics = run.loss_fn(run.net, b)
                 loss = loss_sum / total.clamp(min=1)
@@ -533,12 +571,23 @@ class Trainer:
         args = self.args
         run.lr = lr_at(run.state["step"], run.total_steps, args.learning_rate, run.warmup, args.min_lr_ratio)
         for group in run.optimizer.param_groups:
-            group["lr"] = run.lr * group.get("lr_scale", 1.0)
+            lr = run.lr * group.get("lr_scale", 1.0)
+            if torch.is_tensor(group["lr"]):  # torchao's optimizers keep it as a tensor (no recompile per value)
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
         if run.scaler:
             run.scaler.unscale_(run.optimizer)
         run.grad_norm = torch.nn.utils.clip_grad_norm_(run.trainable, args.grad_clip or float("inf"))
+        if hasattr(run.grad_norm, "full_tensor"):  # --fsdp: the norm over every rank's shards
+            run.grad_norm = run.grad_norm.full_tensor()
         finite = torch.isfinite(run.grad_norm)  # the same on every rank: gradients are already all-reduced
         self._optimizer_step(run.optimizer, run.scaler, finite)
+        if run.memory is None:  # after the first step, when the optimizer state exists and before the grads go
+            run.memory = state_memory(run.model, run.optimizer)
+            self.log("memory on rank 0: " + ", ".join(f"{k} {v / 2**20:,.1f} MiB" for k, v in run.memory.items()))
+        if self.sampling_copy is not None:
+            self.sampling_copy.invalidate()
         run.optimizer.zero_grad(set_to_none=True)
         # non-finite steps: counted on the device, looked at (one sync) when logging or saving
         run.bad_run = torch.where(finite, torch.zeros_like(run.bad_run), run.bad_run + 1)
@@ -597,13 +646,15 @@ class Trainer:
                 "tokens": tokens or None, "padded_tokens": padded or None, "seconds": seconds,
                 "tokens_per_s": tokens / max(seconds, 1e-9) if tokens else None,
                 "train_loss": history[-1][1], "eval_loss": evaluated.get("loss"), "eval_bpb": evaluated.get("bpb"),
-                "eval_data": args.eval_data or (f"{args.eval_split:.0%} of the data" if args.eval_split else None)},
+                "eval_data": args.eval_data or (f"{args.eval_split:.0%} of the data" if args.eval_split else None),
+                # rank 0's bytes for weights, gradients, optimizer state (--fsdp: its shards)
+                "memory": run.memory},
                 image_dir=args.image_dir)
         barrier()
         steady = (tokens - warm_tokens) / (run.t_step - warm[0]) if warm and run.t_step > warm[0] else None
         return {"steps": state["step"], "history": history, "seconds": seconds, "metrics": run.last_metrics,
                 "metric_history": state.get("metric_history", []), "eval_history": state.get("eval_history", []),
-                "eval": evaluated or None, "tokens": tokens, "padded_tokens": padded,
+                "eval": evaluated or None, "tokens": tokens, "padded_tokens": padded, "memory": run.memory,
                 "tokens_per_s_after_first_step": steady,
                 "first_loss": history[0][1] if history else None, "last_loss": history[-1][1] if history else None}
 
@@ -686,14 +737,23 @@ class Trainer:
 
     def _save(self, run):
         try:
+            if run.skeleton is not None:  # a stale folder of a torn save must not mix into this one's shards
+                ckpt.clear_resume_tmp(self.stage_dir, self.env.is_main)
+                barrier()
             ckpt.write_rank_rng(self.stage_dir, self.env.rank)
+            model = run.model
+            if run.skeleton is not None:  # every rank writes its shards; the weights alone are gathered, on rank 0
+                fsdp.save_resume(ckpt.resume_tmp_dir(self.stage_dir) / ckpt.SHARDED, run.model, run.optimizer)
+                weights = fsdp.full_state_dict(run.model)
+                model = run.skeleton.build(weights) if self.env.is_main else None
             barrier()
             if self.env.is_main:
                 if run.save_fn is not None:
-                    run.save_fn(run.model, self.stage_dir)
+                    run.save_fn(model, self.stage_dir)
                 else:
-                    ckpt.save_pretrained_atomic(run.model, self.tokenizer, self.stage_dir)
-                ckpt.commit_resume(self.stage_dir, run.model, run.optimizer, run.scaler, run.state)
+                    ckpt.save_pretrained_atomic(model, self.tokenizer, self.stage_dir)
+                ckpt.commit_resume(self.stage_dir, run.state, *(() if run.skeleton else
+                                                                (run.model, run.optimizer, run.scaler)))
         except OSError as e:  # a full disk, a vanished mount: say so; the swap never happened
             raise SystemExit(f"could not write the step-{run.state['step']} checkpoint to {self.stage_dir}: {e}. "
                              f"The last complete checkpoint there is kept; free space and rerun with --resume.") from e

@@ -81,7 +81,7 @@ class HeldOut:
     token_level: the stage counts its loss in label tokens (cross-entropy and bpb); else loss_fn per count_fn unit."""
 
     def __init__(self, dataset, collate_fn, loss_fn, count_fn, tokenizer, env, batch_size: int, max_batches: int,
-                 autocast, vocab_size: int, token_level: bool = True):
+                 autocast, vocab_size: int, token_level: bool = True, lockstep: bool = False):
         self.env, self.autocast = env, autocast
         self.loss_fn, self.count_fn, self.token_level = loss_fn, count_fn, token_level
         # the rows in file order, world x batch per step, rank r taking its slice (as in training); the last step
@@ -89,6 +89,12 @@ class HeldOut:
         G, r, n = batch_size * env.world_size, env.rank, len(dataset)
         slices = [list(range(s + r * batch_size, min(s + (r + 1) * batch_size, n))) for s in range(0, n, G)]
         self.batches = [b for b in slices[:max_batches or None] if b]
+        # lockstep (--fsdp: every forward gathers shards from all ranks): a rank with fewer batches runs as many
+        # forwards as the others, on rows it counts zero times
+        self.real = len(self.batches)
+        if lockstep and n:
+            most = min(len(slices), max_batches or len(slices))
+            self.batches += [list(range(min(batch_size, n)))] * (most - self.real)
         # own generator: iterating a DataLoader draws its base seed from it, never from the global RNG
         self.loader = DataLoader(dataset, batch_sampler=self.batches, collate_fn=collate_fn, num_workers=0,
                                  generator=torch.Generator())
@@ -102,7 +108,7 @@ class HeldOut:
         device = self.env.device
         # loss sum, loss count, nats over text tokens, bytes of text tokens, then loss_fn's metric sums
         sums, names = torch.zeros(4, dtype=torch.float64, device=device), []
-        for batch in self.loader:
+        for i, batch in enumerate(self.loader):
             batch = to_device(batch, device)
             with self.autocast:
                 if self.token_level:
@@ -113,6 +119,8 @@ class HeldOut:
                     part = torch.stack([loss.double(), torch.as_tensor(self.count_fn(batch), device=device).double(),
                                         *(torch.zeros((), dtype=torch.float64, device=device),) * 2,
                                         *(metrics[n].double() for n in names)])
+            if i >= self.real:  # a lockstep filler
+                part = part * 0
             if sums.numel() < part.numel():
                 sums = torch.cat([sums, sums.new_zeros(part.numel() - sums.numel())])
             sums += part

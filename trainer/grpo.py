@@ -7,7 +7,6 @@ and/or a --reward_model (weighted sum), normalises the rewards within the group 
 temperature.
 """
 
-import copy
 
 import torch
 
@@ -105,7 +104,7 @@ def prepare(trainer, args, model):
                          f"group's mean, so a group of one has none and no step would teach anything; use 2 or more")
     reference = None
     if args.beta > 0:
-        reference = copy.deepcopy(model).eval().requires_grad_(False).to(args.ref_device or trainer.device)
+        reference = trainer.frozen_copy(model, args.ref_device)
     data = PromptDataset(args.data_path, trainer.tokenizer, args.max_prompt_len, strict=args.strict,
                          thinking_ratio=args.thinking_ratio, seed=args.seed)
     return reference, data

@@ -164,7 +164,7 @@ def train(trainer, args):
     refuse_held_out_loss(args, "PPO")
     policy = trainer.build_model()
     rewards, weights, names = build_rewards(args, trainer)
-    reference = copy.deepcopy(policy).eval().requires_grad_(False).to(args.ref_device or trainer.device)
+    reference = trainer.frozen_copy(policy, args.ref_device)
     ac = ActorCritic(policy, build_critic(args, trainer, policy).to(trainer.device), args.critic_lr_scale)
     data = PromptDataset(args.data_path, trainer.tokenizer, args.max_prompt_len, strict=args.strict,
                          thinking_ratio=args.thinking_ratio, seed=args.seed)

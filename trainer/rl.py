@@ -136,8 +136,8 @@ class Rollouts:
         training = self.policy.training
         self.policy.eval()
         t0 = time.time()
-        completion = generate(self.policy, prompt_ids, prompt_mask, self.sampling, eos_id=eos,
-                              pad_id=self.tokenizer.pad_token_id)
+        completion = generate(self.trainer.sampling_model(self.policy), prompt_ids, prompt_mask, self.sampling,
+                              eos_id=eos, pad_id=self.tokenizer.pad_token_id)
         self.policy.train(training)
         mask = completion_mask(completion, eos)
         self.rollout_seconds += time.time() - t0
