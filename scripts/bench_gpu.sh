@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One CUDA benchmark pass, sized to fit ~13 minutes on one H100/H200-class GPU: scripts/bench.py (training 26m and
 # 104m: baseline / ours / compiled, SFT padded / packed; decoding 26m at batch 1 and 8), scripts/bench_stages.py (the
-# real pretrain stage compiled: 26m, 104m, 104m at batch 64) and scripts/bench_quality.py at 26m (held-out bpb per
+# real pretrain stage compiled: 26m, 104m, 104m at batch 64), scripts/bench_memory.py (each --optim's bytes and the
+# peak against the memory planner, 104m) and scripts/bench_quality.py at 26m (held-out bpb per
 # FLOP and per second, every mode; it needs out/bench_quality/ from a CPU run of it, carried over: the GPU box has no
 # network to fetch the corpus). Every step writes into $1 as it goes, so a cut-off run still leaves its finished
 # parts.   bash scripts/bench_gpu.sh out/bench_gpu
@@ -21,6 +22,9 @@ for run in "26m --compile" "104m --compile" "104m --compile --batch_size 64"; do
   timeout 85 python3 scripts/bench_stages.py --preset "$1" --stages pretrain --steps 30 --extra="${*:2}" \
     --out "$out/$name.json" 2>&1 | grep -v "^\s*$" | tail -3 | tee -a "$out/stages.log"
 done
+# the optimizers' bytes per parameter and the peak allocated memory beside scripts/plan_memory.py's figure
+timeout 150 python3 scripts/bench_memory.py --device cuda --dtype bfloat16 --preset 104m --seq_len 512 --batch_size 16 \
+  --steps 20 --json "$out/bench_memory_cuda.json" --figure "$out/optimizers_cuda.png" 2>&1 | tail -5 | tee "$out/memory.log"
 q=out/bench_quality
 if ls $q/train-*.jsonl >/dev/null 2>&1; then
   evals=(); for f in $q/eval/*.jsonl; do evals+=(--eval_data "$f"); done

@@ -285,6 +285,23 @@ BREAKS = [
     Break("tools-system-turn", "tools are dropped when a row has no system message to carry them",
           "dataset/chat.py", 'out.insert(0, {"role": "system", "content": tools_block(tools)})', "pass",
           ["tests/test_chat_format.py::-k fallbacks"]),
+    Break("fsdp-eval-fill", "--fsdp's lockstep held-out fillers counted as real rows",
+          "trainer/evaluation.py", "part = part * 0", "part = part * 1",
+          ["tests/test_fsdp.py::-k two_sharded_ranks"]),
+    Break("fsdp-stale-rollout", "--fsdp samples rollouts from the policy gathered before the last update",
+          "trainer/engine.py", "            self.sampling_copy.invalidate()", "            pass",
+          ["tests/test_fsdp.py::-k grpo"]),
+    Break("fsdp-save-shards", "--fsdp saves the model folder from the shards instead of the gathered weights",
+          "trainer/engine.py", "model = run.skeleton.build(weights) if self.env.is_main else None",
+          "model = run.model if self.env.is_main else None", ["tests/test_fsdp.py::-k torn"]),
+    Break("dcp-stale-tmp", "a sharded save keeps what a torn save left in resume.tmp/",
+          "trainer/checkpoint.py", "if is_main and tmp.exists():", "if False:", ["tests/test_fsdp.py::-k torn"]),
+    Break("plan-8bit", "the planner forgets the 8-bit moments' block scales",
+          "trainer/optim.py", "return 2 * (numel + 4 * (numel // BLOCK_8BIT))", "return 2 * numel",
+          ["tests/test_fsdp.py::-k lean_optimizers"]),
+    Break("plan-attn", "the planner leaves the attention's saved output out of the activations",
+          "scripts/plan_memory.py", "compute = 2 * h + 3 * q + 2 * kv", "compute = 2 * h + 2 * q + 2 * kv",
+          ["tests/test_fsdp.py::-k planner"]),
 ]
 
 

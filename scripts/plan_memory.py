@@ -25,16 +25,14 @@ the config is read). The parts, per GPU:
 import argparse
 import json
 import math
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from model import MicroLMConfig, MicroLMForCausalLM  # noqa: E402
-from model.model import LARGE_VOCAB, LOSS_CHUNK_ELEMENTS  # noqa: E402
-from trainer.optim import OPTIMIZERS, state_bytes_per_tensor, weight_dtype  # noqa: E402
+from common.cli import HelpFormatter
+from model import MicroLMConfig, MicroLMForCausalLM
+from model.model import LARGE_VOCAB, LOSS_CHUNK_ELEMENTS
+from trainer.optim import OPTIMIZERS, state_bytes_per_tensor, weight_dtype
 
 GiB = 2 ** 30
 # released models' shapes (their config.json), so a plan needs no download
@@ -100,6 +98,11 @@ def block_activation_elements(c: MicroLMConfig) -> dict:
     return {"residual": 2 * h + 2, "compute": compute, "float32": c.num_attention_heads, "int64": 0}
 
 
+def chunked_loss(vocab: int, positions: int) -> bool:
+    """model.token_cross_entropy's choice: chunks (recomputed, never all saved) for a large vocabulary."""
+    return vocab >= LARGE_VOCAB and positions > max(1, LOSS_CHUNK_ELEMENTS // vocab)
+
+
 def plan(config: MicroLMConfig, seq_len: int, batch_size: int, gpus: int = 1, fsdp: bool = False,
          grad_checkpoint: bool = False, optim: str = "adamw", dtype: str = "bfloat16", reference: bool = False,
          cuda: bool = True) -> dict:
@@ -131,13 +134,15 @@ def plan(config: MicroLMConfig, seq_len: int, batch_size: int, gpus: int = 1, fs
     per = block_activation_elements(config)
     per_block = per["residual"] * r + per["compute"] * b + per["float32"] * 4 + per["int64"] * 8
     h, vocab = config.hidden_size, config.vocab_size
+    autocast_norms = r == 4 and b == 2  # an fp32 stream's norms save their fp32 output beside the matmul's bf16 copy
+    per_block += 2 * h * 4 * autocast_norms
     if grad_checkpoint:  # each block's input kept, one block's activations while it is recomputed
         parts["activations"] = tokens * (config.num_hidden_layers * h * r + per_block)
     else:
         parts["activations"] = tokens * config.num_hidden_layers * per_block
-    parts["activations"] += tokens * ((2 * h + 1) * r + h * b)  # final norm, the head's input
+    parts["activations"] += tokens * ((2 * h + 1) * r + h * b + h * 4 * autocast_norms)  # final norm, head input
     positions = batch_size * (seq_len - 1)
-    if vocab >= LARGE_VOCAB and positions > LOSS_CHUNK_ELEMENTS // vocab:
+    if chunked_loss(vocab, positions):
         chunk = LOSS_CHUNK_ELEMENTS // vocab * vocab
         parts["logits"] = chunk * (4 + 4 + b) + positions * 8
     else:  # saved log-softmax, its gradient, (under autocast) the head's bf16 output; the labels
@@ -154,7 +159,7 @@ def saved_bytes(config: MicroLMConfig, seq_len: int, batch_size: int, grad_check
     (the quantity a CPU forward's saved tensors are measured against)."""
     parts = plan(config, seq_len, batch_size, grad_checkpoint=grad_checkpoint, dtype="float32", cuda=False)
     positions = batch_size * (seq_len - 1)
-    if config.vocab_size >= LARGE_VOCAB:
+    if chunked_loss(config.vocab_size, positions):
         return parts["activations"] + positions * 8
     per = block_activation_elements(config)
     per_block = per["residual"] * 4 + per["compute"] * 4 + per["float32"] * 4 + per["int64"] * 8
@@ -196,16 +201,17 @@ def suggestions(config, settings: dict, gpu_mem: float, limit: int = 3) -> list:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model", default="26m", help="preset, released shape or folder with a config.json")
-    p.add_argument("--seq_len", type=int, default=512)
+    p.add_argument("--seq_len", type=int, default=512, help="tokens per row (--max_seq_len)")
     p.add_argument("--batch_size", type=int, default=8, help="micro-batch per GPU")
-    p.add_argument("--gpus", type=int, default=1)
+    p.add_argument("--gpus", type=int, default=1, help="GPUs (ranks) the run shards over with --fsdp")
     p.add_argument("--gpu_mem", type=float, default=24, help="GiB per GPU")
-    p.add_argument("--fsdp", action="store_true")
-    p.add_argument("--grad_checkpoint", action="store_true")
-    p.add_argument("--optim", default="adamw", choices=OPTIMIZERS)
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--fsdp", action="store_true", help="weights, gradients and optimizer state sharded")
+    p.add_argument("--grad_checkpoint", action="store_true", help="activations recomputed per block")
+    p.add_argument("--optim", default="adamw", choices=OPTIMIZERS, help="the training scripts' --optim")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                   help="compute dtype")
     p.add_argument("--reference", action="store_true", help="a frozen reference / teacher of the same size")
     p.add_argument("--json", action="store_true", help="print the parts as json")
     args = p.parse_args(argv)

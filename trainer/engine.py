@@ -443,7 +443,10 @@ class Trainer:
         if weight_dtype(args.optim) != torch.float32:  # pure-bf16 training: the weights themselves
             model.to(weight_dtype(args.optim))
         skeleton = None
-        if args.fsdp:  # before the optimizer: sharding replaces every parameter by its shard
+        if args.fsdp and not all(p.requires_grad for p in model.parameters()):
+            self.log("--fsdp: this model trains an adapter on a frozen base (LoRA), whose trainable state is small: "
+                     "training with DDP, every rank holding the whole base")
+        elif args.fsdp:  # before the optimizer: sharding replaces every parameter by its shard
             skeleton = fsdp.shard(model, self.dtype, self.device)
             self.sampling_copy = fsdp.RolloutCopy(skeleton, model, self.dtype)
             self.log(f"--fsdp: {sum(isinstance(m, fsdp.FSDPModule) for m in model.modules())} units sharded over "
