@@ -31,7 +31,7 @@ PARTS = ("weights", "gradients", "optimizer")
 def run(args) -> dict:
     pretrain = load_script("1-pretrain.py")
     config = MicroLMConfig.from_preset(args.preset)
-    results = {"machine": platform.processor() or platform.machine(), "device": args.device, "preset": args.preset,
+    results = {"machine": cpu_name(), "device": args.device, "preset": args.preset,
                "steps": args.steps, "seq_len": args.seq_len, "batch_size": args.batch_size, "runs": {}}
     if args.device.startswith("cuda"):
         results["machine"] = torch.cuda.get_device_name()
@@ -59,6 +59,13 @@ def run(args) -> dict:
     return results
 
 
+def cpu_name() -> str:
+    try:
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def _meta(config):
     with torch.device("meta"):
         return MicroLMForCausalLM(config)
@@ -70,16 +77,22 @@ def figure(results, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for optim, r in results["runs"].items():
+    fig, (ax, diff) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=(2, 1))
+    base = dict(results["runs"].get("adamw", {}).get("history", []))
+    for i, (optim, r) in enumerate(results["runs"].items()):
         per = sum(r["bytes_per_parameter"].values())
         steps, losses = zip(*r["history"])
-        ax.plot(steps, losses, label=f"{optim} ({per:.1f} B/param, last {r['last_loss']:.3f})", lw=1)
-    ax.set_xlabel("step")
+        ax.plot(steps, losses, label=f"{optim} ({per:.1f} B/param, last {r['last_loss']:.3f})", lw=1, color=f"C{i}")
+        if base and optim != "adamw":
+            diff.plot(steps, [v - base[s] for s, v in zip(steps, losses)], label=optim, lw=1, color=f"C{i}")
     ax.set_ylabel("training loss")
     ax.set_title(f"{results['preset']} preset, {results['steps']} steps, {results['machine']}, {results['device']}",
                  fontsize=9)
     ax.legend()
+    diff.axhline(0, color="grey", lw=0.5)
+    diff.set_ylabel("loss - adamw's")
+    diff.set_xlabel("step")
+    diff.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

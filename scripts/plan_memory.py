@@ -117,7 +117,8 @@ def plan(config: MicroLMConfig, seq_len: int, batch_size: int, gpus: int = 1, fs
     total = sum(math.prod(s) for s in shapes.values())
     parts = dict.fromkeys(PARTS, 0)
     parts["weights"] = parts["gradients"] = w * sum(local.values())
-    parts["optimizer"] = sum(state_bytes_per_tensor(optim, numel) for numel in local.values())
+    parts["optimizer"] = sum(state_bytes_per_tensor(optim, numel, "embed_tokens" in name)
+                             for name, numel in local.items())
     block = {}
     for name, s in shapes.items():
         if ".layers.0." in name:

@@ -107,8 +107,8 @@ def add_train_args(parser: argparse.ArgumentParser, *, epochs: int, batch_size: 
       help="plain AdamW instead of the fused kernel (which also skips a non-finite step without a host sync)")
     a("--optim", default="adamw", choices=OPTIMIZERS,
       help="adamw: fp32 weights and moments, 16 bytes/parameter with the gradient; adamw8bit: torchao's 8-bit "
-           "moments, ~10; adamw_bf16: bf16 weights and moments with stochastically rounded updates, 8 "
-           "(docs/bigger_models.md)")
+           "moments (fp32 for the embeddings), ~11; adamw_bf16: bf16 weights and moments with stochastically "
+           "rounded updates, 8 (docs/bigger_models.md)")
     a("--fsdp", action="store_true",
       help="shard weights, gradients and optimizer state over the ranks (FSDP2, one unit per decoder block): "
            "their memory per GPU ~1/N; resume state saved sharded, resumable on another number of ranks "
@@ -454,7 +454,8 @@ class Trainer:
         # a model with several parts (PPO's policy + value model) may give its own groups, each with an lr_scale
         groups = (model.param_groups(args.weight_decay) if hasattr(model, "param_groups")
                   else param_groups(model, args.weight_decay))
-        optimizer = build_optimizer(args.optim, groups, args.learning_rate, fused=args.fused_adamw)
+        optimizer = build_optimizer(args.optim, groups, args.learning_rate, fused=args.fused_adamw,
+                                    fp32_state=[m.weight for m in model.modules() if isinstance(m, torch.nn.Embedding)])
         return Run(model=model, net=model, optimizer=optimizer, skeleton=skeleton,
                    scaler=torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None,
                    trainable=[p for p in model.parameters() if p.requires_grad], sampler=sampler, loader=loader,

@@ -4,6 +4,7 @@
   parameter with the fp32 gradient.
 - adamw8bit: torchao's AdamW8bit. Both moments are kept as 8-bit codes with one fp32 scale per block of 256
   (tensors of 4096+ elements whose size the block divides; smaller ones keep fp32 moments): ~10 bytes per parameter.
+  The embeddings keep fp32 moments (bitsandbytes' advice): quantised, they made the loss spike on the demo text.
   torchao, not bitsandbytes: it is plain PyTorch (+ torch.compile), so the same code runs on CPU for the tests and on
   CUDA, and its states are tensor subclasses that FSDP2 shards and torch.distributed.checkpoint saves.
 - adamw_bf16: the weights themselves in bf16 (no fp32 master copy), moments in bf16, and torchao's AdamW adding each
@@ -18,7 +19,8 @@ BLOCK_8BIT = 256  # torchao's block size for the 8-bit moments
 MIN_8BIT = 4096  # torchao keeps smaller tensors' moments in fp32
 
 
-def build_optimizer(name: str, groups, lr: float, betas=(0.9, 0.95), fused: bool = True):
+def build_optimizer(name: str, groups, lr: float, betas=(0.9, 0.95), fused: bool = True, fp32_state=()):
+    """fp32_state: parameters whose moments adamw8bit keeps in fp32 (the embeddings)."""
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None)
     try:
@@ -26,7 +28,16 @@ def build_optimizer(name: str, groups, lr: float, betas=(0.9, 0.95), fused: bool
     except ImportError as e:
         raise SystemExit(f"--optim {name} needs torchao (pip install torchao): {e}") from None
     if name == "adamw8bit":
-        return AdamW8bit(groups, lr=lr, betas=betas, block_size=BLOCK_8BIT)
+        keep = {id(p) for p in fp32_state}
+
+        class AdamW8bitStableEmbeddings(AdamW8bit):
+            """8-bit moments except the embeddings' (bitsandbytes' advice, its StableEmbedding): a row's moments
+            are updated only when its token occurs, and quantising them made the loss spike in our runs."""
+
+            def _new_buffer(self, p, signed):
+                return torch.zeros_like(p) if id(p) in keep else super()._new_buffer(p, signed)
+
+        return AdamW8bitStableEmbeddings(groups, lr=lr, betas=betas, block_size=BLOCK_8BIT)
     if name == "adamw_bf16":
         return _AdamW(groups, lr=lr, betas=betas, bf16_stochastic_round=True)
     raise ValueError(f"--optim {name}: one of {', '.join(OPTIMIZERS)}")
@@ -41,13 +52,14 @@ def quantized_8bit(numel: int) -> bool:
     return numel >= MIN_8BIT and numel % BLOCK_8BIT == 0
 
 
-def state_bytes_per_tensor(name: str, numel: int) -> int:
-    """Bytes of optimizer state for one parameter tensor of `numel` elements (step counters not counted)."""
+def state_bytes_per_tensor(name: str, numel: int, embedding: bool = False) -> int:
+    """Bytes of optimizer state for one parameter tensor of `numel` elements (step counters not counted);
+    `embedding`: adamw8bit keeps its moments in fp32."""
     if name == "adamw":
         return 8 * numel
     if name == "adamw_bf16":
         return 4 * numel
-    if quantized_8bit(numel):  # codes + one fp32 scale per block, for each moment
+    if quantized_8bit(numel) and not embedding:  # codes + one fp32 scale per block, for each moment
         return 2 * (numel + 4 * (numel // BLOCK_8BIT))
     return 8 * numel
 
