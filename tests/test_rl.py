@@ -259,7 +259,8 @@ def _agent(tokenizer, script, tmp_path, scripted, **overrides):
                                  max_seq_len=512, num_iterations=1, call_reward=0.2, unfinished_penalty=0.5,
                                  loss_type="cispo", **overrides)
     trainer = types.SimpleNamespace(tokenizer=tokenizer, autocast=torch.autocast("cpu", enabled=False),
-                                    device=torch.device("cpu"), env=types.SimpleNamespace(world_size=1))
+                                    device=torch.device("cpu"), env=types.SimpleNamespace(world_size=1),
+                                    sampling_model=lambda policy: policy)
     agent = agent_method.AgentGRPO(args, trainer, ScriptedLM(tokenizer, script), None, {})
     return agent, batch
 

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_model_state_dict, set_state_dict)
+                                                     set_state_dict)
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from model.model import Block
@@ -51,11 +51,6 @@ def shard(model: torch.nn.Module, compute_dtype: torch.dtype, device: torch.devi
 
 def is_sharded(model) -> bool:
     return isinstance(model, FSDPModule)
-
-
-def plain_class(module) -> type:
-    """The class a module had before fully_shard gave it an FSDP subclass."""
-    return next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule))
 
 
 class Skeleton:
@@ -130,8 +125,3 @@ def load_resume(folder, model, optimizer):
     state = {"model": weights, "optim": optim}
     dcp.load(state, checkpoint_id=str(folder))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-
-
-def load_full_weights(model, state_dict: dict):
-    """A whole state dict (e.g. a resume written without --fsdp) into the shards."""
-    set_model_state_dict(model, state_dict, options=StateDictOptions(full_state_dict=True))
