@@ -226,7 +226,8 @@ def test_lean_optimizers_hold_the_planned_bytes_and_train_like_adamw(tmp_path):
                                               optim))
         planned = plan_memory.plan(config, 64, 8, optim=optim, dtype="float32", cuda=False)
         assert runs[optim]["memory"] == {k: planned[k] for k in ("weights", "gradients", "optimizer")}, optim
-    assert runs["adamw8bit"]["memory"]["optimizer"] < runs["adamw"]["memory"]["optimizer"] / 3
+    embedding = 8 * config.vocab_size * config.hidden_size  # its moments stay fp32 (80% of this tiny model)
+    assert runs["adamw8bit"]["memory"]["optimizer"] - embedding < (runs["adamw"]["memory"]["optimizer"] - embedding) / 3
     assert runs["adamw_bf16"]["memory"]["weights"] * 2 == runs["adamw"]["memory"]["weights"]
     for optim in ("adamw8bit", "adamw_bf16"):
         assert abs(runs[optim]["last_loss"] - runs["adamw"]["last_loss"]) <= 0.05, optim
