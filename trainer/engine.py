@@ -541,7 +541,7 @@ class Trainer:
         for i, b in enumerate(micro):
             # --fsdp reduce-scatters every micro-batch into the gradient shards: skipping it would hold whole
             # gradients between micro-batches, the memory sharding is there to save
-            with nullcontext() if W == 1 or i == A - 1 or run.skeleton else run.net.no_sync():
+            with nullcontext() if W == 1 or i == A - 1 or run.skeleton is not None else run.net.no_sync():
                 with self.autocast:
                     loss_sum, metrics = run.loss_fn(run.net, b)
                 loss = loss_sum / total.clamp(min=1)
