@@ -98,6 +98,14 @@ def block_activation_elements(c: MicroLMConfig) -> dict:
     return {"residual": 2 * h + 2, "compute": compute, "float32": c.num_attention_heads, "int64": 0}
 
 
+def block_activation_bytes(c: MicroLMConfig, r: int, b: int) -> int:
+    """Bytes one block saves per token with an r-byte residual stream and b-byte compute."""
+    per = block_activation_elements(c)
+    autocast_norms = r == 4 and b == 2  # an fp32 stream's norms save their fp32 output beside the matmul's bf16 copy
+    return (per["residual"] * r + per["compute"] * b + per["float32"] * 4 + per["int64"] * 8
+            + 2 * c.hidden_size * 4 * autocast_norms)
+
+
 def chunked_loss(vocab: int, positions: int) -> bool:
     """model.token_cross_entropy's choice: chunks (recomputed, never all saved) for a large vocabulary."""
     return vocab >= LARGE_VOCAB and positions > max(1, LOSS_CHUNK_ELEMENTS // vocab)
@@ -132,16 +140,14 @@ def plan(config: MicroLMConfig, seq_len: int, batch_size: int, gpus: int = 1, fs
         parts["gathered"] = (2 * matmul if b == 2 and optim != "adamw_bf16" else 0) + \
             (parts["gradients"] if gpus > 1 else 0)  # autocast's weight copies; DDP's buckets
     tokens = batch_size * seq_len
-    per = block_activation_elements(config)
-    per_block = per["residual"] * r + per["compute"] * b + per["float32"] * 4 + per["int64"] * 8
+    per_block = block_activation_bytes(config, r, b)
     h, vocab = config.hidden_size, config.vocab_size
-    autocast_norms = r == 4 and b == 2  # an fp32 stream's norms save their fp32 output beside the matmul's bf16 copy
-    per_block += 2 * h * 4 * autocast_norms
     if grad_checkpoint:  # each block's input kept, one block's activations while it is recomputed
         parts["activations"] = tokens * (config.num_hidden_layers * h * r + per_block)
     else:
         parts["activations"] = tokens * config.num_hidden_layers * per_block
-    parts["activations"] += tokens * ((2 * h + 1) * r + h * b + h * 4 * autocast_norms)  # final norm, head input
+    final_norm_fp32 = 4 * h if r == 4 and b == 2 else 0  # as in a block: its fp32 output beside the bf16 copy
+    parts["activations"] += tokens * ((2 * h + 1) * r + h * b + final_norm_fp32)  # final norm, head input
     positions = batch_size * (seq_len - 1)
     if chunked_loss(vocab, positions):
         chunk = LOSS_CHUNK_ELEMENTS // vocab * vocab
@@ -162,9 +168,8 @@ def saved_bytes(config: MicroLMConfig, seq_len: int, batch_size: int, grad_check
     positions = batch_size * (seq_len - 1)
     if chunked_loss(config.vocab_size, positions):
         return parts["activations"] + positions * 8
-    per = block_activation_elements(config)
-    per_block = per["residual"] * 4 + per["compute"] * 4 + per["float32"] * 4 + per["int64"] * 8
-    recompute = batch_size * seq_len * per_block if grad_checkpoint else 0  # not yet: it exists in the backward
+    # the block being recomputed exists only in the backward pass, not at the end of the forward
+    recompute = batch_size * seq_len * block_activation_bytes(config, 4, 4) if grad_checkpoint else 0
     return parts["activations"] - recompute + positions * (4 * config.vocab_size + 8)
 
 

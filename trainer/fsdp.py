@@ -66,17 +66,19 @@ class Skeleton:
         """The plain module under `prefix` (e.g. "policy." of PPO's actor-critic) with `state_dict`'s tensors."""
         module = self.module.get_submodule(prefix.rstrip(".")) if prefix else self.module
         module = copy.deepcopy(module)
-        weights = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        weights = under(state_dict, prefix)
         if device is not None or dtype is not None:
             weights = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else None)
                        for k, v in weights.items()}
-        module.load_state_dict(weights, strict=False, assign=True)
+        module.load_state_dict(weights, assign=True)  # strict: every tensor of the module, nothing else
         if hasattr(module, "tie_weights"):  # assign replaced the shared tensor: tie the head to the embedding again
             module.tie_weights()
-        missing = [n for n, p in module.named_parameters() if p.is_meta]
-        if missing:
-            raise ValueError(f"no weights for {missing[:3]} in the gathered state dict")
         return module.to(device) if device is not None else module  # the buffers
+
+
+def under(state_dict: dict, prefix: str) -> dict:
+    """The entries of the submodule at `prefix` ("" for all), with the prefix taken off their names."""
+    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
 def full_state_dict(model, rank0_only: bool = True) -> dict:
@@ -107,9 +109,7 @@ class RolloutCopy:
         if prefix not in self.models:
             self.models[prefix] = self.skeleton.build(weights, prefix, device, self.dtype).eval()
         else:
-            target = self.models[prefix]
-            target.load_state_dict({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)},
-                                   strict=False)
+            self.models[prefix].load_state_dict(under(weights, prefix))
         return self.models[prefix]
 
 
