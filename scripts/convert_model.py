@@ -32,8 +32,9 @@ from transformers import AutoTokenizer
 
 from common.cli import HelpFormatter
 from common.resolve import checkpoint_tokenizer, resolve_checkpoint
-from model import TOKENIZER_DIR, MicroLMForCausalLM, to_llama_config, to_mixtral_config
-from model.config import stock_family, to_qwen2_config, to_qwen3_config, to_qwen3_moe_config
+from model import TOKENIZER_DIR, MicroLMForCausalLM
+from model.config import stock_family
+from model.export import STOCK_EXPORTS, export_stock, generation_config
 from model.families import load_pretrained
 from model.lora import from_adapter, is_adapter_dir, load_adapter, remove_lora
 
@@ -48,54 +49,6 @@ def load_merged(path, adapter=None, preset=None) -> MicroLMForCausalLM:
         load_adapter(model, adapter)
     remove_lora(model, merge=True)  # no-op without adapters
     return model.eval()
-
-
-def generation_config(model):
-    from transformers import GenerationConfig
-
-    c = model.config
-    return GenerationConfig(bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id,
-                            do_sample=True, temperature=0.85, top_p=0.85, max_new_tokens=512)
-
-
-def _save_stock(model_class, hf_config, state_dict, model, tokenizer, out) -> Path:
-    """Build a stock transformers model without allocating, take our tensors, and save it with the tokenizer."""
-    with torch.device("meta"):
-        stock = model_class(hf_config)
-    stock.load_state_dict(state_dict, strict=True, assign=True)
-    stock.generation_config = generation_config(model)
-    stock.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return Path(out)
-
-
-def _fuse_experts(sd: dict, config) -> dict:
-    """Mixtral and Qwen3-MoE (transformers 5) keep a layer's experts fused: gate_up_proj (E, 2I, H) with the gate rows
-    first, down_proj (E, H, I)."""
-    for i in range(config.num_hidden_layers):
-        prefix = f"model.layers.{i}.mlp.experts."
-        experts = range(config.num_experts)
-        sd[prefix + "gate_up_proj"] = torch.stack([torch.cat([sd.pop(f"{prefix}{e}.gate_proj.weight"),
-                                                              sd.pop(f"{prefix}{e}.up_proj.weight")]) for e in experts])
-        sd[prefix + "down_proj"] = torch.stack([sd.pop(f"{prefix}{e}.down_proj.weight") for e in experts])
-    return sd
-
-
-# model_type -> (stock class name, config translation); model.config.stock_family() picks the one that is exact
-STOCK_EXPORTS = {"llama": ("LlamaForCausalLM", to_llama_config), "qwen2": ("Qwen2ForCausalLM", to_qwen2_config),
-                 "qwen3": ("Qwen3ForCausalLM", to_qwen3_config), "mixtral": ("MixtralForCausalLM", to_mixtral_config),
-                 "qwen3_moe": ("Qwen3MoeForCausalLM", to_qwen3_moe_config)}
-
-
-def export_stock(model, tokenizer, out, family: str) -> Path:
-    """The stock transformers class that computes this model exactly (same tensor names; MoE experts fused)."""
-    import transformers
-
-    class_name, to_config = STOCK_EXPORTS[family]
-    sd = model.state_dict()
-    if model.config.use_moe:
-        sd = _fuse_experts(sd, model.config)
-    return _save_stock(getattr(transformers, class_name), to_config(model.config), sd, model, tokenizer, out)
 
 
 def export_remote_code(model, tokenizer, out) -> Path:
