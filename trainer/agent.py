@@ -16,7 +16,8 @@ from inference.tools import scripted_tool
 
 from . import grpo
 from .grpo import GRPO
-from .rewards import RewardModel, agent_answer_correct
+from .rl import build_reward_model
+from .rewards import agent_answer_correct
 
 
 def add_args(parser):
@@ -29,6 +30,9 @@ def add_args(parser):
     a.add_argument("--call_reward", type=float, default=0.2, help="reward x the share of well-formed calls")
     a.add_argument("--unfinished_penalty", type=float, default=0.5,
                    help="subtracted when the trajectory is still calling after the last round or was cut off")
+    a.add_argument("--tool_count_reward", type=float, default=0.0,
+                   help="MiniMind's call-count reward (its 0.5): +this when the calls that ran equal the number of "
+                        "\"gt\" answers and none failed, else -this x the gap (0: off)")
 
 
 class AgentGRPO(GRPO):
@@ -40,7 +44,8 @@ class AgentGRPO(GRPO):
     trajectory (still calling after the last round, or cut at --max_new_tokens: -unfinished_penalty)."""
 
     def __init__(self, args, trainer, policy, reference, functions, reward_model=None):
-        names = ["answer", "calls", "unfinished"] + (["model"] if reward_model is not None else [])
+        names = (["answer", "calls", "unfinished"] + (["tool_count"] if args.tool_count_reward else [])
+                 + (["model"] if reward_model is not None else []))
         super().__init__(args, trainer, policy, reference, [], [], names)
         self.functions, self.reward_model = functions, reward_model
         self.encoder = ChatEncoder(trainer.tokenizer)
@@ -58,8 +63,11 @@ class AgentGRPO(GRPO):
         malformed = len(first.errors) + (len(last.errors) if last is not first else 0)
         well_formed = max(calls - failed, 0) / (calls + malformed) if calls else 0.0
         unfinished = bool(last.tool_calls) or last.finish_reason == "length"
-        return [float(agent_answer_correct(last.content, gt)), self.args.call_reward * well_formed,
-                -self.args.unfinished_penalty * unfinished]
+        scores = [float(agent_answer_correct(last.content, gt)), self.args.call_reward * well_formed,
+                  -self.args.unfinished_penalty * unfinished]
+        if self.args.tool_count_reward:
+            scores.append(tool_count_reward(calls - failed, failed + malformed, gt, self.args.tool_count_reward))
+        return scores
 
     @torch.no_grad()
     def rollout(self, batch) -> dict:
@@ -72,7 +80,8 @@ class AgentGRPO(GRPO):
         training = self.policy.training
         self.policy.eval()
         t0 = time.time()
-        runs = Engine(self.trainer.sampling_model(self.policy), tok).run_tools_batch(
+        runs = Engine(self.trainer.sampling_model(self.policy), tok,
+                      sampler=self.engine.tool_sampler(self.policy)).run_tools_batch(
             chats, envs, tools=tools, max_rounds=args.max_tool_rounds, sampling=self.sampling, batch_size=len(chats))
         self.policy.train(training)
         self.rollout_seconds += time.time() - t0
@@ -102,6 +111,14 @@ class AgentGRPO(GRPO):
         return self.finish(input_ids, attention_mask, mask, width - 1, scores)  # every position after the first
 
 
+def tool_count_reward(ran: int, bad: int, gt, weight: float) -> float:
+    """MiniMind's call-count reward: the gap is |calls that ran - number of gt answers| + calls that failed or were
+    malformed; +weight when it is 0, else -weight x gap (one call per expected answer, no wasted calls)."""
+    expected = len(gt) if isinstance(gt, list) else int(gt is not None)
+    gap = abs(ran - expected) + bad
+    return weight if gap == 0 else -weight * gap
+
+
 def check_tools(trainer, data, functions):
     """Say which tools the data declares that have no implementation here (their calls get an error result)."""
     declared, scripted = set(), set()
@@ -127,8 +144,7 @@ def train(trainer, args):
     reference, data = grpo.prepare(trainer, args, model)
     functions = load_tools(args.tools)
     check_tools(trainer, data, functions)
-    reward_model = (RewardModel(args.reward_model, args.reward_device or trainer.device, args.reward_dtype)
-                    if args.reward_model else None)
+    reward_model = build_reward_model(args, trainer) if args.reward_model else None
     agent = AgentGRPO(args, trainer, model, reference, functions, reward_model)
     summary = grpo.fit(trainer, args, model, data, agent)
     if agent.unmapped:

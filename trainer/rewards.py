@@ -1,6 +1,8 @@
 """Rewards for GRPO / PPO (6-reason.py --method grpo|agent, 4-RLHF.py --method ppo) and the reasoning metrics: rule
 rewards (a completion is or is not a well-formed `<think>…</think><answer>…</answer>` reply; its final answer does or
-does not match the reference, as a number or as text) and a Hugging Face reward model (`RewardModel`).
+does not match the reference, as a number or as text; MiniMind's shaping rewards for length, the think block and
+repetition) and reward models: Hugging Face sequence classifiers (`RewardModel`) and remote-code models with a
+`get_score(tokenizer, conversation)` method, like MiniMind's default internlm2-1_8b-reward (`ScoringRewardModel`).
 
 A reward is any function `(prompt, completion: str, reference) -> float`, or the older `(completion, reference)`;
 `prompt` is the conversation before the reply (a list of {"role", "content"} messages), `reference` the row's
@@ -9,6 +11,8 @@ reference answer, its `gt` list, or None for prompt-only rows. A function with `
 
     format                       REWARDS below
     correctness
+    length, think_length,        MiniMind's shaping rewards (its constants; `--reward minimind` is these four)
+    think_closed, repetition
     my_package.rewards:length    an importable module and a function in it
     path/to/my_rewards.py:score  a Python file and a function in it
 """
@@ -150,10 +154,64 @@ def call_reward(fn, prompt, completion: str, reference) -> float:
     return float(fn(prompt, completion, reference) if reward_arity(fn) == 3 else fn(completion, reference))
 
 
+def split_think(text: str) -> tuple:
+    """(the think block's text or None, the reply after it): what a reader sees is the part after `</think>`."""
+    if "</think>" not in text:
+        return None, text.strip()
+    think, answer = text.split("</think>", 1)
+    return think.replace("<think>", "").strip(), answer.strip()
+
+
+# MiniMind's shaping rewards (trainer/train_grpo.py there): its ranges in characters and its values
+def length_reward(text: str) -> float:
+    """+0.5 for a reply of 20 to 800 characters (outer whitespace aside), else -0.5: neither empty nor rambling."""
+    return 0.5 if 20 <= len(text.strip()) <= 800 else -0.5
+
+
+def think_length_reward(text: str) -> float:
+    """With a think block: +1.0 when its text is 20 to 300 characters, else -0.5 (thinking that says something and
+    stops); 0 without one."""
+    think, _ = split_think(text)
+    if think is None:
+        return 0.0
+    return 1.0 if 20 <= len(think) <= 300 else -0.5
+
+
+def think_closed_reward(text: str) -> float:
+    """With a think block: +0.25 when `</think>` occurs exactly once, else -0.25; 0 without one."""
+    if "</think>" not in text:
+        return 0.0
+    return 0.25 if text.count("</think>") == 1 else -0.25
+
+
+_UNIT = re.compile(r"[^\W\u3400-\u9fff]+|[\u3400-\u9fff]|[^\w\s]")
+
+
+def repetition_penalty(text: str, n: int = 3, cap: float = 0.5) -> float:
+    """-min(cap, 2 cap x repeated n-grams / n-grams) over the answer (the text after any think block). Units are
+    words, single CJK characters and punctuation marks, so Chinese text is not one long "word"."""
+    units = _UNIT.findall(split_think(text)[1].lower())
+    grams = [tuple(units[i:i + n]) for i in range(len(units) - n + 1)]
+    if not grams:
+        return 0.0
+    return -min(cap, (len(grams) - len(set(grams))) * cap * 2 / len(grams))
+
+
 REWARDS = {
     "format": lambda completion, reference: format_reward(completion),
     "correctness": correctness_reward,
+    "length": lambda completion, reference: length_reward(completion),
+    "think_length": lambda completion, reference: think_length_reward(completion),
+    "think_closed": lambda completion, reference: think_closed_reward(completion),
+    "repetition": lambda completion, reference: repetition_penalty(completion),
 }
+PRESETS = {"minimind": ("length", "think_length", "think_closed", "repetition")}  # all weighted 1, as there
+
+
+def expand_rewards(spec: str) -> list:
+    """--reward's comma-separated names, a preset (`minimind`) replaced by its rewards."""
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    return [n for name in names for n in PRESETS.get(name, (name,))]
 
 
 def load_reward(spec: str):
@@ -167,16 +225,43 @@ def load_reward(spec: str):
     return load_function(where, name, f"reward file {where} (from --reward {spec})", f"(from --reward {spec})")
 
 
+def reward_model_kind(path, trust_remote_code: bool = False) -> str:
+    """"get_score" for a remote-code model whose AutoModel class scores conversations (internlm2-reward's form),
+    "classifier" for a sequence-classification model. Remote code runs only with trust_remote_code."""
+    import json
+    from pathlib import Path
+
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        raise SystemExit(f"--reward_model {path}: no config.json there; give a Hugging Face model folder")
+    auto_map = json.loads(config.read_text()).get("auto_map") or {}
+    if auto_map and not trust_remote_code:
+        raise SystemExit(f"--reward_model {path} ships its own model code (auto_map: {', '.join(auto_map)}); "
+                         f"read it, then add --trust_remote_code to run it")
+    if "AutoModel" in auto_map and "AutoModelForSequenceClassification" not in auto_map:
+        return "get_score"
+    return "classifier"
+
+
+def load_reward_model(path, device="cpu", dtype="float32", trust_remote_code=False, clip=None):
+    """The reward model at `path`, of whichever kind it is (`reward_model_kind`)."""
+    cls = ScoringRewardModel if reward_model_kind(path, trust_remote_code) == "get_score" else RewardModel
+    return cls(path, device, dtype, clip=clip, trust_remote_code=trust_remote_code)
+
+
 class RewardModel:
-    """A Hugging Face sequence-classification reward model (one logit per conversation, e.g. Skywork-Reward,
-    internlm2-reward exported to transformers) as a reward: it reads prompt + reply with its own tokenizer and chat
-    template, on its own device and dtype, frozen. `score` takes a batch; calling it scores one reply."""
+    """A Hugging Face sequence-classification reward model (one logit per conversation, e.g. Skywork-Reward) as a
+    reward: it reads prompt + the reply as a reader sees it (`split_think`: the think block left out, as MiniMind's
+    reward does) with its own tokenizer and chat template, on its own device and dtype, frozen; scores are clipped to
+    +-clip when given. `score` takes a batch; calling it scores one reply."""
 
     needs_reference = False
 
-    def __init__(self, path, device="cpu", dtype="float32", batch_size: int = 16, max_length: int = 2048):
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=getattr(torch, dtype))
+    def __init__(self, path, device="cpu", dtype="float32", batch_size: int = 16, max_length: int = 2048,
+                 clip=None, trust_remote_code=False):
+        self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=getattr(torch, dtype),
+                                                                        trust_remote_code=trust_remote_code)
         if self.model.config.num_labels != 1:
             raise ValueError(f"reward model {path} has {self.model.config.num_labels} labels; a reward model scores "
                              f"with one")
@@ -184,10 +269,13 @@ class RewardModel:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.model.to(device).eval().requires_grad_(False)
-        self.device, self.batch_size, self.max_length = device, batch_size, max_length
+        self.device, self.batch_size, self.max_length, self.clip = device, batch_size, max_length, clip
+
+    def clipped(self, scores) -> list[float]:
+        return [max(-self.clip, min(self.clip, s)) for s in scores] if self.clip else list(scores)
 
     def text(self, prompt, completion: str) -> str:
-        messages = [*(prompt or []), {"role": "assistant", "content": completion}]
+        messages = [*(prompt or []), {"role": "assistant", "content": split_think(completion)[1]}]
         if self.tokenizer.chat_template:
             return self.tokenizer.apply_chat_template(messages, tokenize=False)
         return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
@@ -200,7 +288,28 @@ class RewardModel:
                 enc = self.tokenizer(texts[i:i + self.batch_size], return_tensors="pt", padding=True, truncation=True,
                                      max_length=self.max_length, add_special_tokens=False).to(self.device)
                 scores += self.model(**enc).logits[:, 0].float().tolist()
-        return scores
+        return self.clipped(scores)
 
     def __call__(self, prompt, completion: str, reference=None) -> float:
         return self.score([prompt], [completion])[0]
+
+
+class ScoringRewardModel(RewardModel):
+    """A remote-code reward model that scores a conversation with `model.get_score(tokenizer, messages)` (the
+    internlm2-reward interface MiniMind uses), one conversation at a time, clipped to +-clip (MiniMind's 3)."""
+
+    def __init__(self, path, device="cpu", dtype="float32", clip=None, trust_remote_code=True, **_):
+        from transformers import AutoModel
+
+        self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+        self.model = AutoModel.from_pretrained(path, dtype=getattr(torch, dtype), trust_remote_code=True)
+        if not callable(getattr(self.model, "get_score", None)):
+            raise SystemExit(f"--reward_model {path}: its AutoModel class {type(self.model).__name__} has no "
+                             f"get_score(tokenizer, messages) method and it is not a sequence classifier")
+        self.model.to(device).eval().requires_grad_(False)
+        self.device, self.clip = device, clip
+
+    def score(self, prompts, completions) -> list[float]:
+        with torch.no_grad():
+            return self.clipped([float(self.model.get_score(self.tokenizer, [
+                *(p or []), {"role": "assistant", "content": split_think(c)[1]}])) for p, c in zip(prompts, completions)])
