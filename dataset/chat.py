@@ -182,6 +182,28 @@ def row_chooses(seed: int, index: int, ratio: float) -> bool:
     return int.from_bytes(digest, "little") / 2 ** 64 < ratio
 
 
+# --system_prompt_ratio's prompts (MiniMind injects such a random system prompt into 20% of its SFT rows, so the model
+# meets system messages of every kind and keeps answering the user)
+SYSTEM_PROMPTS = (
+    "你是一个乐于助人的AI助手。",
+    "你是一个知识丰富的助手，请准确、简洁地回答用户的问题。",
+    "你是一个友好的聊天伙伴，用自然的语气回答。",
+    "请一步一步地思考，然后给出清楚的回答。",
+    "You are a helpful assistant.",
+    "You are a knowledgeable assistant. Answer accurately and concisely.",
+    "You are a friendly AI. Reply in the language the user writes in.",
+    "Think step by step, then answer clearly.",
+)
+
+
+def with_system_prompt(messages, seed, index: int, prompts=SYSTEM_PROMPTS) -> list:
+    """A chat without a system message gets one of `prompts` (a fixed pick per row) in front; others are kept."""
+    if messages and messages[0]["role"] == "system":
+        return messages
+    digest = hashlib.blake2b(f"{seed}:pick:{index}".encode(), digest_size=8).digest()
+    return [{"role": "system", "content": prompts[int.from_bytes(digest, "little") % len(prompts)]}, *messages]
+
+
 def with_empty_think(messages) -> list:
     """Adaptive thinking as MiniMind trains it: assistant turns without reasoning get the empty think block, which
     the model learns to write when it answers without thinking (it is what a thinking-off prompt ends with)."""

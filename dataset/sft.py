@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from .chat import ChatEncoder, check_conversations, describe_lost, normalize_chat, row_chooses, with_empty_think
+from .chat import (ChatEncoder, check_conversations, describe_lost, normalize_chat, row_chooses, with_empty_think,
+                   with_system_prompt)
 from .jsonl import BadLineError, JsonlFile, warn_row
 
 log = logging.getLogger(__name__)
@@ -38,14 +39,16 @@ def report_lost(rows, i, lost) -> None:
 class SFTDataset(Dataset):
     """empty_think_ratio: adaptive thinking (MiniMind's way): in that share of rows, picked by a seeded hash of the
     row index, assistant turns without reasoning get the empty think block `<think>\\n\\n</think>\\n\\n` in front of
-    their reply; the other rows get none. The model learns to answer straight away or to think first."""
+    their reply; the other rows get none. The model learns to answer straight away or to think first.
+    system_prompt_ratio: in that share of rows (another seeded pick), a chat without a system message gets a random
+    one of dataset/chat.py's SYSTEM_PROMPTS (MiniMind's 20%)."""
 
     check_row = staticmethod(check_conversations)  # the row schema; JsonlFile reports rows that fail it
 
     def __init__(self, path, tokenizer, max_seq_len: int = 512, strict: bool = False, verbose: bool = True,
-                 empty_think_ratio: float = EMPTY_THINK_RATIO, seed: int = 0):
+                 empty_think_ratio: float = EMPTY_THINK_RATIO, seed: int = 0, system_prompt_ratio: float = 0.0):
         self.tokenizer, self.max_seq_len = tokenizer, max_seq_len
-        self.empty_think_ratio, self.seed = empty_think_ratio, seed
+        self.empty_think_ratio, self.seed, self.system_prompt_ratio = empty_think_ratio, seed, system_prompt_ratio
         self.rows = JsonlFile(path, self.check_row, strict=strict, verbose=verbose)
         self.encoder = ChatEncoder(tokenizer)
 
@@ -62,6 +65,8 @@ class SFTDataset(Dataset):
         messages, tools = normalize_chat(self.rows[i][key], key)
         if row_chooses(self.seed, i, self.empty_think_ratio):
             messages = with_empty_think(messages)
+        if row_chooses(f"{self.seed}:system", i, self.system_prompt_ratio):
+            messages = with_system_prompt(messages, self.seed, i)
         return messages, tools
 
     def __getitem__(self, i):
