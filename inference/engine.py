@@ -314,8 +314,8 @@ CACHE_BUCKET = 256  # compiled decoding: static caches come in multiples of this
 class Engine:
     """A model and its tokenizer, chatting. Not thread-safe: the server keeps one request at a time on it."""
 
-    def __init__(self, model, tokenizer, context=None, compile=False):
-        self.model, self.tokenizer = model, tokenizer
+    def __init__(self, model, tokenizer, context=None, compile=False, sampler=None):
+        self.model, self.tokenizer, self.sampler = model, tokenizer, sampler
         self.context = context or getattr(model.config, "max_position_embeddings", 2048)
         self.eos_id, self.pad_id = tokenizer.eos_token_id, pad_id_of(tokenizer)
         self.support = template_support(tokenizer)  # what its chat template cannot render (with_fallbacks)
@@ -362,7 +362,10 @@ class Engine:
         return decode(self.model, **self._batch(rows, sampling), generator=generator)
 
     def generate(self, rows, sampling: Sampling, batch_size=32, generator=None) -> list:
-        """[(new ids without eos, ended with eos)] for many prompts, batched by length so batches pad little."""
+        """[(new ids without eos, ended with eos)] for many prompts, batched by length so batches pad little.
+        With a `sampler` (e.g. the vLLM rollout engine's), it generates them instead: sampler(rows, sampling)."""
+        if self.sampler is not None:
+            return self.sampler(rows, sampling)
         order = sorted(range(len(rows)), key=lambda i: (len(rows[i]), i))
         results = [None] * len(rows)
         for start in range(0, len(order), batch_size):

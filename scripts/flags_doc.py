@@ -26,7 +26,7 @@ ENTRY_POINTS = {
     **{f"scripts/{name}.py": f"scripts.{name}" for name in (
         "serve_openai_api", "convert_model", "compare_gguf", "eval_bench", "eval_tools", "bench", "bench_data", "bench_quality",
         "bench_stages", "train_tokenizer", "web_chat_screenshot", "mutation_check", "flags_doc", "plan_memory",
-        "bench_memory")},
+        "bench_memory", "bench_rollout")},
 }
 PYTHON = "%d.%d" % sys.version_info[:2]  # argparse lays help out a little differently across versions
 WIDTH = "120"  # argparse wraps to $COLUMNS: fixed, so the page is the same on every machine

@@ -255,9 +255,9 @@ def _agent(tokenizer, script, tmp_path, scripted, **overrides):
            "gt": ["foggy"], "tool_results": {"get_weather": scripted}}
     data = PromptDataset(write_jsonl(tmp_path / "agent.jsonl", [row, row]), tokenizer)
     batch = prompt_collate([data[0], data[1]], pad_id=tokenizer.pad_token_id)
-    args = types.SimpleNamespace(num_generations=2, max_new_tokens=48, temperature=1.0, max_tool_rounds=2,
-                                 max_seq_len=512, num_iterations=1, call_reward=0.2, unfinished_penalty=0.5,
-                                 loss_type="cispo", **overrides)
+    args = reason.build_parser().parse_args(["--method", "agent"])  # the stage's defaults, then these
+    vars(args).update(num_generations=2, max_new_tokens=48, temperature=1.0, max_tool_rounds=2, max_seq_len=512,
+                      num_iterations=1, call_reward=0.2, unfinished_penalty=0.5, loss_type="cispo", **overrides)
     trainer = types.SimpleNamespace(tokenizer=tokenizer, autocast=torch.autocast("cpu", enabled=False),
                                     device=torch.device("cpu"), env=types.SimpleNamespace(world_size=1),
                                     sampling_model=lambda policy: policy)

@@ -615,8 +615,8 @@ def test_rollout_loss_scale_is_sequences_over_tokens_of_the_whole_window():
     masks = [torch.ones(2, 3), torch.tensor([[1.0, 0, 0], [1, 1, 0], [1, 1, 1]])]  # 6 + 6 tokens, 2 + 3 sequences
 
     class Fixed(Rollouts):
-        def __init__(self, token_level):
-            self.token_level = token_level
+        def __init__(self, token_level, mini_batches=1):
+            self.token_level, self.mini_batches = token_level, mini_batches
             self.trainer = SimpleNamespace(device=torch.device("cpu"), env=SimpleNamespace(world_size=1))
 
         def rollout(self, batch):
@@ -627,3 +627,7 @@ def test_rollout_loss_scale_is_sequences_over_tokens_of_the_whole_window():
         Fixed(token_level).generate_and_score(micro)
         assert [b["rollout"]["scale"] for b in micro] == pytest.approx([expected, expected])
         assert [Rollouts.count(b) for b in micro] == [2, 3]
+    # PPO's --mini_batches 2: each micro-batch is its own optimizer step, normalised by its own tokens
+    micro = [{"mask": m} for m in masks]
+    Fixed(True, mini_batches=2).generate_and_score(micro)
+    assert [b["rollout"]["scale"] for b in micro] == pytest.approx([2 / 6, 3 / 6])

@@ -288,6 +288,7 @@ class Trainer:
             raise SystemExit("--fsdp trains in bf16 or fp32: fp16's loss scaling is not wired to sharded gradients "
                              "(give --dtype bfloat16, which every GPU since Ampere computes natively)")
         self.sampling_copy = None  # --fsdp: the whole policy the RL methods sample from (fsdp.RolloutCopy)
+        self.updates = 0  # optimizer steps taken (the vLLM rollout engine syncs by it)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: ~free speed, fp32 checkpoints unchanged
             torch.backends.cudnn.allow_tf32 = True
@@ -388,7 +389,7 @@ class Trainer:
     # -- training -----------------------------------------------------------------------------------------------------
     def fit(self, model, dataset, collate_fn=None, loss_fn=lm_loss, count_fn=count_label_tokens, save_fn=None,
             shuffle: bool = True, curve: str = "loss", eval_dataset=None, repeat: int = 1,
-            prepare_window=None) -> dict:
+            prepare_window=None, mini_batches: int = 1, stop_repeat=None) -> dict:
         """Train `model` on `dataset`; returns a summary (steps, losses, seconds) for the demo runner.
 
         loss_fn(model, batch) -> (summed loss, {name: summed metric}); count_fn(batch) -> how many units those sums
@@ -398,21 +399,36 @@ class Trainer:
         (LoRA saves only its adapter). curve: what the PNG shows, "loss" or one of loss_fn's metrics (GRPO: "reward").
         eval_dataset (see `split`): scored every --eval_interval steps, at the start and at the end (evaluation.py).
         prepare_window(micro_batches): called once per window of micro-batches before anything is counted -- where
-        the RL methods sample and score their rollouts into the batches (trainer/rl.py). repeat: optimizer steps
-        taken on each window (GRPO's and PPO's epochs over one rollout batch).
+        the RL methods sample and score their rollouts into the batches (trainer/rl.py). repeat: passes over each
+        window (GRPO's and PPO's epochs over one rollout batch), each pass `mini_batches` optimizer steps on equal
+        parts of the window's micro-batches (PPO's mini-batches). stop_repeat(): asked after each pass, True skips the
+        window's remaining passes (PPO's KL early stop; it must answer the same on every rank).
         """
-        run = self._setup(model, dataset, collate_fn, shuffle, loss_fn, count_fn, save_fn, prepare_window, repeat)
+        A = self.args.accumulation_steps
+        if mini_batches < 1 or A % mini_batches:
+            raise SystemExit(f"{mini_batches} mini-batches: each takes an equal share of the --accumulation_steps "
+                             f"{A} micro-batches of a step, so it must divide {A}")
+        run = self._setup(model, dataset, collate_fn, shuffle, loss_fn, count_fn, save_fn, prepare_window,
+                          repeat * mini_batches)
         self._restore(run)
         self._start(run, eval_dataset, collate_fn)
         state = run.state
         while state["epoch"] < run.epochs and state["step"] < run.total_steps and not run.stopped:
             for micro in self._windows(run):
-                total = self._count(run, micro)
+                size = len(micro) // mini_batches
+                parts = [micro[k:k + size] for k in range(0, len(micro), size)]
+                totals, done = self._count(run, micro, parts), False
                 for i in range(repeat):
-                    if state["step"] >= run.total_steps or run.stopped:
+                    for j, (part, total) in enumerate(zip(parts, totals)):
+                        if state["step"] >= run.total_steps or run.stopped:
+                            break
+                        self._train_step(run, part, total)
+                        done = j == len(parts) - 1 and (i == repeat - 1 or (stop_repeat is not None and stop_repeat()))
+                        if done:  # a resume starts at the next window
+                            state["row"] += A * self.env.world_size * self.args.batch_size
+                        run.stopped = self._tick(run)
+                    if done or state["step"] >= run.total_steps or run.stopped:
                         break
-                    self._train_step(run, micro, total, window_done=i == repeat - 1)
-                    run.stopped = self._tick(run)
                 if state["step"] >= run.total_steps or run.stopped:
                     break
             else:  # the epoch is done (a short last window is dropped)
@@ -524,17 +540,18 @@ class Trainer:
                             for b in islice(batches, A)]) == A:
             yield micro
 
-    def _count(self, run, micro) -> torch.Tensor:
-        """What the window's summed losses are divided by: count_fn over all its micro-batches and ranks (after
-        prepare_window, which fills RL batches with their rollouts)."""
+    def _count(self, run, micro, parts) -> torch.Tensor:
+        """What each optimizer step's summed losses are divided by: count_fn over the micro-batches of its part of the
+        window and all ranks (after prepare_window, which fills RL batches with their rollouts)."""
         if run.prepare_window is not None:
             run.prepare_window(micro)
-        total = torch.stack([torch.as_tensor(run.count_fn(b), device=self.device) for b in micro]).float().sum()
+        totals = torch.stack([torch.stack([torch.as_tensor(run.count_fn(b), device=self.device) for b in part])
+                              .float().sum() for part in parts])
         if self.env.world_size > 1:
-            dist.all_reduce(total)
-        return total
+            dist.all_reduce(totals)
+        return totals
 
-    def _train_step(self, run, micro, total, window_done: bool):
+    def _train_step(self, run, micro, total):
         """Forward and backward over the window's micro-batches (gradients synced on the last), then one update."""
         W, A = self.env.world_size, len(micro)
         step_loss, step_metrics = torch.zeros((), device=self.device), {}
@@ -561,8 +578,6 @@ class Trainer:
         self._update(run)
         state = run.state
         state["step"] += 1
-        if window_done:  # a resume starts at the next window
-            state["row"] += A * W * self.args.batch_size
         run.unchecked.append((state["step"], run.bad_run))
         run.pending.append((step_loss, step_metrics))
         run.bar.update(1)
@@ -592,6 +607,7 @@ class Trainer:
             self.log("memory on rank 0: " + ", ".join(f"{k} {v / 2**20:,.1f} MiB" for k, v in run.memory.items()))
         if self.sampling_copy is not None:
             self.sampling_copy.invalidate()
+        self.updates += 1  # the rollout engine syncs its weights by this count
         run.optimizer.zero_grad(set_to_none=True)
         # non-finite steps: counted on the device, looked at (one sync) when logging or saving
         run.bad_run = torch.where(finite, torch.zeros_like(run.bad_run), run.bad_run + 1)

@@ -55,20 +55,20 @@ class GRPO(Rollouts):
         G = self.args.num_generations
         prompt_ids = batch["prompt_ids"].repeat_interleave(G, 0)
         prompt_mask = batch["prompt_mask"].repeat_interleave(G, 0)
-        completion, mask = self.sample(prompt_ids, prompt_mask)
+        completion, mask, engine_logps = self.sample(prompt_ids, prompt_mask)
         scores = self.score(batch, completion, mask, group=G)
         input_ids = torch.cat([prompt_ids, completion], 1)
         attention_mask = torch.cat([prompt_mask, mask.long()], 1)
-        return self.finish(input_ids, attention_mask, mask, completion.size(1), scores)
+        return self.finish(input_ids, attention_mask, mask, completion.size(1), scores, engine_logps)
 
-    def finish(self, input_ids, attention_mask, mask, n, scores) -> dict:
+    def finish(self, input_ids, attention_mask, mask, n, scores, engine_logps=None) -> dict:
         """The rollout's record: group advantages of the summed scores, and the log-probs of its last n tokens under
-        the sampling policy (kept for the later iterations, where they are the ratio's denominator) and the
-        reference."""
+        the sampling policy (kept when later iterations need them as the ratio's denominator, or when another
+        engine sampled: `recompute_old`) and the reference; with the engine's log-probs, the correction."""
         args = self.args
         with self.trainer.autocast:
-            old = (token_logps(self.policy, input_ids, attention_mask, n, args.temperature)[0]
-                   if args.num_iterations > 1 else None)
+            old = (token_logps(self.policy, input_ids, attention_mask, n, args.temperature)[0].float()
+                   if self.recompute_old else None)
         ref = None
         if self.reference is not None:
             dev = next(self.reference.parameters()).device
@@ -78,7 +78,7 @@ class GRPO(Rollouts):
         advantages = group_advantages(reward, args.num_generations, scale=args.loss_type != "dr_grpo")
         return {"input_ids": input_ids, "attention_mask": attention_mask, "mask": mask, "n_completion": n,
                 "advantages": advantages, "reward": reward, "scores": scores, "old": old, "ref": ref,
-                "n": len(input_ids)}
+                "n": len(input_ids), **self.correction(old, engine_logps, mask)}
 
     def loss(self, net, batch):
         args, r = self.args, batch["rollout"]
@@ -87,12 +87,14 @@ class GRPO(Rollouts):
         old = r["old"] if r["old"] is not None else logps.detach()  # one iteration: the sampling policy is this one
         per_seq, kl, clipped = policy_loss(logps, old, r["ref"], r["advantages"], r["mask"], args.loss_type,
                                            args.clip_eps, args.clip_eps_high, args.cispo_max, args.beta,
-                                           args.max_new_tokens)
+                                           args.max_new_tokens, r["tis"])
         loss = per_seq.sum() * scale
         if aux is not None and unwrap(net).config.use_moe:  # the routers keep their balance loss in RL too
             loss = loss + aux * r["n"]
         metrics = {**self.reward_metrics(r), "kl": kl.sum().detach(), "clip_ratio": clipped.sum(),
                    "completion_tokens": r["mask"].sum()}
+        if r["gap"] is not None:  # log p_trainer - log p_engine, mean |.| per reply
+            metrics["engine_gap"] = r["gap"].sum()
         return loss, metrics
 
 

@@ -11,6 +11,7 @@ import copy
 import os
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from safetensors.torch import save_file
 
@@ -26,7 +27,13 @@ from .rl import (Rollouts, add_reward_args, build_rewards, check_rewards, gae, r
 
 def add_args(parser):
     g = parser.add_argument_group("ppo (--batch_size counts prompts; --data_path defaults to dataset/rlaif.jsonl)")
-    g.add_argument("--ppo_epochs", type=int, default=4, help="optimizer steps on each batch of rollouts")
+    g.add_argument("--ppo_epochs", type=int, default=4, help="passes over each batch of rollouts")
+    g.add_argument("--mini_batches", type=int, default=1,
+                   help="optimizer steps per pass, each on an equal part of the rollout batch (must divide "
+                        "--accumulation_steps)")
+    g.add_argument("--early_stop_kl", type=float, default=0.0,
+                   help="skip a rollout batch's remaining passes once the policy's mean KL from the one that sampled "
+                        "it exceeds this (MiniMind's 0.25; 0: off)")
     g.add_argument("--clip_eps", type=float, default=0.2, help="clip of the policy ratio")
     g.add_argument("--vf_clip", type=float, default=0.2, help="clip of the value change from the rollout's values")
     g.add_argument("--vf_coef", type=float, default=0.1, help="weight of the value loss")
@@ -104,11 +111,14 @@ class PPO(Rollouts):
     def __init__(self, args, trainer, actor_critic, reference, rewards, weights, names):
         super().__init__(args, trainer, actor_critic.policy, rewards, weights, names, token_level=True)
         self.ac, self.reference = actor_critic, reference
+        self.mini_batches = args.mini_batches
+        self.drift = torch.zeros(2, device=trainer.device)  # this pass's summed KL estimates and its tokens
+        self.early_stops = 0
 
     @torch.no_grad()
     def rollout(self, batch) -> dict:
         args = self.args
-        completion, mask = self.sample(batch["prompt_ids"], batch["prompt_mask"])
+        completion, mask, engine_logps = self.sample(batch["prompt_ids"], batch["prompt_mask"])
         scores = self.score(batch, completion, mask)
         input_ids = torch.cat([batch["prompt_ids"], completion], 1)
         attention_mask = torch.cat([batch["prompt_mask"], mask.long()], 1)
@@ -129,14 +139,19 @@ class PPO(Rollouts):
         return {"input_ids": input_ids, "attention_mask": attention_mask, "mask": mask, "n_completion": n,
                 "old": old, "values": values, "advantages": whiten(advantages, mask), "returns": returns,
                 "reward": scores.sum(1), "scores": scores, "n": len(scores),
-                "kl": ((torch.exp(delta) - delta - 1) * mask).sum(1) / mask.sum(1).clamp(min=1)}
+                "kl": ((torch.exp(delta) - delta - 1) * mask).sum(1) / mask.sum(1).clamp(min=1),
+                **self.correction(old, engine_logps, mask)}
 
     def loss(self, net, batch):
         args, r = self.args, batch["rollout"]
         scale = r["scale"]  # token-level over the whole step
         logps, values, aux = net(r["input_ids"], r["attention_mask"], r["n_completion"], args.temperature)
         pg, vf, clipped = ppo_losses(logps.float(), values.float(), r, args.clip_eps, args.vf_clip)
+        if r["tis"] is not None:  # sampled by another engine: truncated importance weights (trainer/rollout.py)
+            pg = pg * r["tis"]
         mask = r["mask"]
+        delta = logps.detach().float() - r["old"]  # k3 estimate of KL(old || policy) per token: >= 0
+        self.drift += torch.stack([((delta.exp() - 1 - delta) * mask).sum(), mask.sum()])
         loss = ((pg + args.vf_coef * vf) * mask).sum() * scale
         if torch.is_tensor(aux):  # the routers keep their balance loss in RL too
             loss = loss + aux * r["n"]
@@ -144,7 +159,21 @@ class PPO(Rollouts):
         metrics = {**self.reward_metrics(r), "kl": r["kl"].sum(), "value_loss": ((vf * mask).sum(1) / per_seq).sum(),
                    "policy_loss": ((pg * mask).sum(1) / per_seq).sum().detach(),
                    "clip_ratio": ((clipped.float() * mask).sum(1) / per_seq).sum(), "completion_tokens": mask.sum()}
+        if r["gap"] is not None:
+            metrics["engine_gap"] = r["gap"].sum()
         return loss, metrics
+
+
+    def stop_repeat(self) -> bool:
+        """After each pass: the mean over the pass's tokens (all ranks) of the k3 estimate of KL(old || policy),
+        r - 1 - log r with r = p / p_old, measured in the pass's forwards (each before its own update); above
+        --early_stop_kl the batch's later passes are skipped."""
+        drift, self.drift = self.drift, torch.zeros_like(self.drift)
+        if self.trainer.env.world_size > 1:
+            dist.all_reduce(drift)
+        stop = bool(drift[0] / drift[1].clamp(min=1) > self.args.early_stop_kl)
+        self.early_stops += stop
+        return stop
 
 
 def build_critic(args, trainer, policy):
@@ -179,6 +208,9 @@ def train(trainer, args):
 
     summary = trainer.fit(ac, data, collate_fn=trainer.collate(prompt_collate),
                           loss_fn=ppo.loss, count_fn=ppo.count, prepare_window=ppo.generate_and_score,
-                          save_fn=save_fn, curve="reward",
-                          repeat=args.ppo_epochs)
+                          save_fn=save_fn, curve="reward", repeat=args.ppo_epochs, mini_batches=args.mini_batches,
+                          stop_repeat=ppo.stop_repeat if args.early_stop_kl > 0 else None)
+    if args.early_stop_kl > 0:
+        trainer.log(f"--early_stop_kl {args.early_stop_kl}: {ppo.early_stops} rollout batches stopped early")
+        summary["early_stops"] = ppo.early_stops
     return ppo.summarize(summary)

@@ -8,15 +8,17 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from trainer.rewards import RewardModel, call_reward, load_reward
-from inference import Sampling, generate
+from trainer.rewards import call_reward, expand_rewards, load_reward, load_reward_model
+from inference import Sampling
+
+from . import rollout as rollout_engines
 
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "cispo")
 
 
 def policy_loss(logps, old_logps, ref_logps, advantages, mask, loss_type: str = "grpo", clip_eps: float = 0.2,
                 clip_eps_high: float | None = None, cispo_max: float = 5.0, beta: float = 0.0,
-                max_new_tokens: int | None = None):
+                max_new_tokens: int | None = None, weights=None):
     """Per-sequence loss terms (to be summed), per-sequence KL and per-sequence share of clipped tokens.
 
     Per token, with r = p / p_old (the sampling policy's probability) and A the sequence's advantage:
@@ -24,6 +26,7 @@ def policy_loss(logps, old_logps, ref_logps, advantages, mask, loss_type: str = 
       cispo                -sg(min(r, cispo_max))·A·log p                     (CISPO: the importance weight clipped
                                                                                 and detached; every token keeps a
                                                                                 gradient)
+    times `weights` (N, T) when given (the rollout engine's truncated importance weights, trainer/rollout.py),
     plus beta x the k3 estimate of KL(policy || reference), exp(ref - logp) - (ref - logp) - 1 (>= 0).
     Reduction over a sequence's tokens: grpo their mean; dr_grpo their sum / max_new_tokens (a constant: no length
     bias); dapo, cispo their sum (the caller divides by the tokens of the whole batch: token-level).
@@ -39,6 +42,8 @@ def policy_loss(logps, old_logps, ref_logps, advantages, mask, loss_type: str = 
     else:
         per_token = -torch.min(ratio * adv, ratio.clamp(1 - clip_eps, 1 + high) * adv)
         clipped = ((ratio < 1 - clip_eps) & (adv < 0)) | ((ratio > 1 + high) & (adv > 0))
+    if weights is not None:
+        per_token = per_token * weights
     kl = torch.zeros_like(logps)
     if ref_logps is not None:
         delta = ref_logps - logps
@@ -97,7 +102,7 @@ def score_rewards(rewards, weights, prompts, texts, refs) -> torch.Tensor:
 
 class Rollouts:
     """What the RL methods share. `generate_and_score` is the engine's prepare_window hook: once per window of
-    micro-batches it puts each batch's rollout (`rollout`, each method's own) into the batch and fixes the step's
+    micro-batches it puts each batch's rollout (`rollout`, each method's own) into the batch and fixes each step's
     token normaliser; `count` (the engine's count_fn) reads the rollout's size. `sample` generates through the
     inference core and times it; `score` decodes the replies and scores them; `summarize` reports rollout speed."""
 
@@ -106,7 +111,9 @@ class Rollouts:
         self.rewards, self.weights, self.names = rewards, weights, names
         self.sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
         self.token_level = token_level
+        self.mini_batches = 1
         self.rollout_tokens, self.rollout_seconds = 0, 0.0
+        self.engine = rollout_engines.build(args, trainer, policy)
 
     def generate_and_score(self, micro: list):
         """Sample and score the window's rollouts, then set each one's loss scale: a token-level loss is normalised
@@ -114,13 +121,15 @@ class Rollouts:
         so the scale is sequences / tokens (1 for a per-sequence loss)."""
         for batch in micro:
             batch["rollout"] = self.rollout(batch)
-        rollouts = [b["rollout"] for b in micro]
-        totals = torch.tensor([[r["n"], float(r["mask"].sum())] for r in rollouts]).sum(0).to(self.trainer.device)
-        if self.trainer.env.world_size > 1:
-            dist.all_reduce(totals)
-        scale = float(totals[0] / totals[1].clamp(min=1)) if self.token_level else 1.0
-        for r in rollouts:
-            r["scale"] = scale
+        size = len(micro) // self.mini_batches  # each optimizer step (PPO's mini-batch) is normalised on its own
+        for k in range(0, len(micro), size):
+            rollouts = [b["rollout"] for b in micro[k:k + size]]
+            totals = torch.tensor([[r["n"], float(r["mask"].sum())] for r in rollouts]).sum(0).to(self.trainer.device)
+            if self.trainer.env.world_size > 1:
+                dist.all_reduce(totals)
+            scale = float(totals[0] / totals[1].clamp(min=1)) if self.token_level else 1.0
+            for r in rollouts:
+                r["scale"] = scale
 
     @staticmethod
     def count(batch):
@@ -130,19 +139,28 @@ class Rollouts:
         raise NotImplementedError
 
     def sample(self, prompt_ids, prompt_mask):
-        """(completion, mask): the policy's replies through the inference core's decode loop (the one chat, server
-        and evaluation use), in eval mode; mask 1 up to and including each reply's eos."""
-        eos = self.tokenizer.eos_token_id
-        training = self.policy.training
-        self.policy.eval()
+        """(completion, mask, engine log-probs or None): the policy's replies from the rollout engine (the inference
+        core's decode loop, or vLLM); mask 1 up to and including each reply's eos."""
         t0 = time.time()
-        completion = generate(self.trainer.sampling_model(self.policy), prompt_ids, prompt_mask, self.sampling,
-                              eos_id=eos, pad_id=self.tokenizer.pad_token_id)
-        self.policy.train(training)
-        mask = completion_mask(completion, eos)
+        completion, mask, engine_logps = self.engine.sample(self.policy, prompt_ids, prompt_mask, self.sampling)
         self.rollout_seconds += time.time() - t0
         self.rollout_tokens += int(mask.sum())
-        return completion, mask
+        return completion, mask, engine_logps
+
+    def correction(self, old, engine_logps, mask) -> dict:
+        """The engine/trainer mismatch of a rollout sampled by another engine: per token the truncated importance
+        weight min(exp(old - engine), --tis_cap) (none with cap 0) and per sequence the mean |old - engine|."""
+        if engine_logps is None:
+            return {"tis": None, "gap": None}
+        delta = (old - engine_logps) * mask
+        tis = delta.exp().clamp(max=self.args.tis_cap) * mask if self.args.tis_cap > 0 else None
+        return {"tis": tis, "gap": delta.abs().sum(1) / mask.sum(1).clamp(min=1)}
+
+    @property
+    def recompute_old(self) -> bool:
+        """Whether a rollout keeps the trainer's log-probs of the sampling policy: needed when several steps share it
+        (the ratio's denominator) or when another engine sampled it (its own log-probs round differently)."""
+        return self.engine.name != "local" or getattr(self.args, "num_iterations", 1) > 1
 
     def score(self, batch, completion, mask, group: int = 1) -> torch.Tensor:
         """(N, rewards) weighted scores of the replies; each prompt of the batch answered `group` times in a row. A
@@ -164,8 +182,13 @@ class Rollouts:
 
     def summarize(self, summary: dict) -> dict:
         summary["rollout_tokens_per_s"] = self.rollout_tokens / max(self.rollout_seconds, 1e-9)
-        self.trainer.log(f"rollouts: {self.rollout_tokens:,} tokens in {self.rollout_seconds:.1f} s "
-                         f"({summary['rollout_tokens_per_s']:,.0f} tokens/s)")
+        summary["rollout_engine"] = self.engine.name
+        self.trainer.log(f"rollouts ({self.engine.name}): {self.rollout_tokens:,} tokens in "
+                         f"{self.rollout_seconds:.1f} s ({summary['rollout_tokens_per_s']:,.0f} tokens/s)")
+        if hasattr(self.engine, "summary"):
+            summary.update(self.engine.summary())
+            self.trainer.log(f"weight syncs: {summary['weight_syncs']} in {summary['weight_sync_seconds']:.1f} s")
+        self.engine.close()
         return summary
 
 
@@ -177,12 +200,17 @@ def refuse_held_out_loss(args, method: str):
 
 
 def add_reward_args(group, default: str):
-    """The reward flags GRPO and PPO share."""
+    """The reward and rollout-engine flags GRPO and PPO share."""
+    rollout_engines.add_args(group)
     a = group.add_argument
     a("--reward", default=default,
-      help="comma-separated rule rewards: builtin names (format, correctness), module:function or file.py:function")
+      help="comma-separated rule rewards: builtin names (format, correctness, length, think_length, think_closed, "
+           "repetition; minimind = the last four), module:function or file.py:function")
     a("--reward_model", default=None,
-      help="a Hugging Face sequence-classification reward model folder, added to the rule rewards")
+      help="a reward model folder, added to the rule rewards: a sequence classifier, or a remote-code model with "
+           "get_score(tokenizer, messages) like internlm2-1_8b-reward (needs --trust_remote_code)")
+    a("--trust_remote_code", action="store_true", help="run the --reward_model's own code (its auto_map)")
+    a("--reward_clip", type=float, default=3.0, help="reward model scores clipped to +-this (MiniMind's 3; 0: no clip)")
     a("--reward_weights", default=None,
       help="comma-separated weights: one per --reward, then the reward model's (default: all 1)")
     a("--reward_device", default=None, help="device of the reward model (default: the training one)")
@@ -206,13 +234,18 @@ def check_rewards(trainer, data, rewards, names):
                 f"{', '.join(apply) or 'no reward'} score" + (f" ({', '.join(need)} need a reference)" if need else ""))
 
 
+def build_reward_model(args, trainer):
+    return load_reward_model(args.reward_model, args.reward_device or trainer.device, args.reward_dtype,
+                             args.trust_remote_code, args.reward_clip or None)
+
+
 def build_rewards(args, trainer):
     """(reward functions, weights, names): --reward's rule rewards, then --reward_model; --reward_weights."""
-    specs = [spec.strip() for spec in args.reward.split(",") if spec.strip()]
+    specs = expand_rewards(args.reward)
     rewards = [load_reward(spec) for spec in specs]
     names = [spec.rsplit(":", 1)[-1] for spec in specs]
     if args.reward_model:
-        rewards.append(RewardModel(args.reward_model, args.reward_device or trainer.device, args.reward_dtype))
+        rewards.append(build_reward_model(args, trainer))
         names.append("model")
     weights = [1.0] * len(rewards)
     if args.reward_weights:
