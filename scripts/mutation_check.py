@@ -327,8 +327,8 @@ BREAKS = [
           "trainer/rewards.py", "return [max(-self.clip, min(self.clip, s)) for s in scores] if self.clip else "
           "list(scores)", "return list(scores)", ["tests/test_rollout.py::-k remote_code_reward_model_scores"]),
     Break("rm-reads-think", "a reward model scores the think block along with the reply",
-          "trainer/rewards.py", '*(p or []), {"role": "assistant", "content": split_think(c)[1]}])',
-          '*(p or []), {"role": "assistant", "content": c}])',
+          "trainer/rewards.py", '{"role": "assistant", "content": split_think(c)[1]}]',
+          '{"role": "assistant", "content": c}]',
           ["tests/test_rollout.py::-k remote_code_reward_model_scores"]),
 ]
 

@@ -81,6 +81,13 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(TOKENIZER_DIR)
 
 
+def barely_trained(tmp):
+    """A tiny model pretrained one step on the demo text (out/pretrain under tmp): where the RL tests start."""
+    load_script("1-pretrain.py").main(tiny_args(tmp, ROOT / "demo" / "data" / "pretrain_eval.jsonl", "--max_steps", 1,
+                                                "--max_seq_len", 32, "--batch_size", 2))
+    return tmp / "out" / "pretrain"
+
+
 def tiny_args(tmp_path, data_path, *extra):
     """Command-line flags for a fast, deterministic CPU run of a stage script."""
     return ["--data_path", str(data_path), "--out_dir", str(tmp_path / "out"), "--preset", "tiny",

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import ROOT, load_script, make_model, tiny_args, write_jsonl
+from conftest import ROOT, barely_trained, load_script, make_model, tiny_args, write_jsonl
 
 from trainer import agent as agent_method
 from trainer import dpo as dpo_method
@@ -15,7 +15,6 @@ from trainer import rl
 
 reason = load_script("6-reason.py")
 dpo = load_script("4-RLHF.py")
-pretrain = load_script("1-pretrain.py")
 DEMO = ROOT / "demo" / "data"
 GRPO = ("--method", "grpo", "--batch_size", 2, "--num_generations", 4, "--max_new_tokens", 8)
 
@@ -23,10 +22,7 @@ GRPO = ("--method", "grpo", "--batch_size", 2, "--num_generations", 4, "--max_ne
 @pytest.fixture(scope="module")
 def start(tmp_path_factory):
     """A barely trained tiny model to run RL from."""
-    tmp = tmp_path_factory.mktemp("start")
-    pretrain.main(tiny_args(tmp, DEMO / "pretrain_eval.jsonl", "--max_steps", 1, "--max_seq_len", 32,
-                            "--batch_size", 2))
-    return tmp / "out" / "pretrain"
+    return barely_trained(tmp_path_factory.mktemp("start"))
 
 
 def test_a_group_of_one_is_refused_with_the_reason(tmp_path, start):

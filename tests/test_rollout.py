@@ -10,7 +10,7 @@ import types
 
 import pytest
 import torch
-from conftest import ROOT, load_script, make_model, tiny_args, write_jsonl
+from conftest import ROOT, barely_trained, load_script, make_model, tiny_args, write_jsonl
 
 from trainer import rollout
 from trainer.agent import tool_count_reward
@@ -21,7 +21,6 @@ from trainer.rl import Rollouts, policy_loss
 reason = load_script("6-reason.py")
 rlhf = load_script("4-RLHF.py")
 sft = load_script("2-sft.py")
-pretrain = load_script("1-pretrain.py")
 DEMO = ROOT / "demo" / "data"
 
 
@@ -183,13 +182,12 @@ def test_minimind_shaping_rewards_equal_their_rules():
     assert expand_rewards("format, minimind") == ["format", "length", "think_length", "think_closed", "repetition"]
 
 
-def test_grpo_runs_on_minimind_rewards_and_reports_each_one(tmp_path):
-    start = tmp_path / "start"
-    make_model("tiny").save_pretrained(start)
-    from model import TOKENIZER_DIR
-    from transformers import AutoTokenizer
+@pytest.fixture(scope="module")
+def start(tmp_path_factory):
+    return barely_trained(tmp_path_factory.mktemp("start"))
 
-    AutoTokenizer.from_pretrained(TOKENIZER_DIR).save_pretrained(start)
+
+def test_grpo_runs_on_minimind_rewards_and_reports_each_one(tmp_path, start):
     summary = reason.main(tiny_args(tmp_path, DEMO / "reason_prompts.jsonl", "--method", "grpo", "--from", start,
                                     "--reward", "minimind", "--max_steps", 1, "--batch_size", 2,
                                     "--num_generations", 2, "--max_new_tokens", 8))
@@ -249,7 +247,8 @@ def remote_reward_model(tmp_path, tokenizer):
     (folder / "configuration_toy.py").write_text(REMOTE_CONFIG)
     (folder / "modeling_toy.py").write_text(REMOTE_MODEL)
     config = {"model_type": "toy_reward", "scale": 0.5, "architectures": ["ToyRewardModel"],
-              "auto_map": {"AutoConfig": "configuration_toy.ToyRewardConfig", "AutoModel": "modeling_toy.ToyRewardModel"}}
+              "auto_map": {"AutoConfig": "configuration_toy.ToyRewardConfig",
+                           "AutoModel": "modeling_toy.ToyRewardModel"}}
     (folder / "config.json").write_text(json.dumps(config))
     from safetensors.torch import save_file
 
@@ -272,13 +271,7 @@ def test_a_remote_code_reward_model_scores_with_get_score_clipped_and_only_with_
     assert rm.score([prompt], ["<think>\n" + "x " * 40 + "\n</think>\n" + short]) == rm.score([prompt], [short])
 
 
-def test_grpo_trains_with_a_remote_code_reward_model(remote_reward_model, tmp_path):
-    start = tmp_path / "start"
-    make_model("tiny").save_pretrained(start)
-    from model import TOKENIZER_DIR
-    from transformers import AutoTokenizer
-
-    AutoTokenizer.from_pretrained(TOKENIZER_DIR).save_pretrained(start)
+def test_grpo_trains_with_a_remote_code_reward_model(remote_reward_model, tmp_path, start):
     common = ("--method", "grpo", "--from", start, "--reward", "format", "--reward_model", remote_reward_model,
               "--max_steps", 1, "--batch_size", 2, "--num_generations", 2, "--max_new_tokens", 8)
     with pytest.raises(SystemExit, match="--trust_remote_code"):
@@ -316,10 +309,8 @@ def test_system_prompts_are_injected_into_that_share_of_rows_and_never_trained(t
     assert len(item["input_ids"]) > len(base["input_ids"])
 
 
-def test_sft_stage_takes_the_system_prompt_flag(tmp_path):
-    pretrain.main(tiny_args(tmp_path, DEMO / "pretrain_eval.jsonl", "--max_steps", 1, "--max_seq_len", 32,
-                            "--batch_size", 2))
-    summary = sft.main(tiny_args(tmp_path, DEMO / "sft.jsonl", "--from", tmp_path / "out" / "pretrain",
+def test_sft_stage_takes_the_system_prompt_flag(tmp_path, start):
+    summary = sft.main(tiny_args(tmp_path, DEMO / "sft.jsonl", "--from", start,
                                  "--max_steps", 1, "--batch_size", 2, "--system_prompt_ratio", 0.5))
     assert summary["steps"] == 1
 
@@ -327,12 +318,6 @@ def test_sft_stage_takes_the_system_prompt_flag(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------------
 # PPO's mini-batches and KL early stop
 
-@pytest.fixture(scope="module")
-def ppo_start(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ppo_start")
-    pretrain.main(tiny_args(tmp, DEMO / "pretrain_eval.jsonl", "--max_steps", 1, "--max_seq_len", 32,
-                            "--batch_size", 2))
-    return tmp / "out" / "pretrain"
 
 
 def _ppo(tmp_path, start, *extra):
@@ -346,19 +331,19 @@ def _ppo(tmp_path, start, *extra):
                                "--reward", f"{tmp_path / 'which.py'}:which", "--learning_rate", 1e-2, *extra))
 
 
-def test_ppo_mini_batches_take_a_step_per_part_and_kl_early_stop_skips_the_later_passes(tmp_path, ppo_start):
+def test_ppo_mini_batches_take_a_step_per_part_and_kl_early_stop_skips_the_later_passes(tmp_path, start):
     """accumulation 2 x mini_batches 2 x ppo_epochs 2: 4 steps per rollout batch, the two parts alternating (each
     part's rewards repeat every other step). With a KL threshold every batch exceeds, each batch stops after its first
     pass: 2 steps per batch, so 4 steps see 2 batches."""
-    full = _ppo(tmp_path / "full", ppo_start, "--mini_batches", 2, "--ppo_epochs", 2, "--max_steps", 4)
+    full = _ppo(tmp_path / "full", start, "--mini_batches", 2, "--ppo_epochs", 2, "--max_steps", 4)
     r = [m["reward"] for _, m in full["metric_history"]]
     assert r[0] == r[2] and r[1] == r[3] and r[0] != r[1], r  # part 1, part 2, part 1, part 2 of one batch
-    early = _ppo(tmp_path / "early", ppo_start, "--mini_batches", 2, "--ppo_epochs", 2, "--max_steps", 4,
+    early = _ppo(tmp_path / "early", start, "--mini_batches", 2, "--ppo_epochs", 2, "--max_steps", 4,
                  "--early_stop_kl", 1e-12)
     e = [m["reward"] for _, m in early["metric_history"]]
     assert early["early_stops"] == 2 and e[:2] == r[:2] and e[2:] != r[2:], (e, r)  # a new batch after 2 steps
-    never = _ppo(tmp_path / "never", ppo_start, "--mini_batches", 2, "--ppo_epochs", 2, "--max_steps", 4,
+    never = _ppo(tmp_path / "never", start, "--mini_batches", 2, "--ppo_epochs", 2, "--max_steps", 4,
                  "--early_stop_kl", 1e6)
     assert never["early_stops"] == 0 and [m["reward"] for _, m in never["metric_history"]] == r
     with pytest.raises(SystemExit, match="must divide 2"):
-        _ppo(tmp_path / "bad", ppo_start, "--mini_batches", 3, "--max_steps", 1)
+        _ppo(tmp_path / "bad", start, "--mini_batches", 3, "--max_steps", 1)

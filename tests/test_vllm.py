@@ -117,7 +117,8 @@ def test_replies_come_back_with_their_eos_and_a_mask_over_exactly_them(server, t
         assert n == 6 or (ended and row[n - 1] == tokenizer.eos_token_id)
 
 
-ASCII = "def ascii_share(completion, reference):\n    return sum(c.isascii() for c in completion) / max(len(completion), 1)\n"
+ASCII = ("def ascii_share(completion, reference):\n"
+         "    return sum(c.isascii() for c in completion) / max(len(completion), 1)\n")
 
 
 def _grpo(tmp_path, start, engine, url, steps, *extra):
@@ -125,7 +126,8 @@ def _grpo(tmp_path, start, engine, url, steps, *extra):
     return reason.main([str(a) for a in ["--data_path", DEMO / "reason_prompts.jsonl", "--out_dir", tmp_path / engine,
                         "--image_dir", tmp_path / "images", "--num_workers", 0, "--dtype", "float32",
                         "--log_interval", 1, "--method", "grpo", "--from", start, "--batch_size", 4,
-                        "--num_generations", 8, "--max_new_tokens", 12, "--reward", f"{tmp_path / 'ascii.py'}:ascii_share",
+                        "--num_generations", 8, "--max_new_tokens", 12,
+                        "--reward", f"{tmp_path / 'ascii.py'}:ascii_share",
                         "--learning_rate", 3e-2, "--warmup_steps", 0, "--min_lr_ratio", 1, "--beta", 0,
                         "--max_steps", steps, "--rollout_engine", engine, "--rollout_url", url, *extra]])
 
@@ -153,11 +155,13 @@ def test_grpo_ppo_and_agent_sync_every_step_and_log_the_engine_gap(server, start
     common = ["--out_dir", tmp_path / "out", "--image_dir", tmp_path / "images", "--num_workers", 0,
               "--dtype", "float32", "--log_interval", 1, "--from", start, "--rollout_engine", "vllm",
               "--rollout_url", server.url, "--max_steps", 2, "--batch_size", 2]
-    ppo = rlhf.main([str(a) for a in [*common, "--method", "ppo", "--data_path", DEMO / "reason_prompts.jsonl", "--max_new_tokens", 8,
-                     "--reward", f"{tmp_path / 'ascii.py'}:ascii_share", "--ppo_epochs", 1]])
+    ppo = rlhf.main([str(a) for a in [*common, "--method", "ppo", "--data_path", DEMO / "reason_prompts.jsonl",
+                                      "--max_new_tokens", 8, "--reward", f"{tmp_path / 'ascii.py'}:ascii_share",
+                                      "--ppo_epochs", 1]])
     assert ppo["weight_syncs"] == 2 and all(m["engine_gap"] < 1e-4 for _, m in ppo["metric_history"])
-    agent = reason.main([str(a) for a in [*common, "--method", "agent", "--data_path", DEMO / "agent_rl.jsonl", "--num_generations", 2,
-                         "--max_new_tokens", 8, "--max_tool_rounds", 1, "--max_seq_len", 320]])
+    agent = reason.main([str(a) for a in [*common, "--method", "agent", "--data_path", DEMO / "agent_rl.jsonl",
+                                          "--num_generations", 2, "--max_new_tokens", 8, "--max_tool_rounds", 1,
+                                          "--max_seq_len", 320]])
     assert agent["weight_syncs"] == 2 and agent["rollout_engine"] == "vllm" and agent["rollout_tokens_per_s"] > 0
 
 

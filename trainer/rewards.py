@@ -310,6 +310,7 @@ class ScoringRewardModel(RewardModel):
         self.device, self.clip = device, clip
 
     def score(self, prompts, completions) -> list[float]:
+        chats = [[*(p or []), {"role": "assistant", "content": split_think(c)[1]}]
+                 for p, c in zip(prompts, completions)]
         with torch.no_grad():
-            return self.clipped([float(self.model.get_score(self.tokenizer, [
-                *(p or []), {"role": "assistant", "content": split_think(c)[1]}])) for p, c in zip(prompts, completions)])
+            return self.clipped([float(self.model.get_score(self.tokenizer, chat)) for chat in chats])

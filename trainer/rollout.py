@@ -52,7 +52,8 @@ def add_args(group):
     a("--vllm_python", default=None,
       help=f"vllm: the Python that starts the server (default: $LLM_VLLM_PYTHON, the venv {SETUP} makes, python3)")
     a("--vllm_args", default="",
-      help="vllm: more arguments for the started server, e.g. --vllm_args=\"--gpu-memory-utilization 0.3\" beside the trainer")
+      help="vllm: more arguments for the started server, e.g. --vllm_args=\"--gpu-memory-utilization 0.3\" beside "
+           "the trainer")
     a("--weight_sync", choices=("disk", "nccl"), default="disk", help="vllm: how new weights reach the server")
     a("--sync_every", type=int, default=1, help="vllm: optimizer steps between weight syncs")
     a("--tis_cap", type=float, default=2.0,
@@ -179,8 +180,8 @@ class VLLMEngine:
                               timeout=quick).get("tokens")
         ours = self.tokenizer(probe, add_special_tokens=False)["input_ids"]
         if theirs != ours:
-            raise VLLMError(f"vLLM server {self.url} serves {self.model_name!r} with another tokenizer than the policy's "
-                            f"({theirs[:8]}... vs {ours[:8]}...): its replies would be other tokens")
+            raise VLLMError(f"vLLM server {self.url} serves {self.model_name!r} with another tokenizer than the "
+                            f"policy's ({theirs[:8]}... vs {ours[:8]}...): its replies would be other tokens")
         info = self.request("server_info?config_format=json", timeout=quick)
         if '"logprobs_mode":"processed_logprobs"' not in json.dumps(info, separators=(",", ":")):
             raise VLLMError(f"vLLM server {self.url} returns raw log-probs; start it with --logprobs-mode "
@@ -210,7 +211,8 @@ class VLLMEngine:
         cfg = policy.config
         length = min(cfg.max_position_embeddings, max(self.args.max_seq_len, self.args.max_prompt_len
                                                       + self.args.max_new_tokens) + 8)
-        cmd = [self.args.vllm_python or default_python(), "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
+        cmd = [self.args.vllm_python or default_python(), "-m", "vllm.entrypoints.openai.api_server",
+               "--model", str(folder),
                "--served-model-name", SERVED_NAME, "--host", "127.0.0.1", "--port", str(port),
                "--dtype", "bfloat16" if cuda and self.trainer.dtype == torch.bfloat16 else "float32",
                "--logprobs-mode", "processed_logprobs", "--max-model-len", str(length)]
@@ -303,7 +305,8 @@ class VLLMEngine:
             self.nccl = NCCLTrainerWeightTransferEngine.trainer_init(
                 NCCLTrainerInitInfo(master_address=os.environ.get("VLLM_SYNC_HOST", "127.0.0.1"), master_port=port,
                                     world_size=world + 1),
-                client=HTTPVLLMWeightSyncClient(self.url, self.args.rollout_timeout), source=ModuleSource(_plain(policy)))
+                client=HTTPVLLMWeightSyncClient(self.url, self.args.rollout_timeout),
+                source=ModuleSource(_plain(policy)))
         self.nccl.send_weights()
 
     # -- sampling -----------------------------------------------------------------------------------------------------
