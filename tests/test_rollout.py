@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import ROOT, barely_trained, load_script, make_model, tiny_args, write_jsonl
 
+from scripts.bench_rollout import stub_trainer
 from trainer import rollout
 from trainer.agent import tool_count_reward
 from trainer.rewards import (expand_rewards, length_reward, load_reward_model, repetition_penalty, think_closed_reward,
@@ -78,13 +79,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.answer(json.loads(self.rfile.read(int(self.headers["Content-Length"])) or b"{}"))
 
 
-def _engine(tokenizer, tmp_path, **overrides):
+def _engine(tokenizer, tmp_path, model="tiny", **overrides):
     args = reason.build_parser().parse_args(["--method", "grpo", "--rollout_engine", "vllm"])
     vars(args).update(overrides)
-    trainer = types.SimpleNamespace(tokenizer=tokenizer, stage_dir=tmp_path, device=torch.device("cpu"),
-                                    dtype=torch.float32, updates=0, log=print,
-                                    env=types.SimpleNamespace(is_main=True, world_size=1, rank=0))
-    return rollout.VLLMEngine(args, trainer, make_model("tiny"))
+    return rollout.VLLMEngine(args, stub_trainer(tokenizer, tmp_path, "cpu", torch.float32), make_model(model))
 
 
 @pytest.mark.parametrize("answers, error", [
@@ -125,11 +123,7 @@ def test_a_server_that_cannot_start_says_why_and_how_to_install_vllm(tokenizer, 
         _engine(tokenizer, tmp_path, vllm_python=sys.executable)  # this environment has no vllm
     assert (tmp_path / "vllm_model" / "config.json").exists()  # the policy was exported for it
     with pytest.raises(SystemExit, match="shared experts"):
-        args = reason.build_parser().parse_args(["--method", "grpo", "--rollout_engine", "vllm"])
-        trainer = types.SimpleNamespace(tokenizer=tokenizer, stage_dir=tmp_path, device=torch.device("cpu"),
-                                        dtype=torch.float32, updates=0, log=print,
-                                        env=types.SimpleNamespace(is_main=True, world_size=1, rank=0))
-        rollout.VLLMEngine(args, trainer, make_model("tiny-moe"))
+        _engine(tokenizer, tmp_path, model="tiny-moe")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -5,12 +5,12 @@ started by the engine's own start-up code on an exported tiny policy (head_dim 3
 import json
 import os
 import subprocess
-import types
 
 import pytest
 import torch
 from conftest import ROOT, load_script, make_model
 
+from scripts.bench_rollout import stub_trainer
 from trainer import rollout
 from trainer.rl import token_logps
 from inference import Sampling
@@ -34,9 +34,7 @@ if VLLM_PYTHON is None:
 
 
 def _stub_trainer(tokenizer, stage_dir):
-    return types.SimpleNamespace(tokenizer=tokenizer, stage_dir=stage_dir, device=torch.device("cpu"),
-                                 dtype=torch.float32, updates=0, log=print,
-                                 env=types.SimpleNamespace(is_main=True, world_size=1, rank=0))
+    return stub_trainer(tokenizer, stage_dir, "cpu", torch.float32)
 
 
 def _args(**overrides):

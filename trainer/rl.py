@@ -12,6 +12,7 @@ from trainer.rewards import call_reward, expand_rewards, load_reward, load_rewar
 from inference import Sampling
 
 from . import rollout as rollout_engines
+from .rollout import completion_mask, unwrap  # noqa: F401 (the RL methods import them from here)
 
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "cispo")
 
@@ -65,13 +66,6 @@ def group_advantages(rewards: torch.Tensor, group: int, scale: bool = True) -> t
     return (centred / (r.std(1, keepdim=True) + 1e-4) if scale else centred).flatten()
 
 
-def completion_mask(completion: torch.Tensor, eos_id: int) -> torch.Tensor:
-    """1 up to and including each row's first eos (what the reply is), 0 after it (padding)."""
-    is_eos = completion == eos_id
-    after_eos = (is_eos.cumsum(1) - is_eos.long()) > 0
-    return (~after_eos).float()
-
-
 def token_logps(model, input_ids, attention_mask, n_completion: int, temperature: float = 1.0):
     """(log-probabilities of the last n_completion tokens at the sampling temperature, the MoE balance loss). The
     temperature divides the logits as it did when sampling, so the ratio compares the distributions sampled from."""
@@ -79,11 +73,6 @@ def token_logps(model, input_ids, attention_mask, n_completion: int, temperature
     logits = out.logits[:, :-1].float() / temperature
     logps = torch.gather(F.log_softmax(logits, -1), 2, input_ids[:, -n_completion:, None]).squeeze(2)
     return logps, getattr(out, "aux_loss", None)
-
-
-def unwrap(net):
-    net = getattr(net, "_orig_mod", net)  # torch.compile
-    return getattr(net, "module", net)  # DDP
 
 
 def score_rewards(rewards, weights, prompts, texts, refs) -> torch.Tensor:

@@ -69,6 +69,18 @@ def build(args, trainer, policy):
     return LocalEngine(trainer)
 
 
+def completion_mask(completion: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """1 up to and including each row's first eos (what the reply is), 0 after it (padding)."""
+    is_eos = completion == eos_id
+    after_eos = (is_eos.cumsum(1) - is_eos.long()) > 0
+    return (~after_eos).float()
+
+
+def unwrap(net):
+    net = getattr(net, "_orig_mod", net)  # torch.compile
+    return getattr(net, "module", net)  # DDP
+
+
 def default_python() -> str:
     """The Python that starts a vLLM server: $LLM_VLLM_PYTHON, else the venv scripts/setup_vllm.sh makes, else this
     one (vLLM installed beside the trainer, as on a GPU machine)."""
@@ -93,8 +105,6 @@ class LocalEngine:
 
     def sample(self, policy, prompt_ids, prompt_mask, sampling):
         """(completion ids (N, T), mask (N, T): 1 up to and including each reply's eos, None: no engine log-probs)."""
-        from .rl import completion_mask
-
         tok = self.trainer.tokenizer
         training = policy.training
         policy.eval()
@@ -116,8 +126,8 @@ class VLLMError(SystemExit):
 
 
 class VLLMEngine:
-    """A vLLM server as the rollout engine (see the module doc). Rank 0 starts it (unless --rollout_url), checks it,
-    and drives the weight syncs; every rank samples from it."""
+    """A vLLM server as the rollout engine (see the module doc). Rank 0 starts it (unless --rollout_url) and drives
+    the weight syncs; every rank checks it and samples from it."""
 
     name = "vllm"
 
@@ -134,8 +144,7 @@ class VLLMEngine:
             dist.broadcast_object_list(box, src=0)
             url = box[0]
         self.url = url.rstrip("/")
-        if trainer.env.is_main:
-            self.check(policy)
+        self.check()
 
     # -- HTTP ---------------------------------------------------------------------------------------------------------
     def request(self, path: str, body=None, method=None, timeout=None, allow=()):
@@ -160,7 +169,7 @@ class VLLMEngine:
                 from None
         return json.loads(raw) if raw.strip() else {}
 
-    def check(self, policy):
+    def check(self):
         """Stop now, with the reason, unless the server is a vLLM new enough, in dev mode, serving a model with this
         tokenizer."""
         quick = min(30.0, self.args.rollout_timeout)  # the checks are small requests
@@ -186,8 +195,6 @@ class VLLMEngine:
         if '"logprobs_mode":"processed_logprobs"' not in json.dumps(info, separators=(",", ":")):
             raise VLLMError(f"vLLM server {self.url} returns raw log-probs; start it with --logprobs-mode "
                             f"processed_logprobs so they are the sampling distribution's (temperature applied)")
-        if not self.trainer.env.is_main:
-            return
         self.trainer.log(f"rollouts: vLLM {version} at {self.url} serving {self.model_name!r}, weights synced by "
                          f"{self.args.weight_sync} every {self.args.sync_every} step(s)")
 
@@ -203,7 +210,7 @@ class VLLMEngine:
             raise VLLMError("--rollout_engine vllm serves the policy as a stock Hugging Face model; this one (MoE with "
                             "shared experts) has none: use --rollout_engine local")
         folder = self.trainer.stage_dir / "vllm_model"
-        export_stock(_plain(policy), self.tokenizer, folder, family)
+        export_stock(unwrap(policy), self.tokenizer, folder, family)
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
@@ -306,7 +313,7 @@ class VLLMEngine:
                 NCCLTrainerInitInfo(master_address=os.environ.get("VLLM_SYNC_HOST", "127.0.0.1"), master_port=port,
                                     world_size=world + 1),
                 client=HTTPVLLMWeightSyncClient(self.url, self.args.rollout_timeout),
-                source=ModuleSource(_plain(policy)))
+                source=ModuleSource(unwrap(policy)))
         self.nccl.send_weights()
 
     # -- sampling -----------------------------------------------------------------------------------------------------
@@ -315,7 +322,7 @@ class VLLMEngine:
         if not rows:
             return []
         eos = self.tokenizer.eos_token_id
-        body = {"model": self.model_name if hasattr(self, "model_name") else SERVED_NAME, "prompt": rows,
+        body = {"model": self.model_name, "prompt": rows,
                 "max_tokens": sampling.max_new_tokens, "temperature": sampling.temperature,
                 "top_p": getattr(sampling, "top_p", 1.0) or 1.0, "top_k": getattr(sampling, "top_k", 0) or -1,
                 "logprobs": 0, "return_token_ids": True, "skip_special_tokens": False, "stop_token_ids": [eos]}
@@ -359,11 +366,6 @@ class VLLMEngine:
         return {"weight_syncs": self.syncs, "weight_sync_seconds": self.sync_seconds}
 
 
-def _plain(net):
-    net = getattr(net, "_orig_mod", net)
-    return getattr(net, "module", net)
-
-
 def _full_state(trainer, policy) -> dict:
     """The policy's tensors under stock names, on the CPU, in the compute dtype (fp32 on a CPU); under --fsdp
     gathered from the shards (every rank takes part, rank 0 gets them)."""
@@ -371,7 +373,7 @@ def _full_state(trainer, policy) -> dict:
 
     from . import fsdp
 
-    model = _plain(policy)
+    model = unwrap(policy)
     if fsdp.is_sharded(model):
         state = fsdp.full_state_dict(model, rank0_only=True)
     else:
