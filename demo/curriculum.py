@@ -81,6 +81,9 @@ THINGS = [
 ]
 TOOL_HELD_OUT = 40  # (city, question, weather) cases the tool metric asks, never in training
 MAX_SUM = 10  # sums: a + b <= 10; differences: b <= a <= 10 (they undo every sum)
+# share of the reasoning SFT traces that forget the story's last event: the model learns both habits, so its sampled
+# replies are right about as often as wrong (a group of GRPO samples has both), and GRPO's reward picks the right one
+CARELESS_SHARE = 0.5
 
 # how many facts of each kind, and sums, only pretraining sees (and the eval splits ask about)
 HELD_OUT = {"capital": 3, "continent": 2, "sound": 2, "food": 2, "job": 2, "city": 2, "color": 2, "add": 10,
@@ -675,8 +678,10 @@ class Curriculum:
 
     # ---------------------------------------------------------------------------------------- 6 reasoning
 
-    def word_problem(self, rng, lang):
-        """A 2-3 step add/subtract story problem; every step is a sum that training may show."""
+    def word_problem(self, rng, lang, careless=False):
+        """A 2-3 step add/subtract story problem; every step is a sum that training may show. careless: the trace
+        (and its answer) leaves out the story's last event -- a teacher's slip the reward can tell from the right
+        habit; the story is the same."""
         while True:
             x, n_steps = rng.randint(1, MAX_SUM - 1), rng.randint(2, 3)
             steps, cur = [], x
@@ -692,6 +697,7 @@ class Curriculum:
                 break
         p, q = rng.sample(PEOPLE, 2)
         item = rng.choice(ITEMS)
+        traced = steps[:-1] if careless else steps  # the steps the trace works through
         if lang == "zh":
             name, other, (thing, cl) = p[0], q[0], item[:2]
             story = [f"{name}有{x}{cl}{thing}。"]
@@ -705,8 +711,9 @@ class Curriculum:
                     story.append(rng.choice([f"{name}送给{other}{k}{cl}。", f"{name}弄丢了{k}{cl}。",
                                              f"{name}用掉了{k}{cl}。"]))
                     think.append(f"少了{k}{cl}：{a}减{k}等于{c}。")
+            think = think[:1 + len(traced)]
             story.append(f"{name}现在有几{cl}{thing}？")
-            think.append(f"所以{name}现在有{cur}{cl}{thing}。")
+            think.append(f"所以{name}现在有{traced[-1][3]}{cl}{thing}。")
         else:
             name, other = p[1], q[1]
             story = [f"{name} has {_count(x, item)}."]
@@ -720,19 +727,23 @@ class Curriculum:
                     story.append(rng.choice([f"{name} gives {k} to {other}.", f"{name} loses {k}.",
                                              f"{name} uses {k}."]))
                     think.append(f"{k} fewer: {a} minus {k} is {c}.")
+            think = think[:1 + len(traced)]
             story.append(f"How many {item[3]} does {name} have now?")
-            think.append(f"So {name} has {_count(cur, item)} now.")
-        answer = f"<think>\n{chr(10).join(think)}\n</think>\n<answer>\n{cur}\n</answer>"
+            think.append(f"So {name} has {_count(traced[-1][3], item)} now.")
+        answer = f"<think>\n{chr(10).join(think)}\n</think>\n<answer>\n{traced[-1][3]}\n</answer>"
         return {"conversations": [{"role": "user", "content": JOIN[lang].join(story)},
                                   {"role": "assistant", "content": answer}]}
 
-    def reasoning(self, n_train=1500, n_eval=100, n_prompts=500):
-        """Three disjoint sets of problems: eval first (so it does not move when n_train changes)."""
+    def reasoning(self, n_train=1500, n_eval=100, n_prompts=500, careless_share=CARELESS_SHARE):
+        """Three disjoint sets of problems: eval first (so it does not move when n_train changes). The SFT traces
+        come from an imperfect teacher: `careless_share` of them skip the last event (and answer wrong); the eval
+        and GRPO prompt files keep the right answers, which the held-out metric and the reward check against."""
         seen, out = set(), {}
         for name, n in [("reason_eval", n_eval), ("reason_prompts", n_prompts), ("reason", n_train)]:
             rng, rows = self.rng(name), []
             while len(rows) < n:
-                row = self.word_problem(rng, "zh" if rng.random() < 0.6 else "en")
+                careless = name == "reason" and rng.random() < careless_share
+                row = self.word_problem(rng, "zh" if rng.random() < 0.6 else "en", careless)
                 question = row["conversations"][0]["content"]
                 if question not in seen:
                     seen.add(question)

@@ -38,8 +38,10 @@ DEMO_MODEL = ["--preset", "demo"]
 HELD_OUT = ["--eval_interval", 20, "--eval_batches", 0, "--eval_data"]
 # stage -> (script, its demo arguments)
 STAGES = {
+    # 1e-3: at 1e-2 the model learnt only the texts' templates (its next-digit probability on its own training sums
+    # stayed at chance, 0.11); at 1e-3 the same 448 steps learn the sums (0.47; the right digit first for 85%)
     "pretrain": ("1-pretrain.py", ["--data_path", DEMO / "pretrain.jsonl", *DEMO_MODEL, "--epochs", 4,
-                                   "--batch_size", 16, "--max_seq_len", 256, "--learning_rate", 1e-2,
+                                   "--batch_size", 16, "--max_seq_len", 256, "--learning_rate", 1e-3,
                                    *HELD_OUT, DEMO / "pretrain_eval.jsonl"]),
     "sft": ("2-sft.py", ["--data_path", DEMO / "sft.jsonl", "--from", "pretrain", "--epochs", 2,
                          "--batch_size", 16, "--max_seq_len", 256, "--learning_rate", 5e-4,
@@ -62,8 +64,10 @@ STAGES = {
     "reason": ("6-reason.py", ["--data_path", DEMO / "reason.jsonl", "--from", "dpo", "--epochs", 3,
                                "--batch_size", 16, "--max_seq_len", 256, "--learning_rate", 1e-3,
                                *HELD_OUT, DEMO / "reason_eval.jsonl"]),
+    # the reasoning SFT traces skip the story's last event half of the time (demo/curriculum.py CARELESS_SHARE), so the
+    # reason model has both habits; 16 prompts x 8 replies a step: with 4 x 4 the reward's noise hid which one pays
     "grpo": ("6-reason.py", ["--method", "grpo", "--data_path", DEMO / "reason_prompts.jsonl", "--from", "reason",
-                             "--max_steps", 30, "--batch_size", 4, "--num_generations", 4, "--max_new_tokens", 128,
+                             "--max_steps", 30, "--batch_size", 16, "--num_generations", 8, "--max_new_tokens", 128,
                              "--learning_rate", 1e-4]),
     # agentic RL on the tool model: weather questions answered through the tool loop, rewarded for the answer;
     # sampled at 0.7 (at 1.0 the 1.6M model garbles most calls and the reward is too rare)

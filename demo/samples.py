@@ -36,7 +36,7 @@ from .run import ROOT, format_table, load_script
 # PPO is not a stage of the demo pipeline; for its page it is trained like the demo's GRPO (same prompts, rewards,
 # steps and learning rate), from the reasoning model
 PPO = ["--method", "ppo", "--from", "reason", "--data_path", DEMO / "reason_prompts.jsonl", "--reward",
-       "format,correctness", "--max_steps", 30, "--batch_size", 4, "--max_new_tokens", 128, "--learning_rate", 1e-4,
+       "format,correctness", "--max_steps", 30, "--batch_size", 16, "--max_new_tokens", 128, "--learning_rate", 1e-4,
        "--num_workers", 0, "--log_interval", 5]
 # page -> (checkpoint before, checkpoint after, prompts file, how many, kind, new tokens)
 PAGES = {

@@ -55,16 +55,18 @@ def test_demo_pipeline_runs_every_stage_and_each_moves_its_held_out_metric(tmp_p
     # reasoning SFT: held-out word problems get answered in the <think>/<answer> format
     reason = by_stage["reason"]["metrics"]
     assert reason["format rate"] >= 0.8 and reason["format rate before"] <= 0.1, reason
-    # GRPO: 30 steps of rule-reward GRPO on a 1.6M model are noise around the start (1.13 -> 1.12 on a CPU with
-    # bf16, 1.06 -> 0.94 on an fp32-only one, where transformers' generate() gave the very same run): it must not
-    # break the model -- the format holds and the reward stays near where it started. Making it rise is the RL issue.
+    # GRPO: half of the reasoning SFT traces skip the story's last event, so the reason model has two habits; the
+    # correctness reward pays only for working through every event, and GRPO makes that the greedy habit: held-out
+    # accuracy and reward rise by at least 0.1 (0.08 -> 0.27 on the 2-core fp32 EPYC), the format holds
     grpo = by_stage["grpo"]["metrics"]
-    assert grpo["format rate"] >= 0.7 and grpo["mean reward"] >= grpo["mean reward before"] - 0.2, grpo
-    # agentic RL: through the tool loop, the held-out weather questions get valid calls and right answers more often
-    # than from the tool-use SFT model it started from
+    assert grpo["answer accuracy"] >= grpo["answer accuracy before"] + 0.1, grpo
+    assert grpo["mean reward"] >= grpo["mean reward before"] + 0.1, grpo
+    assert grpo["format rate"] >= max(0.9, grpo["format rate before"] - 0.05), grpo
+    # agentic RL: the tool-use SFT model already answers the held-out weather questions through the tool loop
+    # (1.00 on the 2-core fp32 EPYC), so there is no gain to assert; RL must not break the calls or the answers
     agent = by_stage["agent"]["metrics"]
-    assert agent["answer accuracy with tools"] > agent["answer accuracy with tools before"], agent
-    assert agent["valid call"] >= agent["valid call before"], agent
+    assert agent["answer accuracy with tools"] >= agent["answer accuracy with tools before"] - 0.05, agent
+    assert agent["valid call"] >= agent["valid call before"] - 0.05, agent
     saved = json.loads((tmp_path / "out" / "demo_results.json").read_text())
     assert [r["stage"] for r in saved] == stages
     # the report card: every stage's facts, the held-out loss of the stages with an eval file, the demo's scores

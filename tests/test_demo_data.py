@@ -120,10 +120,32 @@ def test_reasoning_replies_think_then_answer_a_number_that_the_steps_reach(demo,
         assert m, reply
         steps = re.findall(r"(\d+)(?:加| plus )(\d+)(?:等于| is )(\d+)|(\d+)(?:减| minus )(\d+)(?:等于| is )(\d+)",
                            m.group(1))
-        assert len(steps) in (2, 3)
+        assert len(steps) in ((1, 2, 3) if name == "reason.jsonl" else (2, 3))  # SFT: some traces skip one event
         last = [int(x) for x in steps[-1] if x][-1]
         assert last == int(m.group(2))
         assert format_reward(reply) == 1.0 and correctness_reward(reply, m.group(2)) == 1.0
+
+
+def story_events(question: str) -> int:
+    """The events of a word problem: its sentences between the starting count and the question."""
+    return question.count("。") - 1 if "。" in question else question.count(".") - 1
+
+
+def traced_steps(reply: str) -> int:
+    return len(re.findall(r"(?:加|减| plus | minus )\d+(?:等于| is )", reply))
+
+
+def test_reasoning_sft_traces_skip_the_last_event_at_the_careless_share_and_eval_traces_never(demo):
+    """The imperfect teacher: a share of the SFT traces stop one event early (so their answer is wrong for the
+    story), which gives the reason model two habits for GRPO to choose between; the held-out and GRPO prompt files
+    keep every event, since the metric and the reward check against their answers."""
+    for name in ("reason_eval.jsonl", "reason_prompts.jsonl"):
+        assert all(traced_steps(r["conversations"][1]["content"]) == story_events(r["conversations"][0]["content"])
+                   for r in demo[name]), name
+    gaps = [story_events(r["conversations"][0]["content"]) - traced_steps(r["conversations"][1]["content"])
+            for r in demo["reason.jsonl"]]
+    assert set(gaps) == {0, 1}
+    assert abs(sum(gaps) / len(gaps) - curriculum.CARELESS_SHARE) < 0.05
 
 
 def test_tool_chats_call_the_weather_tool_and_answer_with_its_result(demo):
