@@ -31,13 +31,6 @@ from trainer import rollout
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def stub_trainer(tokenizer, stage_dir, device, dtype):
-    """What the engines read of a Trainer."""
-    return types.SimpleNamespace(tokenizer=tokenizer, stage_dir=Path(stage_dir), device=torch.device(device),
-                                 dtype=dtype, updates=0, log=print, sampling_model=lambda policy: policy,
-                                 env=types.SimpleNamespace(is_main=True, world_size=1, rank=0))
-
-
 def timed(fn, repeats):
     best = None
     for _ in range(repeats):
@@ -65,7 +58,7 @@ def run(args) -> dict:
                "parameters": sum(p.numel() for p in model.parameters()), "max_new_tokens": args.max_new_tokens,
                "threads": torch.get_num_threads(), "runs": []}
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = stub_trainer(tokenizer, tmp, args.device, dtype)
+        trainer = rollout.standalone(tokenizer, tmp, args.device, dtype)
         engine_args = types.SimpleNamespace(rollout_url=args.rollout_url, vllm_python=None, vllm_args=args.vllm_args,
                                             weight_sync="disk", sync_every=1, tis_cap=2.0, rollout_timeout=1800,
                                             max_seq_len=512, max_prompt_len=128, max_new_tokens=args.max_new_tokens)

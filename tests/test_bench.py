@@ -2,7 +2,7 @@
 the same length mix; FLOPs per token count every matmul weight once; a training measurement runs end to end."""
 
 import torch
-from conftest import load_script, make_model
+from helpers import load_script, make_model
 
 bench = load_script("scripts/bench.py")
 

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import make_model, write_jsonl
+from helpers import make_model, write_jsonl
 
 from scripts import bench_quality as bq
 

@@ -8,7 +8,7 @@ import logging
 
 import pytest
 import torch
-from conftest import make_model, write_jsonl
+from helpers import make_model, write_jsonl
 from transformers import AutoTokenizer
 
 from dataset import DPODataset, PretrainDataset, PromptDataset, ReasonDataset, SFTDataset, pack_collate, pad_collate
@@ -315,7 +315,7 @@ def test_checkpoint_keeps_its_tokenizer_and_a_mismatching_one_is_refused(tmp_pat
 def test_stages_run_on_files_in_todays_formats(tmp_path):
     """SFT on tool/reasoning rows, GRPO on rlaif prompt-only rows and agent_rl gt rows: every row usable (the old
     code skipped each tool row and stopped GRPO with 'no usable lines'); the correctness reward scores gt rows."""
-    from conftest import load_script, tiny_args
+    from helpers import load_script, tiny_args
 
     sft_rows = [TOOL_ROW] * 6 + [{"conversations": [{"role": "user", "content": "hi"},
                                                     {"role": "assistant", "content": "hello",

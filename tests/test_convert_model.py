@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import load_script, make_model, random_ids, save_random_adapter
+from helpers import load_script, make_model, random_ids, save_random_adapter
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from model.lora import from_adapter
@@ -59,6 +59,7 @@ def test_lora_stage_exports_base_plus_adapter_merged(tmp_path, tokenizer):
         assert (llama(x).logits - make_model("tiny", seed=2)(x).logits).abs().max() > 1e-3  # the adapter is in
 
 
+@pytest.mark.e2e
 def test_moe_export_loads_through_auto_map_with_remote_code(tmp_path, tokenizer):
     ours = make_model("tiny-moe", seed=2)
     _save(ours, tokenizer, tmp_path / "moe")

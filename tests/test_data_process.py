@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import load_script, write_jsonl
+from helpers import load_script, write_jsonl
 
 from dataset import DPODataset, SFTDataset
 from model import TOKENIZER_DIR

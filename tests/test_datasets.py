@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from conftest import write_jsonl
+from helpers import write_jsonl
 
 from dataset import BadLineError, JsonlFile, PretrainDataset, SFTDataset, encode_chat, pad_collate
 from dataset.chat import check_conversations
@@ -202,8 +202,9 @@ def test_the_line_index_is_cached_beside_the_file_and_rebuilt_when_it_changes(tm
     assert not JsonlFile(path, lambda row: None).from_cache  # a check without a stable name is never cached
 
 
+@pytest.mark.e2e
 def test_under_ddp_rank_0_indexes_and_the_other_rank_reads_its_index(tmp_path):
-    from conftest import torchrun_2
+    from helpers import torchrun_2
 
     path = write_jsonl(tmp_path / "p.jsonl", [{"text": "x" * i} for i in range(1, 50)] + ["{broken"])
     torchrun_2("tests/helpers/jsonl_index.py", [path, tmp_path / "seen"])

@@ -4,7 +4,7 @@ import json
 import math
 
 import pytest
-from conftest import ROOT, load_script
+from helpers import ROOT, load_script
 
 from dataset.chat import normalize_chat
 from dataset import read_jsonl

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, ScriptedLM, last_turn, make_model
+from helpers import ROOT, ScriptedLM, last_turn, make_model
 from transformers import AutoTokenizer
 
 from dataset.chat import check_conversations

@@ -8,7 +8,7 @@ import re
 import subprocess
 
 import pytest
-from conftest import ROOT
+from helpers import ROOT
 
 from inference.load import TEST_PROMPTS
 from scripts import check_docs, flags_doc

@@ -3,7 +3,7 @@ accuracy rises on held-out demo pairs, every trainable parameter moves."""
 
 import pytest
 import torch
-from conftest import ROOT, load_script, make_model, max_weight_diff, tiny_args, torchrun_2, write_jsonl
+from helpers import ROOT, load_script, make_model, max_weight_diff, tiny_args, torchrun_2, write_jsonl
 
 from trainer import dpo as dpo_method
 from safetensors.torch import load_file

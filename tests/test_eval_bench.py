@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, load_script, make_model, write_jsonl
+from helpers import ROOT, load_script, make_model, write_jsonl
 
 pytest.importorskip("lm_eval")
 bench = load_script("scripts/eval_bench.py")
@@ -54,6 +54,7 @@ def _choice_logprob(model, tokenizer, context, continuation):
     return sum(logp[p - 1, whole[p]].item() for p in range(len(ctx), len(whole)))
 
 
+@pytest.mark.e2e
 def test_reported_scores_equal_the_models_own_likelihoods_and_greedy_output(tmp_path, model_dir, tokenizer):
     from transformers import AutoModelForCausalLM
 
@@ -105,6 +106,7 @@ def test_reported_scores_equal_the_models_own_likelihoods_and_greedy_output(tmp_
     assert "| toy_mc |" in (tmp_path / "out" / "report.md").read_text()
 
 
+@pytest.mark.e2e
 def test_missing_task_data_offline_says_how_to_fetch_it(tmp_path, model_dir):
     tasks = tmp_path / "tasks"
     tasks.mkdir()

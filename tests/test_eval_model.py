@@ -6,7 +6,7 @@ import io
 
 import pytest
 import torch
-from conftest import ScriptedLM, load_script, make_model, save_random_adapter
+from helpers import ScriptedLM, load_script, make_model, save_random_adapter
 
 from demo import metrics
 from common.distributed import decode_dtype, fast_dtype

@@ -8,7 +8,7 @@ import random
 
 import pytest
 import torch
-from conftest import load_script, max_weight_diff, tiny_args, torchrun_2, write_jsonl
+from helpers import load_script, max_weight_diff, tiny_args, torchrun_2, write_jsonl
 
 from model import MicroLMConfig, MicroLMForCausalLM
 from trainer.evaluation import Rows, split_rows, token_byte_lengths
@@ -43,6 +43,7 @@ def _history(folder):
     return json.loads((folder / "resume" / "state.json").read_text())
 
 
+@pytest.mark.e2e
 def test_evaluation_leaves_training_bit_identical_and_resumes_exactly(tmp_path, with_dropout):
     train = write_jsonl(tmp_path / "train.jsonl", _texts(200, 0))
     held = write_jsonl(tmp_path / "held.jsonl", _texts(40, 1))
@@ -112,6 +113,7 @@ def test_token_byte_lengths_count_utf8_bytes_and_zero_for_special_tokens(tokeniz
     assert int(lengths[ids].sum()) == len(text.encode("utf-8"))
 
 
+@pytest.mark.e2e
 def test_two_ranks_report_what_one_process_does_and_draw_their_own_dropout(tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", _texts(200, 0))
     held = write_jsonl(tmp_path / "held.jsonl", _texts(60, 1))
@@ -151,7 +153,7 @@ def test_eval_split_holds_out_rows_that_are_never_trained_on(tmp_path, monkeypat
 
 
 def test_dpo_reports_its_held_out_loss_and_reward_accuracy(tmp_path):
-    from conftest import ROOT
+    from helpers import ROOT
 
     demo = ROOT / "demo" / "data" / "dpo.jsonl"
     result = dpo.main(tiny_args(tmp_path, demo, "--from", "none", "--max_seq_len", 64, "--batch_size", 4,

@@ -78,7 +78,7 @@ def test_gguf_export_writes_the_llama_cpp_architecture_that_has_the_switch(tmp_p
     """qwen3 carries attn_q_norm / attn_k_norm, qwen2 the q/k/v biases; both rotate half-split pairs as we do (NEOX),
     so their q/k rows are written unchanged (llama's are reordered)."""
     import gguf
-    from conftest import load_script
+    from helpers import load_script
 
     convert = load_script("scripts/convert_model.py")
     model = _ours(**{switch: True})

@@ -11,10 +11,7 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, load_script, max_weight_diff, tiny_args, torchrun_2
-from test_import import assert_same_model, save, stock_model
-from test_rl import start  # noqa: F401  (fixtures shared with those files)
-from test_trainer import pretrain_file, sft_file  # noqa: F401
+from helpers import ROOT, assert_same_model, load_script, max_weight_diff, save, stock_model, tiny_args, torchrun_2
 
 from model import MicroLMConfig, MicroLMForCausalLM
 from scripts import plan_memory

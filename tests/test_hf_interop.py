@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_model, random_ids
+from helpers import make_model, random_ids
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
 

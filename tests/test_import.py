@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import ROOT, load_script, make_model, random_ids, tiny_args
+from helpers import ROOT, assert_same_model, load_script, make_model, random_ids, save, stock_model, tiny_args
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
@@ -17,49 +17,6 @@ from model.families import NotExact, load_for_inference, load_pretrained
 sft = load_script("2-sft.py")
 convert = load_script("scripts/convert_model.py")
 DEMO = ROOT / "demo" / "data"
-TINY = dict(vocab_size=6400, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False, bos_token_id=1,
-            eos_token_id=2, pad_token_id=0)
-
-
-def stock_model(family, **overrides):
-    """A small random stock transformers model of `family`, norms and biases away from their init so that a part
-    left out of the import would show in the logits."""
-    import transformers
-
-    names = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mixtral": "Mixtral", "qwen3_moe": "Qwen3Moe"}
-    kwargs = {**TINY, **{"qwen3": dict(head_dim=32),  # explicit head_dim != hidden / heads
-                         "llama": dict(tie_word_embeddings=True,
-                                       rope_parameters=dict(rope_type="yarn", rope_theta=1e4, factor=4.0,
-                                                            original_max_position_embeddings=32)),
-                         "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
-                         "qwen3_moe": dict(moe_intermediate_size=48, num_experts=4, num_experts_per_tok=1,
-                                           norm_topk_prob=False)}.get(family, {}), **overrides}
-    config = getattr(transformers, f"{names[family]}Config")(**kwargs)
-    torch.manual_seed(0)
-    model = getattr(transformers, f"{names[family]}ForCausalLM")(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name or name.endswith("bias"):
-                p.copy_(torch.randn_like(p) * 0.3 + (1.0 if "norm" in name else 0.0))
-    return model
-
-
-def save(model, tokenizer, folder):
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-def assert_same_model(ours, reference, atol=1e-4, length=48):
-    """Logits within atol on sequences past YaRN's original length, and the same greedy continuation."""
-    ids = random_ids(2, length, seed=3)
-    with torch.no_grad():
-        assert (ours(input_ids=ids).logits - reference(input_ids=ids).logits).abs().max() <= atol
-        greedy = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
-        assert torch.equal(ours.generate(ids[:, :6], **greedy), reference.generate(ids[:, :6], **greedy))
-
-
 FAMILIES = ["llama", "qwen2", "qwen3", "mixtral", "qwen3_moe"]
 
 

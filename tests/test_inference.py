@@ -7,7 +7,7 @@ import time
 
 import pytest
 import torch
-from conftest import ScriptedLM, make_model
+from helpers import ScriptedLM, make_model
 
 from inference import (Engine, Sampling, StreamSplitter, TextStream, convert_units, generate, left_pad, load_tools,
                        run_tool, split_reasoning)

@@ -5,7 +5,7 @@ from functools import partial
 
 import pytest
 import torch
-from conftest import ROOT, load_script, make_model, max_weight_diff, tiny_args, torchrun_2, write_jsonl
+from helpers import ROOT, load_script, make_model, max_weight_diff, tiny_args, torchrun_2, write_jsonl
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 

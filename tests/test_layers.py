@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, load_script
+from helpers import ROOT, load_script
 
 LAYERS = ["model", "common", "dataset", "inference", "trainer", "demo", "scripts"]
 RANK = {name: i for i, name in enumerate(LAYERS)}

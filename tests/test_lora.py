@@ -5,7 +5,7 @@ import json
 import peft
 import pytest
 import torch
-from conftest import make_model, random_ids
+from helpers import make_model, random_ids
 from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import ROOT, load_script, random_ids, tiny_args, torchrun_2
+from helpers import ROOT, load_script, random_ids, tiny_args, torchrun_2
 from safetensors.torch import load_file
 
 from dataset import read_jsonl
@@ -25,6 +25,7 @@ def base(tmp_path):
     return tmp_path / "out" / "pretrain"
 
 
+@pytest.mark.e2e
 def test_lora_trains_only_the_adapter_and_leaves_the_base_bit_identical(tmp_path, base, tokenizer):
     held_out = read_jsonl(DEMO / "lora_medical_eval.jsonl")
     before = metrics.reply_loss(MicroLMForCausalLM.from_pretrained(base), tokenizer, held_out)["loss"]
@@ -93,6 +94,7 @@ def test_lora_under_two_gloo_ranks_matches_one_process(tmp_path, base):
     assert max(a[k].abs().max().item() for k in a if ".lora_B." in k) > 1e-3  # they did train
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("workers", [0, 1])
 def test_resume_with_dropout_is_bit_identical_to_an_uninterrupted_run(tmp_path, base, workers):
     """LoRA dropout draws from the global RNG every step: a resumed run must restore that stream exactly and draw

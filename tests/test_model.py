@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_model, random_ids
+from helpers import make_model, random_ids
 from transformers import TextIteratorStreamer
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 

@@ -3,7 +3,7 @@ are what they would be alone; a stock transformers model reads the same rows the
 
 import pytest
 import torch
-from conftest import make_model, tiny_args, write_jsonl
+from helpers import make_model, tiny_args, write_jsonl
 
 from dataset import PretrainDataset, SFTDataset, pack_collate, pad_collate
 from dataset.pretrain import document_ids
@@ -121,7 +121,7 @@ def test_a_transformers_teacher_reads_packed_rows_as_separate_documents(tmp_path
 
 def test_sft_packed_by_default_trains_like_padded_rows(tmp_path, tokenizer):
     """The same rows per step, the same loss: --pack (default) and --no_pack end at the same weights."""
-    from conftest import load_script, max_weight_diff
+    from helpers import load_script, max_weight_diff
 
     sft = load_script("2-sft.py")
     data = write_jsonl(tmp_path / "sft.jsonl", _chats(24, seed=3))

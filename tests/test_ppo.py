@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import ROOT, held_out_mean_reward, load_script, tiny_args, torchrun_2
+from helpers import ROOT, held_out_mean_reward, load_script, tiny_args, torchrun_2
 
 from trainer import ppo as ppo_method
 from trainer.rewards import load_reward

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import ROOT, held_out_mean_reward, load_script, make_model, max_weight_diff, tiny_args, write_jsonl
+from helpers import ROOT, held_out_mean_reward, load_script, make_model, max_weight_diff, tiny_args, write_jsonl
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 

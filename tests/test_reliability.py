@@ -12,18 +12,12 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, load_script, max_weight_diff, tiny_args, write_jsonl
-from test_trainer import _pretrain_rows, _sft_rows
+from helpers import ROOT, load_script, max_weight_diff, sft_rows, tiny_args, write_jsonl
 
 from trainer import checkpoint as ckpt
 
 pretrain = load_script("1-pretrain.py")
 TINY = ("--max_seq_len", 16, "--batch_size", 2, "--learning_rate", 1e-3)
-
-
-@pytest.fixture
-def pretrain_file(tmp_path):
-    return write_jsonl(tmp_path / "pretrain.jsonl", _pretrain_rows())
 
 
 def _stage(argv, **popen):
@@ -171,7 +165,7 @@ def test_an_exception_on_one_rank_ends_every_rank_without_hanging(tmp_path, pret
 @pytest.mark.slow
 def test_sft_two_ranks_with_accumulation_match_one_process_with_the_whole_batch(tmp_path):
     sft = load_script("2-sft.py")
-    data = write_jsonl(tmp_path / "sft.jsonl", _sft_rows())
+    data = write_jsonl(tmp_path / "sft.jsonl", sft_rows())
     common = ["--max_seq_len", 64, "--max_steps", 3, "--learning_rate", 1e-3, "--save_interval", 100, "--from", "none"]
     run = _torchrun(["--standalone", ROOT / "2-sft.py", *tiny_args(tmp_path / "ddp", data, *common, "--batch_size", 2,
                                                                      "--accumulation_steps", 2)])
@@ -313,7 +307,7 @@ def test_a_reply_truncated_away_teaches_nothing_and_is_counted(tmp_path, tokeniz
     from dataset import pad_collate
     from trainer import count_label_tokens, lm_loss
 
-    from conftest import make_model
+    from helpers import make_model
     long_q = {"conversations": [{"role": "user", "content": "很长的问题" * 50}, {"role": "assistant", "content": "好"}]}
     short = {"conversations": [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！"}]}
     data = SFTDataset(write_jsonl(tmp_path / "sft.jsonl", [long_q, short]), tokenizer, 24)
@@ -335,7 +329,7 @@ def test_a_reply_truncated_away_teaches_nothing_and_is_counted(tmp_path, tokeniz
 
 
 def test_weights_that_do_not_fit_the_config_name_the_tensor(tmp_path):
-    from conftest import make_model
+    from helpers import make_model
     from model import MicroLMForCausalLM
 
     make_model("tiny").save_pretrained(tmp_path / "ckpt")

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import ROOT, barely_trained, load_script, make_model, tiny_args, write_jsonl
+from helpers import ROOT, load_script, make_model, tiny_args, write_jsonl
 
 from trainer import agent as agent_method
 from trainer import dpo as dpo_method
@@ -17,12 +17,6 @@ reason = load_script("6-reason.py")
 dpo = load_script("4-RLHF.py")
 DEMO = ROOT / "demo" / "data"
 GRPO = ("--method", "grpo", "--batch_size", 2, "--num_generations", 4, "--max_new_tokens", 8)
-
-
-@pytest.fixture(scope="module")
-def start(tmp_path_factory):
-    """A barely trained tiny model to run RL from."""
-    return barely_trained(tmp_path_factory.mktemp("start"))
 
 
 def test_a_group_of_one_is_refused_with_the_reason(tmp_path, start):
@@ -185,6 +179,7 @@ def _top1_moe():
     return make_model("tiny-moe", seed=1, num_experts_per_tok=1, n_shared_experts=0).train()
 
 
+@pytest.mark.e2e
 def test_dpo_grpo_and_ppo_losses_carry_the_moe_balance_loss_to_the_router(tmp_path, start, tokenizer):
     from dataset import DPODataset, dpo_collate
 
@@ -239,7 +234,7 @@ def _agent(tokenizer, script, tmp_path, scripted, **overrides):
     prompts x 2 generations."""
     import types
 
-    from conftest import ScriptedLM
+    from helpers import ScriptedLM
 
     from dataset import PromptDataset, prompt_collate
 

@@ -10,9 +10,8 @@ import types
 
 import pytest
 import torch
-from conftest import ROOT, barely_trained, load_script, make_model, tiny_args, write_jsonl
+from helpers import ROOT, load_script, make_model, tiny_args, write_jsonl
 
-from scripts.bench_rollout import stub_trainer
 from trainer import rollout
 from trainer.agent import tool_count_reward
 from trainer.rewards import (expand_rewards, length_reward, load_reward_model, repetition_penalty, think_closed_reward,
@@ -82,7 +81,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 def _engine(tokenizer, tmp_path, model="tiny", **overrides):
     args = reason.build_parser().parse_args(["--method", "grpo", "--rollout_engine", "vllm"])
     vars(args).update(overrides)
-    return rollout.VLLMEngine(args, stub_trainer(tokenizer, tmp_path, "cpu", torch.float32), make_model(model))
+    return rollout.VLLMEngine(args, rollout.standalone(tokenizer, tmp_path), make_model(model))
 
 
 @pytest.mark.parametrize("answers, error", [
@@ -116,6 +115,7 @@ def test_a_bad_url_or_a_server_that_never_answers_stops_the_run_instead_of_hangi
     server.shutdown()
 
 
+@pytest.mark.e2e
 def test_a_server_that_cannot_start_says_why_and_how_to_install_vllm(tokenizer, tmp_path):
     import sys
 
@@ -178,11 +178,6 @@ def test_minimind_shaping_rewards_equal_their_rules():
     assert repetition_penalty("我爱你我爱你") == pytest.approx(-0.5 * 2 * 1 / 4)
     assert repetition_penalty(think + "no repeats here at all") == 0.0  # the think block is not the answer
     assert expand_rewards("format, minimind") == ["format", "length", "think_length", "think_closed", "repetition"]
-
-
-@pytest.fixture(scope="module")
-def start(tmp_path_factory):
-    return barely_trained(tmp_path_factory.mktemp("start"))
 
 
 def test_grpo_runs_on_minimind_rewards_and_reports_each_one(tmp_path, start):

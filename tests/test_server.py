@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 import torch
-from conftest import ScriptedLM, load_script, make_model
+from helpers import ScriptedLM, load_script, make_model
 from openai import OpenAI
 
 from demo import metrics
@@ -174,6 +174,7 @@ def _rss_mib():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+@pytest.mark.e2e
 def test_a_flood_of_good_and_bad_requests_leaves_the_server_up_with_bounded_memory(base_url):
     url = base_url + "/v1/chat/completions"
     huge = [{"role": "user", "content": "很长的问题 " * 20000}]  # far beyond the context: cut from the left
@@ -243,6 +244,7 @@ def test_the_lock_lets_one_request_at_a_time_reach_the_model(scripted):
     assert lm.most_at_once == 1  # without the lock, overlapping requests would share the model (and its cache)
 
 
+@pytest.mark.e2e
 def test_requests_leave_no_tensors_behind(client):
     """Live torch tensors before and after 20 requests (stream and not) on the real model: a KV cache or a streamer
     kept per request would show up here, which the RSS of a shared test process cannot resolve."""

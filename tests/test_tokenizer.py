@@ -296,6 +296,7 @@ def test_sample_jsonl_respects_the_cap_holds_rows_out_and_is_deterministic(tmp_p
     assert row_text({"conversations": [{"role": "user", "content": "a"}, {"content": "b"}]}) == "a\nb"
 
 
+@pytest.mark.e2e
 def test_data_flag_trains_a_tokenizer_with_the_same_layout(tmp_path):
     data, out = tmp_path / "corpus.jsonl", tmp_path / "tok"
     write_jsonl(data)

@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import ScriptedLM, last_turn
+from helpers import ScriptedLM, last_turn
 
 from demo import metrics
 from demo.curriculum import WEATHER, WEATHER_SCHEMA
@@ -131,7 +131,7 @@ def test_final_number_reads_the_answer_not_the_question():
 def test_eval_tools_reports_the_scores_of_tool_use_scores_and_counts_bad_rows(tmp_path, tokenizer):
     """scripts/eval_tools.py on an agent_rl-format file with a malformed row: the reported figures are
     tool_use_scores' on the good rows, the bad row is counted with its line."""
-    from conftest import load_script, make_model, write_jsonl
+    from helpers import load_script, make_model, write_jsonl
 
     eval_tools = load_script("scripts/eval_tools.py")
     model = make_model("tiny", seed=3, tie_word_embeddings=False)
@@ -155,7 +155,7 @@ def test_eval_tools_reports_the_scores_of_tool_use_scores_and_counts_bad_rows(tm
 
 
 def test_the_demo_weather_tool_has_the_schema_the_demo_model_learnt():
-    from conftest import load_script
+    from helpers import load_script
 
     demo_tools = load_script("demo/tools.py")
     assert tool_schema(demo_tools.get_weather) == WEATHER_SCHEMA

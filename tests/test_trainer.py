@@ -4,12 +4,11 @@ checkpoints and logs are written, bad data is handled."""
 import contextlib
 import json
 import os
-import random
 import re
 
 import pytest
 import torch
-from conftest import ROOT, load_script, max_weight_diff, tiny_args, torchrun_2, write_jsonl
+from helpers import ROOT, load_script, max_weight_diff, pretrain_rows, sft_rows, tiny_args, torchrun_2, write_jsonl
 from safetensors.torch import load_file
 
 from model import MicroLMForCausalLM
@@ -17,37 +16,6 @@ from trainer import lr_at
 
 pretrain = load_script("1-pretrain.py")
 sft = load_script("2-sft.py")
-
-
-def _pretrain_rows(n=300, seed=0):
-    rng = random.Random(seed)
-    subjects = ["北京", "巴黎", "The cat", "The dog", "小明", "Alice"]
-    facts = ["是一个城市。", "喜欢吃鱼。", " likes to sleep.", " runs fast.", "每天学习。", " reads books."]
-    return [{"text": "".join(rng.choice(subjects) + rng.choice(facts) for _ in range(rng.randint(2, 12)))}
-            for _ in range(n)]
-
-
-def _sft_rows(n=64, seed=0):
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        a, b = rng.randint(0, 20), rng.randint(0, 20)
-        conv = [{"role": "user", "content": f"{a}加{b}等于多少？"},
-                {"role": "assistant", "content": f"{a}加{b}等于{a + b}。" + "好的。" * rng.randint(0, 6)}]
-        if rng.random() < 0.3:
-            conv += [{"role": "user", "content": "谢谢"}, {"role": "assistant", "content": "不客气！"}]
-        rows.append({"conversations": conv})
-    return rows
-
-
-@pytest.fixture
-def pretrain_file(tmp_path):
-    return write_jsonl(tmp_path / "pretrain.jsonl", _pretrain_rows())
-
-
-@pytest.fixture
-def sft_file(tmp_path):
-    return write_jsonl(tmp_path / "sft.jsonl", _sft_rows())
 
 
 def _weights(folder):
@@ -115,7 +83,7 @@ def test_tokens_are_real_tokens_max_steps_runs_more_epochs_and_lost_fields_are_c
     tok = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
     tok.chat_template = LAST_REASONING_ONLY
     tok.save_pretrained(tmp_path / "tok")
-    rows = _sft_rows(8, seed=1)
+    rows = sft_rows(8, seed=1)
     for r in rows[:3]:  # reasoning on a turn a later user turn follows: the template drops it
         r["conversations"] = [{"role": "user", "content": "你好"},
                               {"role": "assistant", "content": "你好！", "reasoning_content": "打个招呼。"},
@@ -137,7 +105,7 @@ def test_tokens_are_real_tokens_max_steps_runs_more_epochs_and_lost_fields_are_c
 def test_padded_pretraining_counts_the_documents_tokens_not_the_padding(tmp_path, tokenizer):
     from dataset import PretrainDataset
 
-    path = write_jsonl(tmp_path / "p.jsonl", _pretrain_rows(8))
+    path = write_jsonl(tmp_path / "p.jsonl", pretrain_rows(8))
     data = PretrainDataset(path, tokenizer, 64, packed=False)
     real = sum(int((data[i]["labels"] != -100).sum()) for i in range(8))  # a document's tokens are its labels
     summary = pretrain.main(tiny_args(tmp_path, path, "--padded", "--max_seq_len", 64, "--batch_size", 4,
@@ -146,9 +114,10 @@ def test_padded_pretraining_counts_the_documents_tokens_not_the_padding(tmp_path
 
 
 def pretrain_file_for(tmp_path):
-    return write_jsonl(tmp_path / "p.jsonl", _pretrain_rows(40))
+    return write_jsonl(tmp_path / "p.jsonl", pretrain_rows(40))
 
 
+@pytest.mark.e2e
 def test_sft_starts_from_pretrain_and_a_missing_checkpoint_names_its_stage(tmp_path, sft_file):
     with pytest.raises(FileNotFoundError, match=r"out/pretrain.*1-pretrain\.py"):
         sft.main(tiny_args(tmp_path, sft_file, "--max_steps", 1))
@@ -172,7 +141,7 @@ def test_sft_starts_from_pretrain_and_a_missing_checkpoint_names_its_stage(tmp_p
 
 
 def test_malformed_lines_are_counted_and_strict_stops(tmp_path, capsys):
-    rows = _pretrain_rows(40)
+    rows = pretrain_rows(40)
     lines = [json.dumps(r, ensure_ascii=False) for r in rows]
     lines[3] = "{broken"
     lines[10] = json.dumps({"txt": "wrong key"})
@@ -185,6 +154,7 @@ def test_malformed_lines_are_counted_and_strict_stops(tmp_path, capsys):
         pretrain.main(tiny_args(tmp_path, path, "--max_steps", 2, "--strict"))
 
 
+@pytest.mark.e2e
 def test_wandb_offline_writes_a_run_resumed_under_the_same_id_and_disabled_writes_nothing(tmp_path, pretrain_file,
                                                                                          monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -419,6 +389,7 @@ def test_eval_data_and_eval_split_together_are_refused(tmp_path, pretrain_file):
         pretrain.main(tiny_args(tmp_path, pretrain_file, "--eval_data", pretrain_file, "--eval_split", 0.1))
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_mixed_precision_trains_and_resumes_bit_identically(tmp_path, pretrain_file, dtype):
     """The engine's real autocast paths (bf16 is the default wherever the hardware has it; fp16 adds a GradScaler
@@ -528,7 +499,7 @@ def test_raw_gradients_of_one_rank_two_ranks_and_accumulation_equal_the_mean_los
         script = "1-pretrain.py"
         rows, collate = [probe[i] for i in range(4)], None
     else:  # 4 chats of different lengths: padding differs between the layouts, the token-normalised loss must not
-        data_file = write_jsonl(tmp_path / "s4.jsonl", _sft_rows(4, seed=3))
+        data_file = write_jsonl(tmp_path / "s4.jsonl", sft_rows(4, seed=3))
         probe = SFTDataset(data_file, tokenizer, 64, empty_think_ratio=0)
         script, seq = "2-sft.py", 64
         rows, collate = [probe[i] for i in range(4)], partial(pad_collate, pad_id=0)

@@ -8,9 +8,8 @@ import subprocess
 
 import pytest
 import torch
-from conftest import ROOT, load_script, make_model
+from helpers import ROOT, load_script, make_model
 
-from scripts.bench_rollout import stub_trainer
 from trainer import rollout
 from trainer.rl import token_logps
 from inference import Sampling
@@ -33,10 +32,6 @@ if VLLM_PYTHON is None:
     pytest.skip("vLLM is not installed: scripts/setup_vllm.sh makes its venv (.ci/run does)", allow_module_level=True)
 
 
-def _stub_trainer(tokenizer, stage_dir):
-    return stub_trainer(tokenizer, stage_dir, "cpu", torch.float32)
-
-
 def _args(**overrides):
     args = reason.build_parser().parse_args(["--method", "grpo"])
     vars(args).update(max_seq_len=320, max_prompt_len=64, max_new_tokens=16, rollout_engine="vllm", **overrides)
@@ -57,7 +52,7 @@ def server(tmp_path_factory, tokenizer, start):
     from model.families import load_pretrained
 
     stage = tmp_path_factory.mktemp("server")
-    engine = rollout.VLLMEngine(_args(), _stub_trainer(tokenizer, stage), load_pretrained(start))
+    engine = rollout.VLLMEngine(_args(), rollout.standalone(tokenizer, stage), load_pretrained(start))
     assert (stage / "vllm_model" / "config.json").exists() and engine.process.poll() is None
     yield engine
     engine.close()
@@ -66,7 +61,7 @@ def server(tmp_path_factory, tokenizer, start):
 
 def _engine(server, tokenizer, tmp_path, **overrides):
     """Another client of the module's server, as a run with --rollout_url makes it."""
-    return rollout.VLLMEngine(_args(rollout_url=server.url, **overrides), _stub_trainer(tokenizer, tmp_path), None)
+    return rollout.VLLMEngine(_args(rollout_url=server.url, **overrides), rollout.standalone(tokenizer, tmp_path), None)
 
 
 PROMPT = [1, 300, 400, 500, 600, 700]

@@ -6,7 +6,7 @@ import time
 
 import httpx
 import pytest
-from conftest import ScriptedLM, load_script, make_model
+from helpers import ScriptedLM, load_script, make_model
 
 browser = load_script("scripts/web_chat_screenshot.py")
 server = browser.server

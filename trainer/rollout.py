@@ -28,6 +28,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -67,6 +68,14 @@ def build(args, trainer, policy):
     if args.rollout_engine == "vllm":
         return VLLMEngine(args, trainer, policy)
     return LocalEngine(trainer)
+
+
+def standalone(tokenizer, stage_dir, device="cpu", dtype=torch.float32):
+    """What an engine reads of a Trainer, for an engine used outside a fit (scripts/bench_rollout.py, the tests): one
+    process, no updates taken yet, the policy sampled as it is."""
+    return types.SimpleNamespace(tokenizer=tokenizer, stage_dir=Path(stage_dir), device=torch.device(device),
+                                 dtype=dtype, updates=0, log=print, sampling_model=lambda policy: policy,
+                                 env=types.SimpleNamespace(is_main=True, world_size=1, rank=0))
 
 
 def completion_mask(completion: torch.Tensor, eos_id: int) -> torch.Tensor:
