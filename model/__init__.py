@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+from . import quiet  # noqa: F401  (first: transformers must not import torchao at start-up)
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .config import PRESETS, MicroLMConfig, to_llama_config, to_mixtral_config, yarn_rope_parameters

@@ -14,6 +14,8 @@
 
 import torch
 
+from model.quiet import quiet_torchao_import
+
 OPTIMIZERS = ("adamw", "adamw8bit", "adamw_bf16")
 BLOCK_8BIT = 256  # torchao's block size for the 8-bit moments
 MIN_8BIT = 4096  # torchao keeps smaller tensors' moments in fp32
@@ -24,7 +26,8 @@ def build_optimizer(name: str, groups, lr: float, betas=(0.9, 0.95), fused: bool
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None)
     try:
-        from torchao.optim import AdamW8bit, _AdamW
+        with quiet_torchao_import():
+            from torchao.optim import AdamW8bit, _AdamW
     except ImportError as e:
         raise SystemExit(f"--optim {name} needs torchao (pip install torchao): {e}") from None
     if name == "adamw8bit":
