@@ -61,7 +61,19 @@ def next_token(logits, s: Sampling, seen=None, generator=None):
     logits = penalise(logits, s, seen)
     if s.temperature <= 0:
         return logits.argmax(-1)
-    return torch.multinomial(warp(logits, s).softmax(-1), 1, generator=generator).squeeze(1)
+    return sample(warp(logits, s).softmax(-1), generator)
+
+
+def sample(probs, generator=None):
+    """(B,) one draw per row of (B, V) probabilities, by the inverse of each row's CDF: one uniform number a row.
+    torch.multinomial draws V exponentials a row instead, which on a CPU took half of a rollout's decode time (RL
+    samples 128 rows x 6,400 tokens a step on the demo). A token of probability 0 is never drawn: the draw is the
+    first token whose cumulative probability exceeds u * total, and u * total stays below the total."""
+    cdf = probs.float().cumsum(-1)
+    total = cdf[:, -1:]
+    u = torch.rand(total.shape, generator=generator, device=probs.device)
+    target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True).squeeze(1)
 
 
 class KVCache:

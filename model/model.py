@@ -6,6 +6,7 @@ model -> causal-LM head. Parameter names are Hugging Face Llama's, so a dense ch
 """
 
 import math
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -139,9 +140,15 @@ class Attention(nn.Module):
             k = k.repeat_interleave(self.n_heads // self.n_kv_heads, 1)
             v = v.repeat_interleave(self.n_heads // self.n_kv_heads, 1)
             gqa = False
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1,
-            dropout_p=self.dropout if self.training else 0.0, enable_gqa=gqa)
+        attend = partial(F.scaled_dot_product_attention, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1,
+                         dropout_p=self.dropout if self.training else 0.0, enable_gqa=gqa)
+        if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+            # a CPU's attention kernels run slower in bf16 than in fp32 (demo preset, 16 x 256 tokens: 35 vs 25 ms a
+            # layer, forward + backward, on a 2-core AVX512-BF16 EPYC); the projections around them stay in bf16
+            with torch.autocast("cpu", enabled=False):
+                y = attend(q.float(), k.float(), v.float()).to(q.dtype)
+        else:
+            y = attend(q, k, v)
         y = y.transpose(1, 2).reshape(B, T, -1)
         return self.resid_dropout(self.o_proj(y))
 
@@ -382,17 +389,25 @@ class MicroLMForCausalLM(MicroLMPreTrainedModel, GenerationMixin):
         h, y = hidden[:, :-1], labels[:, 1:]
         shape = y.shape
         h, y = h.reshape(-1, h.shape[-1]), y.reshape(-1)
+        keep = y != -100
+        # chat rows label only the replies: no logits for the prompt's positions (on the demo's tool chats ~60% of
+        # them). Selecting them is data-dependent, which torch.compile would recompile for: compiled, all positions
+        if not torch.compiler.is_compiling() and not keep.all():
+            out = h.new_zeros(y.shape, dtype=torch.float32)
+            return out.masked_scatter(keep, self._token_cross_entropy(h[keep], y[keep])).view(shape)
+        return self._token_cross_entropy(h, y).view(shape)
 
+    def _token_cross_entropy(self, h, y) -> torch.Tensor:
         def ce(h, y):
             return F.cross_entropy(self.lm_head(h).float(), y, ignore_index=-100, reduction="none")
 
         chunk = max(1, LOSS_CHUNK_ELEMENTS // self.config.vocab_size)
         if self.config.vocab_size < LARGE_VOCAB or y.numel() <= chunk:
-            return ce(h, y).view(shape)
+            return ce(h, y)
         recompute = torch.is_grad_enabled()
         parts = [torch.utils.checkpoint.checkpoint(ce, h[i:i + chunk], y[i:i + chunk], use_reentrant=False)
                  if recompute else ce(h[i:i + chunk], y[i:i + chunk]) for i in range(0, y.numel(), chunk)]
-        return torch.cat(parts).view(shape)
+        return torch.cat(parts)
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):

@@ -200,6 +200,36 @@ def test_bf16_autocast_trains_close_to_fp32(preset):
     assert torch.nn.functional.cosine_similarity(grad.flatten(), ref_grad.flatten(), dim=0) > 0.99
 
 
+
+def test_cpu_autocast_attends_in_fp32_and_the_loss_skips_only_unlabelled_positions(monkeypatch):
+    """Two CPU speed choices that must not change what is computed: under bf16 autocast the attention kernel gets
+    fp32 q/k/v (faster there) while the projections stay bf16; the per-token loss computes logits only where a label
+    is, and equals the cross-entropy of the full logits there (0 elsewhere), gradients included."""
+    import model.model as mm
+
+    seen, rows = [], []
+    attend = mm.F.scaled_dot_product_attention
+    monkeypatch.setattr(mm.F, "scaled_dot_product_attention", lambda q, k, v, **kw: seen.append(q.dtype) or attend(
+        q, k, v, **kw))
+    model, x = make_model("tiny"), random_ids(2, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model.model.layers[0].self_attn.q_proj(model.model.embed_tokens(x)).dtype == torch.bfloat16
+        model(x)
+    assert seen and set(seen) == {torch.float32}
+    labels = x.clone()
+    labels[0, :9], labels[1, 4:7] = -100, -100  # a prompt to skip, and a gap
+    head = model.lm_head.forward
+    monkeypatch.setattr(model.lm_head, "forward", lambda h: rows.append(h.shape[0]) or head(h))
+    ce = model(x, labels=labels, reduction="none").loss
+    logits = model(x).logits[:, :-1]
+    full = F.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100, reduction="none")
+    assert rows[0] == int((labels[:, 1:] != -100).sum())  # logits for the labelled positions alone
+    torch.testing.assert_close(ce, full.view(2, 15))
+    grads = torch.autograd.grad(ce.sum(), [model.lm_head.weight, model.model.layers[0].mlp.up_proj.weight])
+    expected = torch.autograd.grad(full.sum(), [model.lm_head.weight, model.model.layers[0].mlp.up_proj.weight])
+    for g, e in zip(grads, expected):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4 * e.abs().max().item())
+
 # ---------------------------------------------------------------------------------------------------------- MoE
 
 def _naive_moe(moe: MoEFeedForward, x):

@@ -72,8 +72,8 @@ def test_packed_conversations_have_the_loss_and_gradient_they_have_alone(tmp_pat
     grads = torch.autograd.grad(ce.sum(), list(model.parameters()), allow_unused=True)
     alone_grads = torch.autograd.grad(alone_sum, list(model.parameters()), allow_unused=True)
     for a, b in zip(grads, alone_grads):
-        if a is not None:
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        if a is not None:  # fp32 sums in another order (other rows per matmul): noise ~1e-5 of the largest entry
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
     torch.testing.assert_close((ce * packed["weights"][:, 1:]).sum(), weighted.detach(), rtol=1e-5, atol=1e-5)
 
 

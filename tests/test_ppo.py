@@ -62,12 +62,13 @@ def reasoner(tmp_path_factory):
     return tmp
 
 
+@pytest.mark.e2e
 def test_value_loss_falls_and_kl_stays_non_negative(tmp_path, reasoner):
     """One batch of rollouts, 8 epochs on it: the value model's regression onto the returns goes down (the value
     clip opened so that the regression itself is what is measured); the k3 KL to the reference is >= 0."""
     summary = ppo.main(tiny_args(tmp_path, DEMO / "reason_prompts.jsonl", "--method", "ppo", "--from",
-                                 reasoner / "out/reason", "--max_steps", 8, "--ppo_epochs", 8, "--batch_size", 8,
-                                 "--max_new_tokens", 24, "--learning_rate", 1e-3, "--critic_lr_scale", 10,
+                                 reasoner / "out/reason", "--max_steps", 12, "--ppo_epochs", 12, "--batch_size", 8,
+                                 "--max_new_tokens", 24, "--learning_rate", 1e-3, "--critic_lr_scale", 3,
                                  "--vf_clip", 100, "--reward", f"{reasoner / 'digits.py'}:share", "--log_interval", 1))
     value = [m["value_loss"] for _, m in summary["metric_history"]]
     assert value[-1] < 0.5 * value[0], value
@@ -78,9 +79,11 @@ def test_value_loss_falls_and_kl_stays_non_negative(tmp_path, reasoner):
                                 "--max_new_tokens", 24, "--learning_rate", 5e-3, "--log_interval", 2,
                                 "--reward", f"{reasoner / 'digits.py'}:share"))
     kls = [m["kl"] for _, m in longer["metric_history"]]
-    assert kls[0] == 0.0 and kls[-1] > 0, kls  # the first rollouts come from the reference itself
+    # the first rollouts come from the reference itself: KL 0 in fp32 (bf16 holds the reference in bf16: ~2e-5)
+    assert kls[0] <= 1e-3 and kls[-1] > 0.01, kls
 
 
+@pytest.mark.e2e
 def test_a_rule_reward_rises_on_held_out_prompts(tmp_path, reasoner, tokenizer):
     reward = load_reward(f"{reasoner / 'digits.py'}:share")
     def mean_reward(path):
@@ -97,6 +100,7 @@ def test_a_rule_reward_rises_on_held_out_prompts(tmp_path, reasoner, tokenizer):
     assert (tmp_path / "images" / "ppo_reward.png").exists()
 
 
+@pytest.mark.e2e
 def test_two_gloo_ranks_end_with_the_same_policy_and_value_model(tmp_path, reasoner):
     args = tiny_args(tmp_path, DEMO / "reason_prompts.jsonl", "--method", "ppo", "--from", reasoner / "out/reason",
                      "--max_steps", 4, "--ppo_epochs", 2, "--batch_size", 2, "--max_new_tokens", 12,

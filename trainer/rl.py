@@ -68,7 +68,13 @@ def group_advantages(rewards: torch.Tensor, group: int, scale: bool = True) -> t
 
 def token_logps(model, input_ids, attention_mask, n_completion: int, temperature: float = 1.0):
     """(log-probabilities of the last n_completion tokens at the sampling temperature, the MoE balance loss). The
-    temperature divides the logits as it did when sampling, so the ratio compares the distributions sampled from."""
+    temperature divides the logits as it did when sampling, so the ratio compares the distributions sampled from.
+    Positions the attention mask leaves out (a reply's padding after its eos) get 0: every user masks them."""
+    if temperature == 1.0:  # the model's own loss path: logits only where a reply token is (no padding after eos)
+        labels = input_ids.masked_fill(attention_mask == 0, -100)
+        labels[:, :-n_completion] = -100
+        out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, reduction="none")
+        return -out.loss[:, -n_completion:], getattr(out, "aux_loss", None)  # 0 where the attention mask is
     out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=n_completion + 1)
     logits = out.logits[:, :-1].float() / temperature
     logps = torch.gather(F.log_softmax(logits, -1), 2, input_ids[:, -n_completion:, None]).squeeze(2)
