@@ -81,9 +81,11 @@ THINGS = [
 ]
 TOOL_HELD_OUT = 40  # (city, question, weather) cases the tool metric asks, never in training
 MAX_SUM = 10  # sums: a + b <= 10; differences: b <= a <= 10 (they undo every sum)
-# share of the reasoning SFT traces that forget the story's last event: the model learns both habits, so its sampled
-# replies are right about as often as wrong (a group of GRPO samples has both), and GRPO's reward picks the right one
-CARELESS_SHARE = 0.5
+# share of the reasoning SFT traces that forget the story's last event: the model learns both habits (a group of GRPO
+# samples has both) and GRPO's reward picks the right one. At 0.5 which habit greedy decoding followed was a coin
+# flip that rounding decided (held-out accuracy 0.08 / 0.21 / 0.29 / 0.38 in four runs), and from 0.38 GRPO gained
+# 0.05; at 0.7 the careless habit leads (0.10 bf16, 0.16 fp32) and GRPO gains +0.28 / +0.31
+CARELESS_SHARE = 0.7
 
 # how many facts of each kind, and sums, only pretraining sees (and the eval splits ask about)
 HELD_OUT = {"capital": 3, "continent": 2, "sound": 2, "food": 2, "job": 2, "city": 2, "color": 2, "add": 10,

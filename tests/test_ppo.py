@@ -64,14 +64,16 @@ def reasoner(tmp_path_factory):
 
 @pytest.mark.e2e
 def test_value_loss_falls_and_kl_stays_non_negative(tmp_path, reasoner):
-    """One batch of rollouts, 8 epochs on it: the value model's regression onto the returns goes down (the value
+    """One batch of rollouts, 16 epochs on it: the value model's regression onto the returns goes down (the value
     clip opened so that the regression itself is what is measured); the k3 KL to the reference is >= 0."""
     summary = ppo.main(tiny_args(tmp_path, DEMO / "reason_prompts.jsonl", "--method", "ppo", "--from",
-                                 reasoner / "out/reason", "--max_steps", 12, "--ppo_epochs", 12, "--batch_size", 8,
-                                 "--max_new_tokens", 24, "--learning_rate", 1e-3, "--critic_lr_scale", 3,
+                                 reasoner / "out/reason", "--max_steps", 16, "--ppo_epochs", 16, "--batch_size", 8,
+                                 "--max_new_tokens", 24, "--learning_rate", 1e-3, "--critic_lr_scale", 1,
                                  "--vf_clip", 100, "--reward", f"{reasoner / 'digits.py'}:share", "--log_interval", 1))
     value = [m["value_loss"] for _, m in summary["metric_history"]]
-    assert value[-1] < 0.5 * value[0], value
+    # the regression's floor is the returns' own noise: ~55% of the start on this batch (fp32 and bf16, 1 or 2 threads);
+    # a value model that does not learn stays near 100%
+    assert value[-1] < 0.7 * value[0], value
     assert all(m["kl"] >= 0 for _, m in summary["metric_history"])
     assert (tmp_path / "out" / "ppo" / "critic.safetensors").exists()
     longer = ppo.main(tiny_args(tmp_path / "b", DEMO / "reason_prompts.jsonl", "--method", "ppo", "--from",
@@ -91,7 +93,7 @@ def test_a_rule_reward_rises_on_held_out_prompts(tmp_path, reasoner, tokenizer):
 
     before = mean_reward(reasoner / "out/reason")
     summary = ppo.main(tiny_args(tmp_path, DEMO / "reason_prompts.jsonl", "--method", "ppo", "--from",
-                                 reasoner / "out/reason", "--max_steps", 24, "--batch_size", 8, "--max_new_tokens", 32,
+                                 reasoner / "out/reason", "--max_steps", 60, "--batch_size", 8, "--max_new_tokens", 32,
                                  "--learning_rate", 5e-3, "--ppo_epochs", 2, "--critic_lr_scale", 10,
                                  "--kl_coef", 0.01, "--reward", f"{reasoner / 'digits.py'}:share", "--log_interval", 4))
     after = mean_reward(tmp_path / "out/ppo")
