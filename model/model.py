@@ -6,7 +6,6 @@ model -> causal-LM head. Parameter names are Hugging Face Llama's, so a dense ch
 """
 
 import math
-from functools import partial
 
 import torch
 import torch.nn as nn
@@ -140,15 +139,9 @@ class Attention(nn.Module):
             k = k.repeat_interleave(self.n_heads // self.n_kv_heads, 1)
             v = v.repeat_interleave(self.n_heads // self.n_kv_heads, 1)
             gqa = False
-        attend = partial(F.scaled_dot_product_attention, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1,
-                         dropout_p=self.dropout if self.training else 0.0, enable_gqa=gqa)
-        if q.device.type == "cpu" and q.dtype == torch.bfloat16:
-            # a CPU's attention kernels run slower in bf16 than in fp32 (demo preset, 16 x 256 tokens: 35 vs 25 ms a
-            # layer, forward + backward, on a 2-core AVX512-BF16 EPYC); the projections around them stay in bf16
-            with torch.autocast("cpu", enabled=False):
-                y = attend(q.float(), k.float(), v.float()).to(q.dtype)
-        else:
-            y = attend(q, k, v)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1,
+            dropout_p=self.dropout if self.training else 0.0, enable_gqa=gqa)
         y = y.transpose(1, 2).reshape(B, T, -1)
         return self.resid_dropout(self.o_proj(y))
 

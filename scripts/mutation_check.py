@@ -342,9 +342,6 @@ BREAKS = [
     Break("ce-skip-align", "the loss of the labelled positions lands on the wrong positions",
           "model/model.py", "out.masked_scatter(keep, ", "out.masked_scatter(keep.roll(1), ",
           ["tests/test_model.py::-k skips_only_unlabelled"]),
-    Break("cpu-attn-fp32", "under bf16 autocast on a CPU the attention runs in bf16 (slower there)",
-          "model/model.py", 'if q.device.type == "cpu" and q.dtype == torch.bfloat16:', "if False:",
-          ["tests/test_model.py::-k attends_in_fp32"]),
 ]
 
 
