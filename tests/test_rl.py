@@ -298,3 +298,20 @@ def test_agent_stage_runs_on_agent_rl_rows(tmp_path, start):
         reason.main(tiny_args(tmp_path, DEMO / "agent_rl.jsonl", "--method", "agent", "--from", start,
                               "--reward", "format", "--thinking_ratio", "0.5", "--max_steps", 1, "--batch_size", 2,
                               "--num_generations", 2, "--max_new_tokens", 4, "--max_tool_rounds", 1))
+
+
+def test_log_probs_at_temperature_1_take_the_loss_path_and_equal_the_log_softmax():
+    """token_logps at temperature 1 computes logits only at reply tokens (the model's loss path); at those tokens the
+    values equal log_softmax of the full logits, and positions the attention mask leaves out get 0."""
+    from trainer.rl import token_logps
+
+    model, ids = make_model("tiny"), torch.randint(3, 6400, (3, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, -3:] = 0  # a reply that ended early: padding after its eos
+    mask[1, :2] = 0  # a left-padded prompt
+    with torch.no_grad():
+        got, _ = token_logps(model, ids, mask, 5, 1.0)
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, -6:-1].float()
+    expected = torch.log_softmax(logits, -1).gather(2, ids[:, -5:, None]).squeeze(2) * mask[:, -5:]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert (got[0, -3:] == 0).all() and (got[1:] != 0).all()

@@ -70,7 +70,7 @@ def token_logps(model, input_ids, attention_mask, n_completion: int, temperature
     """(log-probabilities of the last n_completion tokens at the sampling temperature, the MoE balance loss). The
     temperature divides the logits as it did when sampling, so the ratio compares the distributions sampled from.
     Positions the attention mask leaves out (a reply's padding after its eos) get 0: every user masks them."""
-    if temperature == 1.0:  # the model's own loss path: logits only where a reply token is (no padding after eos)
+    if temperature == 1.0 and n_completion > 0:  # the model's loss path: logits only at reply tokens (not padding)
         labels = input_ids.masked_fill(attention_mask == 0, -100)
         labels[:, :-n_completion] = -100
         out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, reduction="none")
